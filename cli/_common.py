@@ -12,7 +12,7 @@ from rich.console import Console
 from fgembed.errors import FgembedError
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # results
-err = Console(stderr=True)  # progress, announcements, errors
+err = Console(stderr=True, soft_wrap=True)  # progress and announcements
 
 app = typer.Typer(
     help="fgembed — fine-grained classification with frozen foundation models.\n\n"
@@ -32,7 +32,7 @@ def run() -> None:
     try:
         code = app(standalone_mode=False)
     except FgembedError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        sys.stderr.write(f"error: {exc}\n")  # plain write: rich would wrap a long path onto two lines
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -40,6 +40,6 @@ def run() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        err.print("interrupted: finished shards are saved; rerun the same command to resume")
+        sys.stderr.write("interrupted: finished work is saved; rerun the same command to resume\n")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -73,12 +73,11 @@ def generate(root: str | Path, groups: int = 3, classes_per_group: int = 4, per_
     return records
 
 
-def write_folder_layout(root: str | Path, records: list[SyntheticImage]) -> Path:
-    """root/{train,test}/<class>/<image>: the `folder` format with official splits (hard links)."""
-    root = Path(root)
+def write_folder_layout(source: str | Path, records: list[SyntheticImage], target: str | Path) -> Path:
+    """target/{train,test}/<class>/<image>: the `folder` format with official splits (copies)."""
+    target = Path(target)
     for r in records:
-        target = root / ("train" if r.train else "test") / r.class_name / Path(r.path).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.hardlink_to(root / r.path)
-    return root
+        dest = target / ("train" if r.train else "test") / r.class_name / Path(r.path).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes((Path(source) / r.path).read_bytes())
+    return target
