@@ -59,12 +59,20 @@ class ExtractSummary:
 
 
 class DecodedImages(torch.utils.data.Dataset):
-    """Row → (row, status, [one tensor per backbone]); failed rows get zeros (written as NaN)."""
+    """Row → (row, status, [one tensor per distinct preprocessing]); failed rows get zeros.
+
+    Backbones whose preprocessing is identical (same library, same settings) share one transform
+    of the decoded image: the resize is often dearer than the decode.
+    """
 
     def __init__(self, table: SampleTable, backbones: list[Backbone]) -> None:
         self.root, self.paths = Path(table.root), table.paths
-        self.transforms = [b.transform for b in backbones]
-        self.shapes = [b.input_shape for b in backbones]
+        keys = [b.preprocessing_key() for b in backbones]
+        unique = list(dict.fromkeys(keys))
+        self.slot = [unique.index(k) for k in keys]  # backbone i reads tensor slot[i]
+        first = [keys.index(k) for k in unique]
+        self.transforms = [backbones[i].transform for i in first]
+        self.shapes = [backbones[i].input_shape for i in first]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -177,8 +185,9 @@ def extract(table: SampleTable, store_path: str | Path, backbone_names: list[str
             b.model.to(memory_format=torch.channels_last)
 
     cuda = device.type == "cuda"
+    dataset = DecodedImages(table, backbones)
     loader = torch.utils.data.DataLoader(
-        DecodedImages(table, backbones), batch_sampler=batches, num_workers=options.workers,
+        dataset, batch_sampler=batches, num_workers=options.workers,
         pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if options.workers else None)
     batches_left = defaultdict(int)
     for batch in batches:
@@ -192,10 +201,10 @@ def extract(table: SampleTable, store_path: str | Path, backbone_names: list[str
         for rows, status, inputs in loader:
             shard = int(rows[0]) // store.shard_rows
             out = {}
-            for b, x in zip(backbones, inputs):
+            for b, slot in zip(backbones, dataset.slot):
                 if shard not in pending[b.name]:
                     continue
-                x = x.to(device, non_blocking=cuda)
+                x = inputs[slot].to(device, non_blocking=cuda)
                 if b.convolutional:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, precision):

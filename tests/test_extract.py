@@ -56,6 +56,11 @@ def test_each_image_decoded_once_for_all_backbones(manifest_csv, tmp_path, monke
     summary = extract(table, tmp_path / "s.zarr", list(TIMM_TINY), _opts())
     assert len(calls) == len(table) == summary.processed
     assert summary.backbones == {"timm:test_vit": 64, "timm:test_convnext": 64, "timm:test_resnet": 96}
+    # test_vit and test_convnext share one transform; each still equals its own single-backbone run
+    for name in ("timm:test_convnext", "timm:test_resnet"):
+        extract(table, tmp_path / f"{name[5:]}.zarr", [name], _opts())
+        np.testing.assert_array_equal(FeatureStore.open(tmp_path / f"{name[5:]}.zarr").features(name),
+                                      FeatureStore.open(tmp_path / "s.zarr").features(name))
     calls.clear()
     again = extract(table, tmp_path / "s.zarr", list(TIMM_TINY), _opts())  # resume: nothing left
     assert calls == [] and again.processed == 0 and again.skipped_shards == FeatureStore.open(tmp_path / "s.zarr").n_shards

@@ -45,8 +45,10 @@ class Backbone:
     convolutional: bool
     fingerprint: dict = field(default_factory=dict)
 
-    def fingerprint_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    def preprocessing_key(self) -> str:
+        """Equal keys mean equal transforms: the fingerprint describes the preprocessing fully."""
+        fp = self.fingerprint
+        return json.dumps([fp["source"], fp["preprocessing"], fp["input_shape"]], sort_keys=True)
 
 
 def library_versions(*names: str) -> dict[str, str]:
