@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fgembed-installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-extract bench-fit clean paper-cub paper-inat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,63 @@ test: install
 demo: install
 	$(BIN)/fgembed demo
 
-bench: install
+bench: bench-extract bench-fit
+
+bench-extract: install
 	$(BIN)/python benchmarks/extract.py
+
+bench-fit: install
+	$(BIN)/python benchmarks/fit.py
 
 clean:
 	rm -rf demo-output .pytest_cache
+
+# ---- The reference paper's tables, end to end from images ---------------------------------
+# make paper-cub CUB_ROOT=/data/CUB_200_2011      make paper-inat INAT_ROOT=/data/inat2021
+# Every step is resumable: extraction skips finished shards, `fgembed ensemble` reuses finished
+# runs, and the stamp files below skip whole steps. EXTRACT_FLAGS / FIT_FLAGS pass options on
+# (e.g. EXTRACT_FLAGS="--batch-size 128 --workers 16", FIT_FLAGS="--seeds 0,1,2").
+PAPER_DIR ?= paper-output
+EXTRACT_FLAGS ?=
+FIT_FLAGS ?=
+FGEMBED := $(BIN)/fgembed
+PAPER_FIVE ?= dinov3_vitl16 dinov2_vitl14 convnextv2_large openclip_vitl14 siglip_vitl16_256
+comma := ,
+empty :=
+space := $(empty) $(empty)
+MEMBERS = $(subst $(space),$(comma),$(strip $(PAPER_FIVE)))
+TRIO = $(subst $(space),+,$(wordlist 1,3,$(PAPER_FIVE)))
+DUO = $(subst $(space),+,$(wordlist 1,2,$(PAPER_FIVE)))
+ENSEMBLE = $(FGEMBED) ensemble --members $(MEMBERS) --quiet $(FIT_FLAGS)
+
+$(PAPER_DIR)/%.extracted: | install
+	@test -n "$(ROOT)" || { echo "error: set $(ROOT_VAR)=/path/to/the/dataset"; exit 2; }
+	$(FGEMBED) extract --dataset $(KIND) --root $(ROOT) --store $(PAPER_DIR)/$*.zarr \
+	  $(foreach b,$(PAPER_FIVE),--backbone $(b)) $(EXTRACT_FLAGS)
+	touch $@
+
+$(PAPER_DIR)/cub.extracted: KIND = cub
+$(PAPER_DIR)/cub.extracted: ROOT = $(CUB_ROOT)
+$(PAPER_DIR)/cub.extracted: ROOT_VAR = CUB_ROOT
+$(PAPER_DIR)/inat.extracted: KIND = inat21
+$(PAPER_DIR)/inat.extracted: ROOT = $(INAT_ROOT)
+$(PAPER_DIR)/inat.extracted: ROOT_VAR = INAT_ROOT
+
+$(PAPER_DIR)/runs-%/table1.json: $(PAPER_DIR)/%.extracted
+	$(ENSEMBLE) --store $(PAPER_DIR)/$*.zarr --runs $(PAPER_DIR)/runs-$* --combinations singles \
+	  --name table1 --title "$* Table I: single backbones" > /dev/null
+
+$(PAPER_DIR)/runs-cub/table2.json: $(PAPER_DIR)/runs-cub/table1.json
+	$(ENSEMBLE) --store $(PAPER_DIR)/cub.zarr --runs $(PAPER_DIR)/runs-cub --strategies late,concat,sum \
+	  --combinations late:full,late:$(TRIO),late:pairs,concat:pairs,concat:full,sum:pairs \
+	  --name table2 --title "CUB Table II: fusions" > /dev/null
+
+$(PAPER_DIR)/runs-inat/table3.json: $(PAPER_DIR)/runs-inat/table1.json
+	$(ENSEMBLE) --store $(PAPER_DIR)/inat.zarr --runs $(PAPER_DIR)/runs-inat --strategies late,concat,sum \
+	  --combinations full,$(TRIO),$(DUO) --name table3 --title "iNat21 Table III: fusions" > /dev/null
+
+paper-cub: $(PAPER_DIR)/runs-cub/table1.json $(PAPER_DIR)/runs-cub/table2.json
+	$(BIN)/python examples/paper/compare.py cub $^
+
+paper-inat: $(PAPER_DIR)/runs-inat/table1.json $(PAPER_DIR)/runs-inat/table3.json
+	$(BIN)/python examples/paper/compare.py inat $^

@@ -130,19 +130,3 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print as JSON.
                      s["interpolation"], s["output"])
     out.print(grid)
     out.print("Also: timm:<model>, open_clip:<arch>/<tag>, hf:<org>/<repo> (or a local folder).")
-
-
-@app.command()
-def demo(directory: Path = typer.Option(Path("demo-output"), "--out", help="Where the generated images and store go."),
-         quiet: bool = typer.Option(False, help="No progress bar.")) -> None:
-    """Offline demo: generate a small fine-grained image set and extract three tiny backbones."""
-    from fgembed.demo import DEMO_BACKBONES, run_demo
-
-    err.print(f"demo: generated images, backbones {', '.join(DEMO_BACKBONES)} with random init "
-              "(nothing is downloaded)")
-    result = run_demo(directory, progress=not quiet)
-    s = result.extraction
-    out.print(f"images: {result.images}\nstore:  {result.store}  ({s.rows} rows; "
-              + ", ".join(f"{k} {v}-d" for k, v in s.backbones.items()) + ")", highlight=False)
-    out.print(f"this run: {s.processed} images in {s.seconds:.1f} s; inspect with: fgembed info {result.store}",
-              highlight=False)

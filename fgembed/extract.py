@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .backbones import Backbone, LoadOptions, load_backbone
 from .datasets import SampleTable
+from .devices import resolve_device
 from .errors import FgembedError
 from .images import load_rgb
 from .progress import progress_bar
@@ -82,20 +83,6 @@ class DecodedImages(torch.utils.data.Dataset):
         if image is None:
             return row, status, [torch.zeros(s) for s in self.shapes]
         return row, status, [t(image) for t in self.transforms]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise FgembedError(f"unknown device {device!r} (try cpu, cuda, cuda:1)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FgembedError("--device cuda asked for, but torch sees no CUDA device")
-    return resolved
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

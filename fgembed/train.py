@@ -26,8 +26,10 @@ class TrainResult:
 
 def train_heads(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor,
                 y_val: torch.Tensor, n_classes: int, seeds: list[int], *, epochs: int, lr: float,
-                weight_decay: float, batch_size: int) -> list[TrainResult]:
-    """Train one model per seed (same architecture, same device-resident data)."""
+                weight_decay: float, batch_size: int,
+                on_epoch: Callable[[int], None] | None = None) -> list[TrainResult]:
+    """Train one model per seed (same architecture, same device-resident data); `on_epoch(n)` is
+    called after each epoch of all seeds (a progress bar's tick)."""
     device = X.device
     cuda = [device] if device.type == "cuda" else []
     models, optimizers, generators, rng_states = [], [], [], []
@@ -55,6 +57,8 @@ def train_heads(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.T
             if val_f1 > result.best_val_f1:
                 result.best_val_f1, result.best_epoch = val_f1, epoch
                 result.state_dict = {name: v.detach().clone() for name, v in model.state_dict().items()}
+        if on_epoch:
+            on_epoch(1)
     return results
 
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from .conftest import run_cli
 
 
@@ -48,3 +46,68 @@ def test_help_and_backbones():
     specs = json.loads(run_cli("backbones", "--json", check=True).stdout)
     assert [s["name"] for s in specs] == ["dinov3_vitl16", "dinov2_vitl14", "convnextv2_large", "openclip_vitl14",
                                           "siglip_vitl16_256"]
+
+
+def test_classifier_stage_end_to_end(tmp_path, manifest_csv):
+    """extract → fit → ensemble → export → import → fit on the import, all as a user types them."""
+    store, runs = tmp_path / "s.zarr", tmp_path / "runs"
+    run_cli("extract", "--dataset", "manifest", "--root", manifest_csv, "--store", store, "--backbone",
+            "timm:test_vit", "--backbone", "timm:test_resnet", "--no-pretrained", "--workers", "0", "--quiet",
+            check=True)
+    fast = ["--epochs", "10", "--runs", runs, "--quiet"]
+    fitted = json.loads(run_cli("fit", "--store", store, "--features", "timm:test_vit", "--seeds", "0,1", *fast,
+                                "--json", check=True).stdout)
+    assert fitted["seeds"] == [0, 1] and fitted["n_test"] == 18 and not fitted["reused"]
+    again = run_cli("fit", "--store", store, "--features", "timm:test_vit", "--seeds", "0,1", *fast, check=True)
+    assert "reused finished run" in again.stdout
+    table = json.loads(run_cli("ensemble", "--store", store, "--members", "timm:test_vit,timm:test_resnet",
+                               "--format", "json", *fast, check=True).stdout)
+    assert {r["key"] for r in table} == {"single:timm:test_vit", "single:timm:test_resnet",
+                                         "late:timm:test_vit+timm:test_resnet", "concat:timm:test_vit+timm:test_resnet",
+                                         "sum:timm:test_vit+timm:test_resnet"}
+    assert [r["f1"] for r in table] == sorted((r["f1"] for r in table), reverse=True)
+    for ext in ("md", "csv", "tex", "json", "png"):
+        assert (runs / f"ensemble.{ext}").is_file()
+    run_cli("export", store, "--to", tmp_path / "f.h5", check=True)
+    imported = run_cli("import", tmp_path / "f.h5", "--store", tmp_path / "new.zarr", "--name", "vit",
+                       "--key", "features/timm_test_vit", "--dataset", "manifest", "--root", manifest_csv, check=True)
+    assert "matched by id" in imported.stdout
+    refit = json.loads(run_cli("fit", "--store", tmp_path / "new.zarr", "--features", "vit", "--seeds", "0,1", *fast,
+                               "--json", check=True).stdout)
+    assert refit["per_seed"] == fitted["per_seed"]  # the same numbers through HDF5 and back
+
+
+def test_classifier_bad_input_one_line_nonzero(tmp_path, manifest_csv):
+    store = tmp_path / "s.zarr"
+    run_cli("extract", "--dataset", "manifest", "--root", manifest_csv, "--store", store, "--backbone",
+            "timm:test_resnet", "--no-pretrained", "--workers", "0", "--quiet", check=True)
+    _one_line_error(run_cli("fit", "--store", store, "--features", "timm:test_vit", "--runs", tmp_path), 2,
+                    "no features 'timm:test_vit'")
+    _one_line_error(run_cli("fit", "--store", store, "--features", "timm:test_resnet", "--seeds", "a"), 2,
+                    "--seeds takes comma-separated integers")
+    _one_line_error(run_cli("fit", "--store", store, "--features", "timm:test_resnet", "--head", "svm"), 2,
+                    "unknown head 'svm'")
+    _one_line_error(run_cli("fit", "--store", store, "--features", "timm:test_resnet", "--device", "cuda:0"), 2,
+                    "torch sees no CUDA") if not _has_cuda() else None
+    _one_line_error(run_cli("ensemble", "--store", store, "--members", "timm:test_resnet,x", "--combinations",
+                            "x+y"), 2, "combination 'x+y'")
+    _one_line_error(run_cli("import", tmp_path / "none.h5", "--store", store, "--name", "n"), 2, "no such file")
+    _one_line_error(run_cli("import", tmp_path / "none.h5", "--store", tmp_path / "new.zarr", "--name", "n"), 2,
+                    "give --dataset and --root")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    from fgembed.demo import DEMO_BACKBONES, run_demo
+
+    result = run_demo(tmp_path, progress=False, epochs=10)
+    assert len(result.entries) == 3 + 4 * 3  # singles, and late/concat/sum of 3 pairs and the triple
+    assert {e.combination.strategy for e in result.entries} == {"single", "late", "concat", "sum"}
+    assert set(result.extraction.backbones) == set(DEMO_BACKBONES)
+    assert [p.suffix for p in result.report] == [".md", ".csv", ".tex", ".json", ".png"]
+    assert len(list(result.runs.iterdir())) == 3 + 4 * 2  # late fusion reuses the single runs

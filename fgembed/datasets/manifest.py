@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FgembedError
-from .table import SPLIT_NAMES, TRAIN, SampleTable
+from .table import SPLIT_NAMES, SampleTable
 
 
 def read_manifest(csv_path: Path) -> SampleTable:

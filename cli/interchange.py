@@ -1,0 +1,66 @@
+"""`fgembed export`, `fgembed import`: features to and from HDF5 and .npy."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fgembed.errors import FgembedError
+
+from ._common import app, err, out
+
+
+@app.command()
+def export(
+    store: Path = typer.Argument(..., help="A feature store (.zarr)."),
+    to: Path = typer.Option(..., "--to", help="Output: an .h5 file (HDF5) or a folder (npy)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="h5 or npy (default: from the --to suffix)."),
+    features: Optional[str] = typer.Option(None, help="Comma-separated backbones (default: every complete one)."),
+) -> None:
+    """Write a store's features and sample rows (id, label, split, path) to HDF5 or .npy files."""
+    from fgembed.interchange import export_features
+    from fgembed.store import FeatureStore
+
+    fmt = fmt or ("h5" if to.suffix in (".h5", ".hdf5") else "npy")
+    names = [n for n in features.split(",") if n] if features else None
+    path = export_features(FeatureStore.open(store), to, fmt, names)
+    out.print(f"wrote {path} ({fmt})", highlight=False)
+
+
+@app.command(name="import")
+def import_(
+    source: Path = typer.Argument(..., help="Features made elsewhere: .npy, or HDF5 (.h5/.hdf5)."),
+    store: Path = typer.Option(..., help="Store to add them to (created from --dataset/--root if absent)."),
+    name: str = typer.Option(..., help="Name for these features in the store, e.g. thingsvision_clip."),
+    key: Optional[str] = typer.Option(None, help="HDF5 dataset with the matrix (default: features, or the only one)."),
+    order: Optional[Path] = typer.Option(None, help="Text file of image paths, one per feature row "
+                                         "(e.g. thingsvision's file_names.txt); rows are matched by path."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset format, to create a new store (as for extract)."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root, to create a new store."),
+    val_fraction: float = typer.Option(0.2, help="New store: stratified share of train held out as val."),
+    seed: int = typer.Option(0, help="New store: seed of the validation split."),
+    overwrite: bool = typer.Option(False, help="Replace features of the same name."),
+) -> None:
+    """Bring features computed by another tool (HDF5, .npy) into a store.
+
+    Rows are matched by image id when the file has ids, by path with --order, else by row
+    order after a count check; store rows the file lacks become flagged NaN rows.
+    """
+    from fgembed.interchange import import_features
+    from fgembed.store import FeatureStore
+
+    if (store / "zarr.json").is_file():
+        fs = FeatureStore.open(store, "r+")
+    elif dataset and root:
+        from fgembed.datasets import load_dataset
+
+        fs = FeatureStore.create(store, load_dataset(dataset, root, val_fraction=val_fraction, seed=seed))
+    else:
+        raise FgembedError(f"no store at {store}; to create one give --dataset and --root")
+    summary = import_features(fs, name, source, key=key, order_file=order, overwrite=overwrite)
+    out.print(f"imported {summary.name} ({summary.dim}-d) into {store}: {summary.rows} rows matched by "
+              f"{summary.matched_by}", highlight=False)
+    if summary.missing_rows:
+        err.print(f"[yellow]{summary.missing_rows} store rows have no features in {source.name}: "
+                  "NaN, flagged unreadable[/yellow]")

@@ -1,0 +1,99 @@
+"""Fusion: PCA sum against scikit-learn fitted on train rows only, the learned projection,
+late fusion averaging and validation-chosen weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import log_softmax, softmax
+from sklearn.decomposition import PCA
+
+from fgembed.errors import FgembedError
+from fgembed.fusion import Members, PCASum, SumProjection, concat, fit_late_weights, late_fusion
+
+from .formats import write_feature_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_feature_store(tmp_path_factory.mktemp("fusion") / "f.zarr")
+
+
+def test_members_keep_rows_every_member_embedded(store):
+    members = Members.load(store, ["a", "c"])
+    assert members.dims == [24, 32]
+    assert members.dropped("test") == 1 and members.dropped("train") == 0
+    test = members.rows("test")
+    assert np.isfinite(members.features[1][test]).all()
+    assert len(test) == int((members.split == 2).sum()) - 1
+    with pytest.raises(FgembedError, match="no features 'zz'"):
+        Members.load(store, ["a", "zz"])
+    with pytest.raises(FgembedError, match="named twice"):
+        Members.load(store, ["a", "a"])
+
+
+def test_pca_sum_is_sklearn_pca_fitted_on_train_rows_only(store):
+    members = Members.load(store, ["a", "b", "c"])
+    train = members.rows("train")
+    feats = [np.nan_to_num(f) for f in members.features]
+    fused = PCASum().fit([f[train] for f in feats])
+    assert fused.n_components_ == 16  # the smallest member dim by default
+    expected = sum(PCA(16, random_state=0).fit(f[train]).transform(f) for f in feats)
+    np.testing.assert_allclose(fused.transform(feats), expected, rtol=1e-4, atol=1e-4)
+    # test rows never influence the projection: changing them leaves every projection as it was
+    changed = [f.copy() for f in feats]
+    for f in changed:
+        f[members.rows("test")] += 100.0
+    refit = PCASum().fit([f[train] for f in changed])
+    np.testing.assert_allclose(refit.transform(feats), fused.transform(feats), rtol=1e-5, atol=1e-5)
+    # train rows projected have zero mean in every component (PCA centres on the train mean)
+    np.testing.assert_allclose(fused.transform([f[train] for f in feats]).mean(0), 0, atol=1e-3)
+
+
+def test_pca_sum_dimension_limits(store):
+    few = [np.random.default_rng(0).normal(size=(5, 20)), np.random.default_rng(1).normal(size=(5, 30))]
+    assert PCASum().fit(few).n_components_ == 5  # capped by the number of training rows
+    with pytest.raises(FgembedError, match="exceeds"):
+        PCASum(n_components=12).fit(few)
+
+
+def test_sum_projection_is_the_sum_of_per_member_linears():
+    torch.manual_seed(0)
+    proj = SumProjection((3, 5), 4)
+    x = torch.randn(7, 8)
+    manual = proj.projections[0](x[:, :3]) + proj.projections[1](x[:, 3:])
+    torch.testing.assert_close(proj(x), manual)
+
+
+def test_concat_and_l2():
+    a, b = np.ones((2, 3)), np.full((2, 2), 3.0)
+    assert concat([a, b]).shape == (2, 5)
+    np.testing.assert_allclose(np.linalg.norm(concat([a, b], l2=True)[:, :3], axis=1), 1.0)
+    np.testing.assert_allclose(np.linalg.norm(concat([a, b], l2=True)[:, 3:], axis=1), 1.0)
+
+
+def test_late_fusion_averages_logits_or_probabilities():
+    rng = np.random.default_rng(0)
+    z = [rng.normal(size=(10, 4)) for _ in range(3)]
+    np.testing.assert_allclose(late_fusion(z), np.mean(z, 0), rtol=1e-6)
+    w = np.array([0.5, 0.3, 0.2])
+    np.testing.assert_allclose(late_fusion(z, weights=w), np.tensordot(w, np.stack(z), 1), rtol=1e-6)
+    p = np.mean([softmax(x, 1) for x in z], 0)
+    np.testing.assert_allclose(late_fusion(z, "proba"), np.log(p), rtol=1e-5)
+    # log of an average of distributions is already normalised
+    np.testing.assert_allclose(log_softmax(late_fusion(z, "proba"), 1), late_fusion(z, "proba"), atol=1e-5)
+    with pytest.raises(FgembedError, match="same rows"):
+        late_fusion([z[0], z[1][:5]])
+    with pytest.raises(FgembedError, match="logits or proba"):
+        late_fusion(z, "vote")
+
+
+@pytest.mark.parametrize("mode", ["logits", "proba"])
+def test_validation_weights_favour_the_informative_member(mode):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 400)
+    good = 4 * np.eye(5)[y] + rng.normal(size=(400, 5))
+    noise = 4 * rng.normal(size=(400, 5))
+    w = fit_late_weights([noise, good], y, mode)
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+    assert w[1] > 0.8
