@@ -18,7 +18,7 @@ app = typer.Typer(
     help="fgembed — fine-grained classification with frozen foundation models.\n\n"
          "Stage 1 `extract` writes embeddings to a resumable Zarr store; stage 2 (`fit`, `ensemble`) "
          "trains small heads on them in seconds.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

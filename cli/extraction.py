@@ -21,7 +21,7 @@ def extract(
     root: Path = typer.Option(..., help="Dataset root (for manifest: the CSV file or its folder)."),
     store: Path = typer.Option(..., help="Output feature store, e.g. cache/cub.zarr (created or resumed)."),
     backbone: list[str] = typer.Option(..., help="Backbone name (repeatable): a reference name from "
-                                       "`fgembed backbones`, or timm:<model>, open_clip:<arch>/<tag>, hf:<repo>."),
+                                       "`fgembed backbones`, or timm:MODEL, open_clip:ARCH/TAG, hf:ORG/REPO."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     workers: int = typer.Option(min(8, os.cpu_count() or 1), min=0, help="Image-decoding processes."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),

@@ -184,8 +184,8 @@ def _train(store: FeatureStore, config: RunConfig, identity: dict, path: Path, d
                            n_classes=n_classes, on_epoch=on_epoch)
     seconds = time.perf_counter() - started
 
+    _remove_abandoned(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     logits = zarr.open_group(tmp / "logits.zarr", mode="w")
     per_seed = []
@@ -214,6 +214,25 @@ def _train(store: FeatureStore, config: RunConfig, identity: dict, path: Path, d
         shutil.rmtree(path)
     tmp.rename(path)
     return Run(path, config, metrics, identity)
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Temp folders of fits that were killed or interrupted (their process is gone) are never runs."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = int(tmp.name.rsplit("-", 1)[1])
+        if pid != os.getpid() and _alive(pid):
+            continue  # another process is fitting the same configuration right now
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _design_matrix(members: Members, config: RunConfig, train_rows: np.ndarray) -> tuple[np.ndarray, PCASum | None]:

@@ -31,6 +31,18 @@ def test_metrics_match_sklearn(seed):
     assert f1_torch(torch.as_tensor(y), torch.as_tensor(pred), n_classes) == pytest.approx(got["f1"])
 
 
+def test_metrics_scale_to_inat_class_counts():
+    """10,000 classes (iNat 2021): per-class counts, no C×C matrix; still scikit-learn's numbers."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10_000, 3000)
+    logits = rng.normal(size=(3000, 10_000)).astype(np.float32)
+    logits[np.arange(1500), y[:1500]] += 10  # half the rows right
+    got, pred = classification_metrics(logits, y), logits.argmax(1)
+    assert got["f1"] == pytest.approx(skm.f1_score(y, pred, average="weighted", zero_division=0))
+    assert got["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))
+    assert got["mean_class_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+
+
 def _blobs(n_per=40, n_classes=5, d=16, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=3, size=(n_classes, d))

@@ -69,6 +69,16 @@ def test_same_config_is_reused_force_retrains_identically(store, tmp_path):
     assert RunConfig(features=("b",), project="linear", l2=True) == RunConfig(features=("b",))
 
 
+def test_an_interrupted_fit_leaves_no_run_and_its_leftovers_go(store, tmp_path):
+    config = RunConfig(features=("a",), **FAST)
+    run = fit_run(store, config, tmp_path)
+    stale = run.path.with_name(f".{run.path.name}.tmp-999999999")  # a pid no process has
+    stale.mkdir()
+    (run.path / "metrics.json").unlink()  # as if killed before the run was complete
+    again = fit_run(store, config, tmp_path)
+    assert not again.reused and (again.path / "metrics.json").is_file() and not stale.exists()
+
+
 def test_reextraction_invalidates_runs(tmp_path):
     store = write_feature_store(tmp_path / "s.zarr")
     run = fit_run(store, RunConfig(features=("a",), **FAST), tmp_path / "runs")
