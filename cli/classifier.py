@@ -101,6 +101,8 @@ def ensemble(
     from fgembed.store import FeatureStore
 
     names = [m.strip() for m in members.split(",") if m.strip()]
+    if not names:
+        raise FgembedError("--members needs at least one backbone name")
     combos = plan(names, [s.strip() for s in strategies.split(",") if s.strip()],
                   [c.strip() for c in combinations.split(",") if c.strip()])
     base = RunConfig(features=(names[0],), head=head, project=project, l2=l2, level=level, epochs=epochs, lr=lr,
@@ -119,14 +121,12 @@ def ensemble(
 
 def print_ranking(entries) -> None:
     """The ranked table on a terminal (the demo prints it too)."""
-    from fgembed.report import METRICS, STRATEGY_NAMES, entry_record
+    from fgembed.report import METRICS, STRATEGY_NAMES, cell, entry_record
 
     grid = Table("#", "method", "members", *(title for _, title in METRICS))
     for i, e in enumerate(entries, 1):
         r = entry_record(e)
-        multi = len(r["seeds"] or []) > 1
-        grid.add_row(str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]),
-                     *(f"{100 * r[k]:.2f}" + (f" ± {100 * r[k + '_std']:.2f}" if multi else "") for k, _ in METRICS))
+        grid.add_row(str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(cell(r, k) for k, _ in METRICS))
     out.print(grid)
 
 

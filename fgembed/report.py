@@ -35,7 +35,8 @@ def row_key(strategy: str, members: list[str] | tuple[str, ...]) -> str:
     return f"{strategy}:{'+'.join(members)}"
 
 
-def _cell(record: dict, key: str) -> str:
+def cell(record: dict, key: str) -> str:
+    """A metric as a percentage, `mean ± std` when the row has several seeds."""
     value, std = 100 * record[key], 100 * record[f"{key}_std"]
     return f"{value:.2f} ± {std:.2f}" if record.get("seeds") and len(record["seeds"]) > 1 else f"{value:.2f}"
 
@@ -47,7 +48,7 @@ def format_table(entries: list[Entry], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(records, indent=2)
     header = ["#", "Method", "Members", *(title for _, title in METRICS)]
-    rows = [[str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(_cell(r, k) for k, _ in METRICS)]
+    rows = [[str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(cell(r, k) for k, _ in METRICS)]
             for i, r in enumerate(records, 1)]
     if fmt == "csv":
         buffer = io.StringIO()
