@@ -50,7 +50,7 @@ def fit(
     from fgembed.store import FeatureStore
 
     names = tuple(features.split("+"))
-    config = RunConfig(features=names, fusion=fusion if len(names) > 1 else "single", head=head, project=project,
+    config = RunConfig(features=names, fusion=fusion, head=head, project=project,
                        project_dim=project_dim, l2=l2, level=level, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        batch_size=batch_size, seeds=_seeds(seeds))
     run = fit_run(FeatureStore.open(store), config, runs, device=device, force=force, progress=not quiet)

@@ -41,6 +41,7 @@ def import_(
     val_fraction: float = typer.Option(0.2, help="New store: stratified share of train held out as val."),
     seed: int = typer.Option(0, help="New store: seed of the validation split."),
     overwrite: bool = typer.Option(False, help="Replace features of the same name."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Bring features computed by another tool (HDF5, .npy) into a store.
 
@@ -58,7 +59,7 @@ def import_(
         fs = FeatureStore.create(store, load_dataset(dataset, root, val_fraction=val_fraction, seed=seed))
     else:
         raise FgembedError(f"no store at {store}; to create one give --dataset and --root")
-    summary = import_features(fs, name, source, key=key, order_file=order, overwrite=overwrite)
+    summary = import_features(fs, name, source, key=key, order_file=order, overwrite=overwrite, progress=not quiet)
     out.print(f"imported {summary.name} ({summary.dim}-d) into {store}: {summary.rows} rows matched by "
               f"{summary.matched_by}", highlight=False)
     if summary.missing_rows:

@@ -19,6 +19,7 @@ import numpy as np
 from .datasets.table import SPLIT_NAMES
 from .errors import FgembedError
 from .images import OK, UNREADABLE
+from .progress import progress_bar
 from .store import FeatureStore, _key
 
 EXPORT_FORMATS = ("h5", "npy")
@@ -34,8 +35,9 @@ def export_features(store: FeatureStore, out: str | Path, fmt: str = "h5", names
         raise FgembedError(f"store {store.path} has no complete features to export")
     samples = {k: store.group[f"samples/{k}"][:] for k in ("id", "label", "split")}
     paths = np.array([str(p) for p in store.group["samples/path"][:]], dtype=object)
+    fingerprints = {n: store.backbone_info(n).fingerprint for n in names}
     meta = {"store": str(store.path), "class_names": store.class_names, "split_codes": SPLIT_NAMES,
-            "features": {n: {"key": _key(n), "fingerprint": store.backbone_info(n).fingerprint} for n in names}}
+            "features": {n: {"key": _key(n), "fingerprint": fingerprints[n]} for n in names}}
     out = Path(out)
     if fmt == "h5":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ def export_features(store: FeatureStore, out: str | Path, fmt: str = "h5", names
             for n in names:
                 dset = f.create_dataset(f"features/{_key(n)}", data=store.features(n), chunks=True)
                 dset.attrs["name"] = n
-                dset.attrs["fingerprint"] = json.dumps(store.backbone_info(n).fingerprint)
+                dset.attrs["fingerprint"] = json.dumps(fingerprints[n])
             f.attrs["meta"] = json.dumps(meta)
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,8 @@ def _sha256(path: Path) -> str:
 
 
 def import_features(store: FeatureStore, name: str, source: str | Path, key: str | None = None,
-                    order_file: str | Path | None = None, overwrite: bool = False) -> ImportSummary:
+                    order_file: str | Path | None = None, overwrite: bool = False,
+                    progress: bool = False) -> ImportSummary:
     """Write features from `source` into `features/<name>` of `store`, row-matched, with a
     fingerprint naming the file and its hash; rows the file lacks are NaN and flagged."""
     matrix, ids = read_matrix(source, key)
@@ -142,13 +145,16 @@ def import_features(store: FeatureStore, name: str, source: str | Path, key: str
     fingerprint = {"source": "import", "file": Path(source).name, "sha256": digest, "key": key,
                    "matched_by": matched_by}
     store.prepare(name, fingerprint, dim=int(matrix.shape[1]), dtype="float32", overwrite=overwrite)
-    for shard in store.pending_shards(name):
-        rows = store.shard_slice(shard)
-        source_rows = lookup[rows]
-        emb = np.full((len(source_rows), matrix.shape[1]), np.nan, np.float32)
-        present = source_rows >= 0
-        emb[present] = matrix[source_rows[present]].astype(np.float32)
-        status = np.where(present & np.isfinite(emb).all(1), OK, UNREADABLE).astype(np.uint8)
-        store.write_shard(name, shard, emb, status)
+    pending = store.pending_shards(name)  # an interrupted import resumes where it stopped
+    with progress_bar(len(pending), f"import {name}", enabled=progress, unit="shard") as tick:
+        for shard in pending:
+            rows = store.shard_slice(shard)
+            source_rows = lookup[rows]
+            emb = np.full((len(source_rows), matrix.shape[1]), np.nan, np.float32)
+            present = source_rows >= 0
+            emb[present] = matrix[source_rows[present]].astype(np.float32)
+            status = np.where(present & np.isfinite(emb).all(1), OK, UNREADABLE).astype(np.uint8)
+            store.write_shard(name, shard, emb, status)
+            tick(1)
     store.mark_complete(name, None)
     return ImportSummary(name, store.n_rows, int(matrix.shape[1]), int((lookup < 0).sum()), matched_by)
