@@ -44,6 +44,12 @@ class Backbone:
     input_shape: tuple[int, ...]
     convolutional: bool
     fingerprint: dict = field(default_factory=dict)
+    # The transform split for a uint8 feed: `geometric` is the library's own resize/crop ending in
+    # a uint8 CHW tensor (None when the library's transform cannot be split that way: then the
+    # float `transform` is used); `mean`/`std` normalise on the device after scaling to [0, 1].
+    geometric: Callable[[Image.Image], torch.Tensor] | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
     def preprocessing_key(self) -> str:
         """Equal keys mean equal transforms: the fingerprint describes the preprocessing fully."""

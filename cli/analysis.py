@@ -1,0 +1,2 @@
+"""`fgembed similarity`, `fgembed bench`: domain similarity between stores and backbone cost."""
+from __future__ import annotations
