@@ -13,9 +13,10 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
-OK, UNREADABLE, TRUNCATED, MISSING = 0, 1, 2, 3
-STATUS_NAMES = {OK: "ok", UNREADABLE: "unreadable", TRUNCATED: "truncated-but-loaded", MISSING: "missing"}
-FAILED = (UNREADABLE, MISSING)  # rows whose embedding is NaN
+OK, UNREADABLE, TRUNCATED, MISSING, TRANSFORM_FAILED = 0, 1, 2, 3, 4
+STATUS_NAMES = {OK: "ok", UNREADABLE: "unreadable", TRUNCATED: "truncated-but-loaded", MISSING: "missing",
+                TRANSFORM_FAILED: "transform-failed"}
+FAILED = (UNREADABLE, MISSING, TRANSFORM_FAILED)  # rows whose embedding is NaN
 IMAGE_POLICY = "pil-rgb; alpha composited on white; no exif transpose; truncated files loaded and flagged"
 
 
