@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fgembed-installed
 
-.PHONY: install test demo bench bench-extract bench-fit clean paper-cub paper-inat
+.PHONY: install test demo bench bench-extract bench-fit bench-scale clean paper-cub paper-inat stress
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,26 @@ test: install
 demo: install
 	$(BIN)/fgembed demo
 
-bench: bench-extract bench-fit
+bench: bench-extract bench-fit bench-scale
 
+# BENCH_EXTRACT_FLAGS: e.g. --quick, --repeats 5, --cases cuda, --compile
 bench-extract: install
-	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/extract.py $(BENCH_EXTRACT_FLAGS)
 
+# BENCH_FIT_FLAGS / BENCH_SCALE_FLAGS: e.g. --quick, --device cuda, --parts 1,2 (fit) or a,c (scale)
 bench-fit: install
-	$(BIN)/python benchmarks/fit.py
+	$(BIN)/python benchmarks/fit.py $(BENCH_FIT_FLAGS)
+
+bench-scale: install
+	$(BIN)/python benchmarks/scale.py $(BENCH_SCALE_FLAGS)
+
+# Fault injection, the long version of tests/test_faults.py: STRESS_KILLS kill -9s per kill test (and
+# as many disk-full faults / concurrent pairs), figures to benchmarks/faults.json (see benchmarks/README.md).
+STRESS_KILLS ?= 200
+stress: install
+	FGEMBED_STRESS_KILLS=$(STRESS_KILLS) FGEMBED_FAULTS_REPORT=benchmarks/faults.json \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_faults.py
+	cat benchmarks/faults.json
 
 clean:
 	rm -rf demo-output .pytest_cache
@@ -45,8 +58,10 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 MEMBERS = $(subst $(space),$(comma),$(strip $(PAPER_FIVE)))
+# The paper's fusion rows (Tables II and III) are built from DINOv3 (1st), DINOv2 (2nd), ConvNeXt (3rd)
 TRIO = $(subst $(space),+,$(wordlist 1,3,$(PAPER_FIVE)))
 DUO = $(subst $(space),+,$(wordlist 1,2,$(PAPER_FIVE)))
+DUO_CNN = $(word 1,$(PAPER_FIVE))+$(word 3,$(PAPER_FIVE))
 ENSEMBLE = $(FGEMBED) ensemble --members $(MEMBERS) --quiet $(FIT_FLAGS)
 
 $(PAPER_DIR)/%.extracted: | install
@@ -73,10 +88,11 @@ $(PAPER_DIR)/runs-cub/table2.json: $(PAPER_DIR)/runs-cub/table1.json
 
 $(PAPER_DIR)/runs-inat/table3.json: $(PAPER_DIR)/runs-inat/table1.json
 	$(ENSEMBLE) --store $(PAPER_DIR)/inat.zarr --runs $(PAPER_DIR)/runs-inat --strategies late,concat,sum \
-	  --combinations full,$(TRIO),$(DUO) --name table3 --title "iNat21 Table III: fusions" > /dev/null
+	  --combinations late:full,late:$(TRIO),$(DUO),$(DUO_CNN) --name table3 --title "iNat21 Table III: fusions" \
+	  > /dev/null
 
 paper-cub: $(PAPER_DIR)/runs-cub/table1.json $(PAPER_DIR)/runs-cub/table2.json
-	$(BIN)/python examples/paper/compare.py cub $^
+	$(BIN)/python examples/paper/compare.py cub $^ --members $(MEMBERS)
 
 paper-inat: $(PAPER_DIR)/runs-inat/table1.json $(PAPER_DIR)/runs-inat/table3.json
-	$(BIN)/python examples/paper/compare.py inat $^
+	$(BIN)/python examples/paper/compare.py inat $^ --members $(MEMBERS)

@@ -2,17 +2,25 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
-from typing import Any
+from typing import Any, Optional, Sequence
 
-import click
 import typer
 from rich.console import Console
 
+from fgembed import __version__
 from fgembed.errors import FgembedError
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # results
 err = Console(stderr=True, soft_wrap=True)  # progress and announcements
+
+# typer ≤ 0.15 runs on click and re-exports click's classes; typer ≥ 0.16 bundles its own copy
+# (`typer._click`) and click may not even be installed. Take the classes typer itself raises, found
+# through its public API, so the guard below holds on either line of releases.
+CLI_ERRORS = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+EXIT, ABORT = typer.Exit, typer.Abort
+INTERRUPTED = 130  # the shell's code for SIGINT; typer ≥ 0.16 turns Ctrl-C into Exit(130) itself
 
 app = typer.Typer(
     help="fgembed — fine-grained classification with frozen foundation models.\n\n"
@@ -23,23 +31,55 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"fgembed {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Options before the command: only --version (and --help)."""
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def run() -> None:
-    """Entry point: bad input is one line on stderr and a non-zero exit, never a traceback."""
+def _usage_line(exc: Exception, args: list[str]) -> str:
+    """click's message on one line, with where to look for help (click itself prints usage + 3 lines)."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)  # the parser's own errors (an option missing its value) carry none
+    if ctx is not None:
+        command = ctx.command_path
+    else:
+        command = "fgembed" if args[0].startswith("-") else f"fgembed {args[0]}"
+    return f"error: {message} (see '{command} --help')"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; bad input is one line on stderr and exit code 2, never a traceback."""
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]  # bare `fgembed`: help, exit 0
     try:
-        code = app(standalone_mode=False)
+        code = app(args=args, prog_name="fgembed", standalone_mode=False)
     except FgembedError as exc:
-        sys.stderr.write(f"error: {exc}\n")  # plain write: rich would wrap a long path onto two lines
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.stderr.write("interrupted: finished work is saved; rerun the same command to resume\n")
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        # plain write, newlines folded: rich would wrap a long path onto two lines
+        sys.stderr.write(f"error: {' '.join(str(exc).splitlines())}\n")
+        return exc.exit_code
+    except EXIT as exc:
+        code = exc.exit_code
+    except CLI_ERRORS as exc:
+        sys.stderr.write(_usage_line(exc, args) + "\n")
+        return exc.exit_code
+    except (ABORT, KeyboardInterrupt):
+        code = INTERRUPTED
+    if code == INTERRUPTED:
+        sys.stderr.write("\ninterrupted: finished work is saved; resume with the same command: "
+                         f"{shlex.join(['fgembed', *args])}\n")
+    return code if isinstance(code, int) else 0
+
+
+def run() -> None:
+    """The console script (`fgembed`) and `python -m fgembed`."""
+    sys.exit(main())

@@ -1,2 +1,157 @@
 """`fgembed similarity`, `fgembed bench`: domain similarity between stores and backbone cost."""
 from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from fgembed.errors import FgembedError
+
+from ._common import app, err, out, print_json
+
+FORMATS = ("table", "json")
+
+
+def _format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise FgembedError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+@app.command()
+def similarity(
+    source: list[Path] = typer.Option(..., help="Source feature store (repeatable: rows of the matrix)."),
+    target: list[Path] = typer.Option(..., help="Target feature store (repeatable: columns of the matrix)."),
+    features: str = typer.Option(..., help="Backbone(s) both stores hold, comma-separated."),
+    source_split: str = typer.Option("train", help="Split of the source stores: train, val or test."),
+    target_split: str = typer.Option("train", help="Split of the target stores: train, val or test."),
+    gamma: float = typer.Option(0.01, help="sim = exp(−gamma · EMD); the paper's 0.01."),
+    select: Optional[int] = typer.Option(None, help="Write the K source classes most similar to the target "
+                                         "(002's greedy rule) to --out."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="--select: class list, one name per line "
+                                            "(what `fgembed fit --classes` reads)."),
+    plot: Optional[Path] = typer.Option(None, help="Heat-map PNG of the matrix (default similarity.png when "
+                                        "there is more than one result)."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Domain similarity between stores: EMD between class-mean embeddings, sim = exp(−γ·d).
+
+    Each class is its mean embedding weighted by its share of the split's images (seed 002,
+    §4); rows whose image failed are left out. Several stores or backbones give a matrix and
+    a heat map. With --select K, ranks source classes by their similarity to the target alone
+    and writes the top K to --out.
+    """
+    from fgembed.similarity import domain_similarity, heatmap, select_classes, similarity_matrices, write_class_list
+    from fgembed.store import FeatureStore
+
+    fmt = _format(fmt)
+    names = [n.strip() for n in features.split(",") if n.strip()]
+    if not names:
+        raise FgembedError("--features needs at least one backbone name")
+    sources = [FeatureStore.open(p) for p in source]
+    targets = [FeatureStore.open(p) for p in target]
+    if select is not None:
+        if out_file is None:
+            raise FgembedError("--select writes a class list: give it --out FILE")
+        if len(names) != 1 or len(sources) != 1 or len(targets) != 1:
+            raise FgembedError("--select ranks one source against one target with one backbone: give one of each")
+        scores = select_classes(sources[0], targets[0], names[0], select, source_split, target_split, gamma,
+                                progress=not quiet)
+        write_class_list(scores, out_file, f"{select} classes of {source[0]} [{source_split}] most similar to "
+                         f"{target[0]} [{target_split}] by {names[0]} (exp(-{gamma:g}·EMD))")
+        err.print(f"wrote {out_file}", highlight=False)
+        if fmt == "json":
+            print_json([asdict(s) for s in scores])
+            return
+        grid = Table("#", "class", "label", "rows", "EMD", "similarity")
+        for i, s in enumerate(scores, 1):
+            grid.add_row(str(i), escape(s.name), str(s.label), str(s.rows), f"{s.emd:.3f}", f"{s.similarity:.4f}")
+        out.print(grid)
+        return
+    if out_file is not None:
+        raise FgembedError("--out is for --select K")
+    results = domain_similarity(sources, targets, names, source_split, target_split, gamma, progress=not quiet)
+    if len(results) > 1 or plot is not None:
+        written = heatmap(results, plot or Path("similarity.png"), gamma)
+        err.print(f"wrote {written}", highlight=False)
+    if fmt == "json":
+        print_json([asdict(r) for r in results])
+        return
+    if len(results) == 1:
+        r = results[0]
+        out.print(f"{r.features}: {r.source} [{r.source_split}, {r.source_classes} classes] → {r.target} "
+                  f"[{r.target_split}, {r.target_classes} classes]: EMD {r.emd:.4f}, similarity {r.similarity:.4f}",
+                  markup=False, highlight=False)
+        return
+    for m in similarity_matrices(results):
+        grid = Table(f"source \\ {m.column_kind}", *map(escape, m.columns),
+                     title=escape(f"{m.title}: similarity (EMD)"))
+        for i, row in enumerate(m.rows):
+            grid.add_row(escape(row), *(f"{s:.4f} ({d:.2f})" for s, d in zip(m.similarity[i], m.emd[i])))
+        out.print(grid)
+
+
+@app.command()
+def bench(
+    backbone: list[str] = typer.Option(..., help="Backbone to measure (repeatable): a reference name, "
+                                       "timm:MODEL, open_clip:ARCH/TAG, hf:ORG/REPO; NAME~SIZE for another size."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
+    precision: str = typer.Option("auto", help="As `fgembed extract`: auto (bf16 weights on CUDA, fp32 on CPU), "
+                                  "fp32, bf16, fp16, bf16-autocast, fp16-autocast."),
+    batch_size: int = typer.Option(32, min=1, help="Batch size of the throughput run."),
+    image_size: Optional[int] = typer.Option(None, min=16, help="Override the model's input size (px)."),
+    images: int = typer.Option(128, min=0, help="Generated JPEGs for the end-to-end extraction figure (0: skip)."),
+    warmup: int = typer.Option(3, min=0, help="Untimed forward passes before each timing."),
+    repeats: int = typer.Option(10, min=1, help="Timed batches for throughput."),
+    latency_repeats: int = typer.Option(30, min=2, help="Timed single images for latency p50 / p95."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decoding processes of the end-to-end run "
+                                          "(default: as `fgembed extract`)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile each backbone, as extract --compile."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+                                    help="--no-pretrained: random init (the cost is the same; nothing downloads)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where the source library caches downloaded weights."),
+    store: Optional[Path] = typer.Option(None, help="Also record the results in this store's features/<name> "
+                                         "attrs (outside the fingerprint)."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Inference cost of backbones: parameters, GMACs, throughput, latency, memory, end-to-end images/s.
+
+    GMACs are multiply-adds per image (timm's convention; GFLOPs = 2 × GMACs) from torch's
+    FlopCounterMode. Timings use the backbone's own input shape and the chosen precision; the
+    end-to-end figure runs the real extraction on generated photo-sized JPEGs.
+    """
+    from fgembed.backbones import LoadOptions
+    from fgembed.bench import BenchOptions
+    from fgembed.bench import bench as run_bench
+    from fgembed.store import FeatureStore
+
+    fmt = _format(fmt)
+    options = BenchOptions(device=device, precision=precision, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                           latency_repeats=latency_repeats, images=images, workers=workers, compile=compile_model,
+                           progress=not quiet,
+                           load=LoadOptions(pretrained=pretrained, image_size=image_size, cache_dir=cache_dir))
+    target = FeatureStore.open(store) if store is not None else None
+    if not pretrained:
+        err.print("[yellow]random-initialised weights (--no-pretrained): the cost is the model's, "
+                  "the weights do not matter[/yellow]")
+    results = run_bench(backbone, options, target)
+    if store is not None:
+        err.print(f"recorded in {store}", highlight=False)
+    if fmt == "json":
+        print_json([asdict(r) for r in results])
+        return
+    grid = Table("backbone", "params (M)", "GMACs", "GFLOPs", f"img/s (batch {batch_size})", "p50 ms", "p95 ms",
+                 "peak MB", "e2e img/s", title=f"{results[0].device_name}, {results[0].precision}")
+    for r in results:
+        grid.add_row(escape(r.backbone), f"{r.params / 1e6:.2f}", f"{r.gmacs:.3f}", f"{r.gflops:.3f}",
+                     f"{r.throughput:.1f}", f"{r.latency_p50_ms:.2f}", f"{r.latency_p95_ms:.2f}",
+                     f"{r.peak_memory_mb:.0f}",
+                     f"{r.e2e_images_per_s:.1f}" if r.e2e_images_per_s is not None else "–")
+    out.print(grid)
+    out.print(f"peak memory: {results[0].peak_memory_kind}", highlight=False)

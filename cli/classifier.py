@@ -1,25 +1,56 @@
 """`fgembed fit`, `fgembed ensemble`: the classifier stage over a feature store."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.table import Table
 
 from fgembed.errors import FgembedError
 
 from ._common import app, err, out, print_json
+from ._options import (
+    BATCH_SIZE,
+    CLASSES,
+    DEVICE,
+    DRAW,
+    EPOCHS,
+    HEAD,
+    HOLDOUT,
+    HOLDOUT_LEVEL,
+    HOLDOUT_SEED,
+    L2,
+    LEVEL,
+    LR,
+    PROJECT,
+    PROJECT_DIM,
+    QUIET,
+    RUNS,
+    SEEDS,
+    SHOTS,
+    STORE,
+    WEIGHT_DECAY,
+    class_ids,
+    floats,
+    ints,
+)
 
-STORE = typer.Option(..., help="Feature store written by `fgembed extract` (or `fgembed import`).")
-RUNS = typer.Option(Path("runs"), help="Folder of run directories (one per head configuration).")
 
+def _configs(store, features: tuple[str, ...], fusion: str, head: str, project: str, project_dim: int | None,
+             l2: bool, level: str | None, epochs: int, lr: str, weight_decay: str, batch_size: int, seeds: str,
+             classes: Path | None = None, holdout: float = 0.0, holdout_level: str | None = None,
+             holdout_seed: int = 0, shots: int | None = None, draw: int = 0):
+    """The RunConfig both commands build from their shared options."""
+    from fgembed.runs import HeadConfig, RunConfig
+    from fgembed.views import ViewConfig
 
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise FgembedError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    view = ViewConfig(features=features, fusion=fusion, project=project, project_dim=project_dim, l2=l2,
+                      classes=class_ids(classes, store.class_names), holdout=holdout, holdout_level=holdout_level,
+                      holdout_seed=holdout_seed, shots=shots, draw=draw)
+    head_config = HeadConfig(head=head, level=level, epochs=epochs, lr=floats(lr, "--lr"),
+                             weight_decay=floats(weight_decay, "--weight-decay"), batch_size=batch_size,
+                             seeds=ints(seeds, "--seeds"))
+    return RunConfig(view, head_config)
 
 
 @app.command()
@@ -27,45 +58,55 @@ def fit(
     store: Path = STORE,
     features: str = typer.Option(..., help="One backbone, or several joined by + (then --fusion applies)."),
     fusion: str = typer.Option("concat", help="For several features: concat or sum."),
-    head: str = typer.Option("mlp", help="mlp (d→512→256→C, the reference recipe) or linear."),
-    project: str = typer.Option("pca", help="sum only: pca (fitted on train rows) or linear (learned)."),
-    project_dim: Optional[int] = typer.Option(None, min=1, help="sum only: common dim (default: smallest member)."),
-    l2: bool = typer.Option(False, help="concat/sum: L2-normalise each member first."),
-    level: Optional[str] = typer.Option(None, help="Train on a taxonomy level (order, family…), not species."),
-    epochs: int = typer.Option(150, min=1), lr: float = typer.Option(1e-3), weight_decay: float = typer.Option(0.01),
-    batch_size: int = typer.Option(128, min=2),
-    seeds: str = typer.Option("0", help="Comma-separated seeds, trained in one pass, reported as mean ± std."),
-    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
-    runs: Path = RUNS,
+    head: str = HEAD, project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
+    level: str | None = LEVEL, epochs: int = EPOCHS, lr: str = LR, weight_decay: str = WEIGHT_DECAY,
+    batch_size: int = BATCH_SIZE, seeds: str = SEEDS,
+    classes: Path | None = CLASSES, holdout: float = HOLDOUT, holdout_level: str | None = HOLDOUT_LEVEL,
+    holdout_seed: int = HOLDOUT_SEED, shots: int | None = SHOTS, draw: int = DRAW,
+    device: str = DEVICE, runs: Path = RUNS,
     force: bool = typer.Option(False, help="Retrain even if a finished run with this configuration exists."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = QUIET,
 ) -> None:
     """Train a head on cached embeddings and score it on the test split.
 
     Writes one run directory (config, safetensors weights, history, metrics.json, val/test
     logits in Zarr). The same configuration on the same store is reused unless --force.
     """
-    from fgembed.runs import RunConfig, fit_run
+    from fgembed.runs import fit_run
     from fgembed.store import FeatureStore
 
+    opened = FeatureStore.open(store)
     names = tuple(features.split("+"))
-    config = RunConfig(features=names, fusion=fusion, head=head, project=project,
-                       project_dim=project_dim, l2=l2, level=level, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                       batch_size=batch_size, seeds=_seeds(seeds))
-    run = fit_run(FeatureStore.open(store), config, runs, device=device, force=force, progress=not quiet)
+    config = _configs(opened, names, fusion if len(names) > 1 else "single", head, project, project_dim, l2, level,
+                      epochs, lr, weight_decay, batch_size, seeds, classes, holdout, holdout_level, holdout_seed,
+                      shots, draw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        run = fit_run(opened, config, runs, device=device, force=force, progress=not quiet)
+    for warning in caught:
+        err.print(f"[yellow]warning: {warning.message}[/yellow]", highlight=False)
     if as_json:
         print_json(run.metrics | {"run": str(run.path), "reused": run.reused})
         return
     m = run.metrics
     std = lambda k: f" ± {100 * m[k + '_std']:.2f}" if len(m["seeds"]) > 1 else ""  # noqa: E731
     state = "reused finished run" if run.reused else f"trained in {m['train_seconds']:.1f} s"
-    out.print(f"{config.label}: {state} → {run.path}", highlight=False)
+    out.print(f"{config.label}: {state} → {run.path}", highlight=False, markup=False)
     out.print(f"test ({m['n_test']} rows, seeds {','.join(map(str, m['seeds']))}): "
               f"accuracy {100 * m['accuracy']:.2f}{std('accuracy')}  F1 (weighted) {100 * m['f1']:.2f}{std('f1')}  "
               f"F1 (macro) {100 * m['f1_macro']:.2f}  top-5 {100 * m['top5']:.2f}", highlight=False)
-    if m.get("test_rows_dropped"):
-        err.print(f"[yellow]{m['test_rows_dropped']} test rows left out: their image failed in a member[/yellow]")
+    if len(config.head.lr) * len(config.head.weight_decay) > 1:
+        chosen = ", ".join(f"seed {s}: lr {c['lr']:g} wd {c['weight_decay']:g}"
+                           for s, c in zip(m["seeds"], m["chosen"]) if c)
+        out.print(f"chosen on validation F1: {chosen}", highlight=False)
+    if m.get("holdout_classes"):
+        out.print(f"held out {len(m['holdout_classes'])} classes: {m['n_novel']} novel test rows (not scored here)",
+                  highlight=False)
+    dropped = {k: v for k, v in m.get("dropped", {}).items() if v}
+    if dropped:
+        err.print("[yellow]rows left out (an image failed in a member): "
+                  + ", ".join(f"{k} {v}" for k, v in dropped.items()) + "[/yellow]")
 
 
 @app.command()
@@ -75,15 +116,12 @@ def ensemble(
     strategies: str = typer.Option("late,concat,sum", help="Any of late, concat, sum (comma-separated)."),
     combinations: str = typer.Option("all", help="Comma-separated: all (every subset of ≥2), pairs, full, singles, or "
                                      "a+b+c; prefix one with a strategy to limit it (late:full)."),
-    head: str = typer.Option("mlp", help="Head of every run: mlp or linear."),
-    project: str = typer.Option("pca", help="sum fusion: pca or linear."),
-    l2: bool = typer.Option(False, help="concat/sum: L2-normalise each member first."),
-    level: Optional[str] = typer.Option(None, help="Score a taxonomy level instead of species."),
+    head: str = HEAD, project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
+    level: str | None = LEVEL,
     late_mode: str = typer.Option("logits", help="late fusion averages logits or proba."),
     late_weights: str = typer.Option("equal", help="late fusion weights: equal, or val (fitted on validation)."),
-    epochs: int = typer.Option(150, min=1), lr: float = typer.Option(1e-3), weight_decay: float = typer.Option(0.01),
-    batch_size: int = typer.Option(128, min=2), seeds: str = typer.Option("0", help="Comma-separated seeds."),
-    device: str = typer.Option("auto"), runs: Path = RUNS,
+    epochs: int = EPOCHS, lr: str = LR, weight_decay: str = WEIGHT_DECAY, batch_size: int = BATCH_SIZE,
+    seeds: str = SEEDS, device: str = DEVICE, runs: Path = RUNS,
     force: bool = typer.Option(False, help="Retrain every run."),
     fmt: str = typer.Option("md", "--format", help="Table printed to stdout: md, csv, latex or json."),
     name: str = typer.Option("ensemble", help="Output name: writes RUNS/NAME.{md,csv,tex,json,png}."),
@@ -97,7 +135,6 @@ def ensemble(
     """
     from fgembed.ensemble import plan, score
     from fgembed.report import format_table, write_report
-    from fgembed.runs import RunConfig
     from fgembed.store import FeatureStore
 
     names = [m.strip() for m in members.split(",") if m.strip()]
@@ -105,10 +142,12 @@ def ensemble(
         raise FgembedError("--members needs at least one backbone name")
     combos = plan(names, [s.strip() for s in strategies.split(",") if s.strip()],
                   [c.strip() for c in combinations.split(",") if c.strip()])
-    base = RunConfig(features=(names[0],), head=head, project=project, l2=l2, level=level, epochs=epochs, lr=lr,
-                     weight_decay=weight_decay, batch_size=batch_size, seeds=_seeds(seeds))
+    opened = FeatureStore.open(store)
+    # a `sum` base view carries l2 / projection settings to every fused run (its members are replaced)
+    base = _configs(opened, tuple(names), "sum" if len(names) > 1 else "single", head, project, project_dim, l2,
+                    level, epochs, lr, weight_decay, batch_size, seeds)
     err.print(f"ensemble: {len(combos)} rows from {len(names)} members", highlight=False)
-    entries = score(FeatureStore.open(store), runs, combos, base, device=device, force=force,
+    entries = score(opened, runs, combos, base, device=device, force=force,
                     late_mode=late_mode, late_weights=late_weights, progress=not quiet)
     table = format_table(entries, fmt)
     written = write_report(entries, runs, name, title)
@@ -120,14 +159,14 @@ def ensemble(
 
 
 def print_ranking(entries) -> None:
-    """The ranked table on a terminal (the demo prints it too)."""
-    from fgembed.report import METRICS, STRATEGY_NAMES, cell, entry_record
+    """The ranked table on a terminal (the demo prints it too): members as short keys with a
+    legend under the table, so every row is identifiable at 80 columns."""
+    from fgembed.report import ranking_table
 
-    grid = Table("#", "method", "members", *(title for _, title in METRICS))
-    for i, e in enumerate(entries, 1):
-        r = entry_record(e)
-        grid.add_row(str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(cell(r, k) for k, _ in METRICS))
-    out.print(grid)
+    table, legend = ranking_table(entries)
+    out.print(table)
+    for line in legend:
+        out.print(f"  {line}", highlight=False, markup=False)
 
 
 @app.command()
@@ -140,14 +179,18 @@ def demo(directory: Path = typer.Option(Path("demo-output"), "--out", help="Wher
     """
     from fgembed.demo import DEMO_BACKBONES, run_demo
 
-    err.print(f"demo: generated images, backbones {', '.join(DEMO_BACKBONES)} with random init "
-              "(nothing is downloaded; the numbers show the pipeline, not the models)", highlight=False)
+    err.print(f"demo: random-init {', '.join(DEMO_BACKBONES)}\n      generated images, no downloads: "
+              "the numbers show the pipeline, not models", highlight=False)
     result = run_demo(directory, progress=not quiet)
     s = result.extraction
     print_ranking(result.entries)
-    out.print(f"images:  {result.images}\nstore:   {result.store}  ({s.rows} rows; "
-              + ", ".join(f"{k} {v}-d" for k, v in s.backbones.items()) + f"; this run extracted {s.processed} "
-              f"images in {s.seconds:.1f} s)\nruns:    {result.runs}  ({len(list(result.runs.iterdir()))} run "
-              "directories)\nreport:  " + ", ".join(str(p) for p in result.report), highlight=False)
-    out.print(f"next: fgembed info {result.store}; fgembed fit --store {result.store} --features "
-              f"{DEMO_BACKBONES[0]} --seeds 0,1,2", highlight=False)
+    report = result.report[0].with_suffix("")
+    summary = [("images", f"{result.images}"), ("store", f"{result.store}  ({s.rows} rows)"),
+               ("", ", ".join(f"{k} {v}-d" for k, v in s.backbones.items())),
+               ("", f"this run extracted {s.processed} images in {s.seconds:.1f} s"),
+               ("runs", f"{result.runs}  ({len(list(result.runs.iterdir()))} run directories)"),
+               ("report", f"{report}.{{{','.join(p.suffix[1:] for p in result.report)}}}"),
+               ("next", f"fgembed info {result.store}"),
+               ("", f"fgembed fit --store {result.store} \\"),  # a copyable command that fits 80 columns
+               ("", f"  --features {DEMO_BACKBONES[0]} --seeds 0,1,2")]
+    out.print("\n".join(f"{label:<8} {text}" for label, text in summary), highlight=False, markup=False)

@@ -1,4 +1,4 @@
-"""`fgembed extract`, `fgembed info`, `fgembed backbones`."""
+"""`fgembed extract`, `fgembed download`, `fgembed info`, `fgembed backbones`."""
 from __future__ import annotations
 
 import os
@@ -23,9 +23,19 @@ def extract(
     backbone: list[str] = typer.Option(..., help="Backbone name (repeatable): a reference name from "
                                        "`fgembed backbones`, or timm:MODEL, open_clip:ARCH/TAG, hf:ORG/REPO."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
-    workers: int = typer.Option(min(8, os.cpu_count() or 1), min=0, help="Image-decoding processes."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding processes (default: the cores "
+                                          "available minus one, per rank under torchrun)."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    precision: str = typer.Option("auto", help="auto (bf16 weights on CUDA, fp16 where the GPU lacks bf16; fp32 "
+                                  "on CPU), fp32, bf16, fp16 (weights cast once), bf16-autocast, fp16-autocast "
+                                  "(fp32 weights under autocast). Recorded in the store."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile each backbone (slow start, faster "
+                                       "steady state on a GPU; recorded: fused kernels move the last bits)."),
+    device_resize: bool = typer.Option(False, "--device-resize", help="Workers only decode; the library's "
+                                       "resize/crop runs on the device (torchvision's tensor resize: numbers "
+                                       "differ slightly; recorded)."),
+    profile: bool = typer.Option(False, "--profile", help="Print seconds per stage (decode, transform, copies, "
+                                 "forward, write)."),
     image_size: Optional[int] = typer.Option(None, min=16, help="Override the model's input size (px)."),
     pooling: Optional[str] = typer.Option(None, help="pooled (default), cls, mean or cls+mean (token models)."),
     weights: Optional[Path] = typer.Option(None, help="Local checkpoint for the single --backbone."),
@@ -54,7 +64,8 @@ def extract(
         os.environ["HF_HUB_OFFLINE"] = "1"
     from fgembed.backbones import LoadOptions
     from fgembed.datasets import load_dataset
-    from fgembed.extract import ExtractOptions, extract as run_extract
+    from fgembed.extract import ExtractOptions
+    from fgembed.extract import extract as run_extract
 
     table = load_dataset(dataset, root, val_fraction=val_fraction, seed=seed, train_file=train_file)
     err.print(f"{table.kind}: {len(table)} images, {len(table.class_names)} classes, "
@@ -64,7 +75,7 @@ def extract(
                   "not meaningful features[/yellow]")
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                              dtype=dtype, shard_rows=shard_rows, overwrite=overwrite, strict=strict,
-                             progress=not quiet,
+                             progress=not quiet, compile=compile_model, device_resize=device_resize, profile=profile,
                              load=LoadOptions(pretrained=pretrained, weights=weights, image_size=image_size,
                                               pooling=pooling, cache_dir=cache_dir))
     summary = run_extract(table, store, backbone, options)
@@ -74,7 +85,12 @@ def extract(
     out.print(f"store {summary.store}: {summary.rows} rows; backbones "
               + ", ".join(f"{k} ({v}-d)" for k, v in summary.backbones.items()), highlight=False)
     out.print(f"this run: {summary.processed} images in {summary.seconds:.1f} s "
-              f"({summary.images_per_s:.1f} img/s); {summary.skipped_shards} shards already done", highlight=False)
+              f"({summary.images_per_s:.1f} img/s, {summary.steady_images_per_s:.1f} after the first batch); "
+              f"{summary.skipped_shards} shards already done", highlight=False)
+    out.print(f"precision {summary.precision}, {summary.workers} workers, feed "
+              + ", ".join(f"{k}: {v}" for k, v in summary.feeds.items()), highlight=False)
+    if summary.stages:
+        out.print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.stages.items()), highlight=False)
     if summary.failures:
         out.print(f"[yellow]{len(summary.failures)} flagged rows[/yellow] (NaN embedding where unreadable):")
         for image_id, path, status in summary.failures[:20]:
@@ -85,48 +101,124 @@ def extract(
         out.print("no failed images")
 
 
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub (where timm, open_clip and transformers fetch the reference weights)
+    cannot be reached from here, or None when one short request gets through."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as exc:  # DNS, refused, timeout, proxy: all mean no hub from this machine
+        return f"no network ({constants.ENDPOINT} unreachable: {type(exc).__name__})"
+    return None
+
+
+@app.command()
+def download(
+    backbone: list[str] = typer.Option(..., help="Backbone name (repeatable), as for `fgembed extract`."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache to fill (default: each library's own cache)."),
+) -> None:
+    """Fetch backbones' weights on a machine with internet, for extraction on offline compute nodes.
+
+    Copy the cache to the node and run `fgembed extract ... --cache-dir DIR --offline` there.
+    """
+    from fgembed.backbones import download_weights, resolve
+
+    for name in backbone:
+        resolve(name)  # an unknown name fails before anything is fetched
+    names = " ".join(f"--backbone {n}" for n in backbone)
+    elsewhere = (f"on a machine with internet run `fgembed download {names} --cache-dir DIR`, copy DIR here "
+                 "and pass --cache-dir DIR --offline to fgembed extract")
+    reason = _hub_unreachable()
+    if reason:  # fail in seconds, not after the libraries' minutes of retries
+        raise FgembedError(f"cannot download: {reason}; {elsewhere}")
+    for name in backbone:
+        err.print(f"downloading {name} …", highlight=False)
+        try:
+            where = download_weights(name, cache_dir)
+        except Exception as exc:  # the libraries raise their own types for a refused or dropped connection
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FgembedError(f"could not download {name}: {detail}; {elsewhere}") from None
+        out.print(f"{name}: {where}", highlight=False)
+    flag = f" --cache-dir {cache_dir}" if cache_dir else ""
+    err.print(f"offline use: fgembed extract … --offline{flag}", highlight=False)
+
+
 @app.command()
 def info(store: Path = typer.Argument(..., help="A feature store (.zarr)."),
          as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """Show a store's dataset, splits and backbones: dims, rows done/failed, fingerprints."""
+    """Show a store's dataset, its identity (resolved root, files, sampled content hash), splits and
+    backbones: dims, rows done/failed, fingerprints (strict) and what was recorded beside them."""
     from fgembed.store import FeatureStore
 
     fs = FeatureStore.open(store)
     attrs = fs.samples_attrs
     table = fs.table()
+    identity = fs.identity
+    outside = sum(Path(p).is_absolute() or os.path.normpath(p).startswith("..") for p in table.paths)
     backbones = [fs.backbone_info(name) for name in fs.backbones()]
     if as_json:
         print_json({"store": str(store), "rows": fs.n_rows, "kind": attrs["kind"], "root": attrs["root"],
+                    "identity": identity, "rows_outside_root": outside,
                     "classes": len(attrs["class_names"]), "splits": table.split_counts(),
                     "levels": {k: len(v) for k, v in attrs["levels"].items()}, "split_recipe": attrs["split_recipe"],
                     "backbones": [asdict(b) | {"failures": fs.failures(b.name)} for b in backbones]})
         return
     out.print(f"[bold]{store}[/bold]  {attrs['kind']} at {attrs['root']}", highlight=False)
+    if identity:
+        out.print(f"identity: images under {identity['root']}, size and mtime of every file, content of "
+                  f"{len(identity['sample_rows'])} sampled files sha256 {identity['sample_sha256'][:12]}…"
+                  + (f"; {outside} rows outside the root" if outside else ""), highlight=False)
+    else:
+        out.print("identity: not recorded (a store made before fgembed recorded it)", highlight=False)
     out.print(f"{fs.n_rows} rows, {len(attrs['class_names'])} classes, splits {table.split_counts()}, "
               f"levels {', '.join(f'{k} ({len(v)})' for k, v in attrs['levels'].items()) or 'none'}", highlight=False)
     grid = Table("backbone", "dim", "dtype", "done", "failed", "complete", "img/s", "weights", "pooling",
-                 "precision")
+                 "precision", "device")
     for b in backbones:
         fp = b.fingerprint
         grid.add_row(b.name, str(b.dim), b.dtype, f"{b.rows_done}/{fs.n_rows}", str(b.rows_failed),
                      "yes" if b.complete else "no", f"{b.throughput:.1f}" if b.throughput else "–",
-                     str(fp.get("weights")), str(fp.get("pooling")), str(fp.get("precision")))
+                     str(fp.get("weights")), str(fp.get("pooling")), str(fp.get("precision")),
+                     str(b.recorded.get("device", "–")))
     out.print(grid)
 
 
 @app.command()
-def backbones(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+def backbones(as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+              feed: bool = typer.Option(False, "--feed", help="Also build each one offline (random init; "
+                                        "minutes on a CPU) and show what its decode workers send: uint8 (normalised on the device) "
+                                        "or float (the library's transform cannot be split there), and whether "
+                                        "--device-resize can replay its resize/crop.")) -> None:
     """List the named reference backbones (any timm / open_clip / Hugging Face model works by prefix)."""
     from fgembed.backbones import spec_table
 
     specs = spec_table()
+    if feed:
+        from fgembed.backbones import LoadOptions, load_backbone
+        from fgembed.extract import device_resize_steps
+        from fgembed.progress import progress_bar
+
+        with progress_bar(len(specs), "building", unit="model") as tick:
+            for s in specs:
+                b = load_backbone(s["name"], LoadOptions(pretrained=False))
+                s["feed"] = "uint8" if b.geometric is not None and b.mean else "float"
+                s["device_resize"] = device_resize_steps(b) is not None
+                del b
+                tick(1)
     if as_json:
         print_json(specs)
         return
-    grid = Table("name", "source", "model / weights", "dim", "input", "interp.", "output")
+    grid = Table("name", "source", "model / weights", "dim", "input", "interp.", "output",
+                 *(("feed", "--device-resize") if feed else ()))
     for s in specs:
         model = s["model"] + (f" / {s['weights']}" if s["weights"] else "")
         grid.add_row(s["name"], s["source"], model, str(s["dim"]), f"{s['input_size']}px: {s['resize']}",
-                     s["interpolation"], s["output"])
+                     s["interpolation"], s["output"],
+                     *((s["feed"], "yes" if s["device_resize"] else "no") if feed else ()))
     out.print(grid)
-    out.print("Also: timm:<model>, open_clip:<arch>/<tag>, hf:<org>/<repo> (or a local folder).")
+    out.print("Also: timm:<model>, open_clip:<arch>/<tag>, hf:<org>/<repo> (or a local folder)."
+              + ("" if feed else " Add --feed to see how each one's preprocessing is fed."))

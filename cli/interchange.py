@@ -40,7 +40,8 @@ def import_(
     root: Optional[Path] = typer.Option(None, help="Dataset root, to create a new store."),
     val_fraction: float = typer.Option(0.2, help="New store: stratified share of train held out as val."),
     seed: int = typer.Option(0, help="New store: seed of the validation split."),
-    overwrite: bool = typer.Option(False, help="Replace features of the same name."),
+    overwrite: bool = typer.Option(False, help="Replace features of the same name (and, with --dataset, a store of "
+                                   "other labels/splits, or of other images if this name is its only group)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Bring features computed by another tool (HDF5, .npy) into a store.
@@ -51,14 +52,16 @@ def import_(
     from fgembed.interchange import import_features
     from fgembed.store import FeatureStore
 
-    if (store / "zarr.json").is_file():
-        fs = FeatureStore.open(store, "r+")
-    elif dataset and root:
+    if dataset and root:  # create, finish an interrupted setup, or check that the store holds this dataset
         from fgembed.datasets import load_dataset
 
-        fs = FeatureStore.create(store, load_dataset(dataset, root, val_fraction=val_fraction, seed=seed))
+        fs = FeatureStore.create(store, load_dataset(dataset, root, val_fraction=val_fraction, seed=seed),
+                                 overwrite=overwrite, names=[name])
+    elif (store / "zarr.json").is_file():
+        fs = FeatureStore.open(store, "r+")
     else:
-        raise FgembedError(f"no store at {store}; to create one give --dataset and --root")
+        raise FgembedError(f"no store at {store}; to create one (or finish an interrupted one) "
+                           "give --dataset and --root")
     summary = import_features(fs, name, source, key=key, order_file=order, overwrite=overwrite, progress=not quiet)
     out.print(f"imported {summary.name} ({summary.dim}-d) into {store}: {summary.rows} rows matched by "
               f"{summary.matched_by}", highlight=False)

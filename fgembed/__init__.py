@@ -1,2 +1,61 @@
-"""fgembed: fine-grained visual classification with frozen foundation models."""
+"""fgembed: fine-grained visual classification with frozen foundation models.
+
+The main API is importable from the top level (`from fgembed import FeatureStore, fit_run`), loaded
+on first use (PEP 562) so that `import fgembed` — and every `fgembed` command — does not pay for
+torch, timm and zarr until it needs them.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# name → the module that defines it, in the order data flows (datasets → store → views → heads → runs)
+_API = {
+    "FgembedError": "fgembed.errors",
+    "load_dataset": "fgembed.datasets",
+    "load_backbone": "fgembed.backbones",
+    "extract_features": "fgembed.extract",  # the function `extract`: the bare name is the module fgembed.extract
+    "ExtractOptions": "fgembed.extract",
+    "FeatureStore": "fgembed.store",
+    "ViewConfig": "fgembed.views",
+    "build_view": "fgembed.views",
+    "MLPHead": "fgembed.heads",
+    "LinearHead": "fgembed.heads",
+    "create_head": "fgembed.heads",
+    "list_heads": "fgembed.heads",
+    "HeadConfig": "fgembed.runs",
+    "RunConfig": "fgembed.runs",
+    "Run": "fgembed.runs",
+    "fit_run": "fgembed.runs",
+}
+
+# `fgembed.extract` is the submodule (Python binds it on the package whenever it is imported), so the
+# extraction entry point is exported under a name of its own
+_RENAMED = {"extract_features": "extract"}
+
+__all__ = ["__version__", *_API]
+
+if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports on demand
+    from .backbones import load_backbone
+    from .datasets import load_dataset
+    from .errors import FgembedError
+    from .extract import ExtractOptions
+    from .extract import extract as extract_features
+    from .heads import LinearHead, MLPHead, create_head, list_heads
+    from .runs import HeadConfig, Run, RunConfig, fit_run
+    from .store import FeatureStore
+    from .views import ViewConfig, build_view
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'fgembed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), _RENAMED.get(name, name))
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

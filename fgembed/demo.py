@@ -16,9 +16,10 @@ from .ensemble import Entry, plan, score
 from .extract import ExtractOptions, ExtractSummary, extract
 from .fusion import STRATEGIES
 from .report import write_report
-from .runs import RunConfig
+from .runs import HeadConfig, RunConfig
 from .store import FeatureStore
 from .synthetic import generate, write_folder_layout
+from .views import ViewConfig
 
 DEMO_BACKBONES = ("timm:test_vit", "timm:test_convnext", "timm:test_resnet")
 
@@ -44,6 +45,6 @@ def run_demo(out: str | Path = "demo-output", progress: bool = True, epochs: int
                       ExtractOptions(load=LoadOptions(pretrained=False), progress=progress, batch_size=32))
     combinations = plan(list(DEMO_BACKBONES), list(STRATEGIES), ["all"])
     entries = score(FeatureStore.open(out / "demo.zarr"), out / "runs", combinations,
-                    RunConfig(features=DEMO_BACKBONES[:1], epochs=epochs), progress=progress)
+                    RunConfig(ViewConfig(features=DEMO_BACKBONES, fusion="sum"), HeadConfig(epochs=epochs)), progress=progress)
     report = write_report(entries, out, "demo-ranking", "demo: weighted F1 on the test split (random-init backbones)")
     return DemoResult(images, out / "demo.zarr", out / "runs", summary, entries, report)

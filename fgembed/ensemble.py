@@ -5,23 +5,37 @@ Combinations are written as tokens: `all` (every subset of two or more members),
 `full` (all members together), `singles` (no fusion rows), or an explicit `a+b+c`; a
 `strategy:` prefix limits a token to one strategy (`late:full`). Single-backbone rows are always
 included: they are the baseline every fusion is read against, and late fusion needs them anyway.
+
+Late fusion is streamed: every requested subset is scored in one pass over row blocks of the
+test split — each member's float16 logits read once per seed per block, widened to float32 for
+that block only, and each subset's per-class counts accumulated (`metrics.MetricCounts`). Peak
+memory depends on the block and the number of classes, not on the rows or the subsets.
+`late_weights="val"` fits each subset's weights on a bounded, seeded sample of validation rows.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import FgembedError
-from .fusion import STRATEGIES, fit_late_weights, late_fusion
-from .metrics import classification_metrics
-from .runs import Run, RunConfig, fit_run, summarise
+from .fusion import LATE_MODES, STRATEGIES, fit_late_weights
+from .metrics import MetricCounts
+from .progress import progress_bar
+from .runs import Run, RunConfig, finished, fit_run, run_path, summarise
 from .store import FeatureStore
+from .views import build_view
 
 LATE_WEIGHTS = ("equal", "val")
+BLOCK_ELEMENTS = 2 ** 25      # float32 logits held per block, over all members (128 MB)
+WEIGHT_ELEMENTS = 2 ** 26     # float32 logits of the validation sample, over a subset's members
+WEIGHT_ROWS = 20_000          # at most this many validation rows fit the late weights
 
 
 @dataclass(frozen=True)
@@ -77,61 +91,200 @@ def _subsets(members: list[str], selector: str) -> list[tuple[str, ...]]:
     return [subset]
 
 
+def run_config(base: RunConfig, strategy: str, members: tuple[str, ...]) -> RunConfig:
+    """`base` with these members fused this way (its view's l2 / projection / row selection kept)."""
+    fusion = "single" if strategy in ("single", "late") else strategy
+    view = dataclasses.replace(base.view, features=members, fusion=fusion if len(members) > 1 else "single")
+    return dataclasses.replace(base, view=view)
+
+
 def score(store: FeatureStore, runs_dir: str | Path, combinations: list[Combination], base: RunConfig,
           device: str = "auto", force: bool = False, late_mode: str = "logits", late_weights: str = "equal",
           progress: bool = False) -> list[Entry]:
-    """Train the runs the combinations need (reusing finished ones) and score them all."""
+    """Train the runs the combinations need (reusing finished ones) and score them all.
+
+    `base` gives the head and the view settings of every run (build its view with fusion `sum`
+    to carry l2 / projection settings); its features are replaced per combination."""
     if late_weights not in LATE_WEIGHTS:
         raise FgembedError(f"late weights must be one of {', '.join(LATE_WEIGHTS)}, got {late_weights!r}")
-    runs: dict[tuple[str, tuple[str, ...]], Run] = {}
-
-    def run_for(strategy: str, members: tuple[str, ...]) -> Run:
-        if (strategy, members) not in runs:
-            config = dataclasses.replace(base, features=members, fusion=strategy)
-            runs[strategy, members] = fit_run(store, config, runs_dir, device=device, force=force, progress=progress)
-        return runs[strategy, members]
-
-    entries = []
+    if late_mode not in LATE_MODES:
+        raise FgembedError(f"late fusion mode must be one of {', '.join(LATE_MODES)}, got {late_mode!r}")
+    needed: dict[tuple[str, tuple[str, ...]], RunConfig] = {}
     for combo in combinations:
         if combo.strategy == "late":
-            singles = [run_for("single", (m,)) for m in combo.members]
-            metrics, weights = _late(store, singles, base.level, late_mode, late_weights)
-            entries.append(Entry(combo, metrics, [r.path for r in singles], weights))
+            needed.update({("single", (m,)): run_config(base, "single", (m,)) for m in combo.members})
         else:
-            run = run_for(combo.strategy, combo.members)
+            needed[combo.strategy, combo.members] = run_config(base, combo.strategy, combo.members)
+    runs = _train_all(store, runs_dir, needed, device, force, progress)
+    entries, late = [], []
+    for combo in combinations:
+        if combo.strategy == "late":
+            late.append(combo)
+        else:
+            run = runs[combo.strategy, combo.members]
             entries.append(Entry(combo, run.metrics, [run.path]))
+    if late:
+        singles = {m: runs["single", (m,)] for combo in late for m in combo.members}
+        entries += late_entries(store, singles, late, base.head.level, late_mode, late_weights)
     return sorted(entries, key=lambda e: -e.metrics["f1"])
 
 
-def _late(store: FeatureStore, singles: list[Run], level: str | None, mode: str,
-          weights_from: str) -> tuple[dict, list[float] | None]:
-    """Fuse the members' logits seed by seed on the rows every member has; mean ± std over seeds."""
-    manifests = {r.store["manifest_sha256"] for r in singles}
+def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: str, force: bool,
+               progress: bool) -> dict:
+    """Reuse finished runs; train the rest under one progress bar (epochs of every run to train),
+    building each view once for the runs that share it."""
+    runs, todo = {}, []
+    for key, config in needed.items():
+        path, _ = run_path(store, config, runs_dir)
+        run = None if force else finished(path)
+        if run is None:
+            todo.append((key, config))
+        else:
+            runs[key] = run
+    todo.sort(key=lambda item: repr(item[1].view))
+    total = sum(config.head.epochs for _, config in todo)
+    with progress_bar(total, "ensemble", enabled=progress, unit="epoch") as tick:
+        view = None
+        for key, config in todo:
+            tick(0, description=f"{config.label} (view)")
+            if view is None or view.config != config.view:
+                view = None  # free the previous view before reading the next
+                view = build_view(store, config.view)
+            tick(0, description=config.label)
+            runs[key] = fit_run(store, config, runs_dir, device=device, force=True, view=view,
+                                tick=lambda n=1, description=None: tick(n))
+    return runs
+
+
+# ---- streamed late fusion ---------------------------------------------------------------------------
+@dataclass
+class LogitSource:
+    """One member's logits of a split: sorted store `rows` and `array` [seeds, rows, classes]
+    (a zarr array or anything numpy-indexable, e.g. float16 or float32 numpy)."""
+
+    rows: np.ndarray
+    array: Any
+
+    @classmethod
+    def of(cls, run: Run, split: str) -> LogitSource:
+        import zarr
+        group = zarr.open_group(run.path / "logits.zarr", mode="r")
+        return cls(group[f"{split}_rows"][:], group[split])
+
+    @property
+    def n_seeds(self) -> int:
+        return int(self.array.shape[0])
+
+    def take(self, seed: int, positions: np.ndarray) -> np.ndarray:
+        if hasattr(self.array, "get_orthogonal_selection"):
+            return self.array.get_orthogonal_selection((seed, positions, slice(None)))
+        return np.asarray(self.array[seed][positions])
+
+
+def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Combination], level: str | None,
+                 mode: str, weights_from: str) -> list[Entry]:
+    """Late fusion of every combination in `combos` from the single runs, one streamed pass."""
+    manifests = {r.store["manifest_sha256"] for r in singles.values()}
     if len(manifests) != 1:
         raise FgembedError("late fusion members were trained on different stores (different rows): "
-                           + ", ".join(str(r.path) for r in singles))
+                           + ", ".join(str(r.path) for r in singles.values()))
+    names = list(singles)
+    subsets = [tuple(names.index(m) for m in c.members) for c in combos]
     labels = store.labels(level=level).astype(np.int64)
-    test = [r.logits("test") for r in singles]
-    val = [r.logits("val") for r in singles]
-    test_rows, test_logits = _common_rows(test)
-    val_rows, val_logits = _common_rows(val)
-    per_seed, all_weights = [], []
-    for k in range(min(z.shape[0] for z in test_logits)):
-        weights = None
-        if weights_from == "val":
-            weights = fit_late_weights([z[k] for z in val_logits], labels[val_rows], mode)
-            all_weights.append(weights)
-        fused = late_fusion([z[k] for z in test_logits], mode, weights)
-        per_seed.append(classification_metrics(fused, labels[test_rows]))
-    metrics = summarise(per_seed) | {"per_seed": per_seed, "n_test": len(test_rows),
-                                     "seeds": singles[0].metrics["seeds"][:len(per_seed)]}
-    mean_weights = np.mean(all_weights, axis=0).round(4).tolist() if all_weights else None
-    return metrics, mean_weights
+    held = sorted({c for r in singles.values() for c in r.meta.get("holdout_classes", [])})
+    novel = np.isin(store.labels(), held) if held else None  # novel test rows are not scored
+    weights, sample_rows = None, []
+    if weights_from == "val":
+        val = [LogitSource.of(singles[m], "val") for m in names]
+        weights, sample_rows = fit_subset_weights(val, subsets, labels, mode)
+    test = [LogitSource.of(singles[m], "test") for m in names]
+    results = stream_late(test, subsets, labels, mode, weights, skip=novel)
+    entries = []
+    for i, (combo, (per_seed, n_rows)) in enumerate(zip(combos, results)):
+        seeds = singles[combo.members[0]].metrics["seeds"][:len(per_seed)]
+        metrics = summarise(per_seed) | {"per_seed": per_seed, "n_test": n_rows, "seeds": seeds}
+        mean_weights = None
+        if weights is not None:
+            metrics["late_weight_rows"] = sample_rows[i]
+            mean_weights = np.mean(weights[i], axis=0).round(4).tolist()
+        entries.append(Entry(combo, metrics, [singles[m].path for m in combo.members], mean_weights))
+    return entries
 
 
-def _common_rows(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Rows present in every member (a failed image drops out of its backbone's run only)."""
-    common = parts[0][0]
-    for rows, _ in parts[1:]:
-        common = np.intersect1d(common, rows)
-    return common, [logits[:, np.searchsorted(rows, common)] for rows, logits in parts]
+def _block_rows(n_members: int, n_classes: int) -> int:
+    return int(np.clip(BLOCK_ELEMENTS // max(1, n_members * n_classes), 64, 4096))
+
+
+def stream_late(sources: list[LogitSource], subsets: list[tuple[int, ...]], labels: np.ndarray, mode: str = "logits",
+                weights: list[list[np.ndarray]] | None = None,
+                skip: np.ndarray | None = None) -> list[tuple[list[dict], int]]:
+    """Per subset (member indices into `sources`): (metrics per seed, rows scored). A subset is
+    scored on the rows all its members have (a failed image drops out of its backbone's run
+    only); `labels` and `skip` are indexed by store row. weights[subset][seed]: member weights."""
+    union = functools.reduce(np.union1d, [s.rows for s in sources])
+    if skip is not None:
+        union = union[~skip[union]]
+    n_classes = int(sources[0].array.shape[2])
+    block = _block_rows(len({m for s in subsets for m in s}), n_classes)
+    n_seeds = [min(sources[m].n_seeds for m in subset) for subset in subsets]
+    counts = [[MetricCounts(n_classes) for _ in range(n)] for n in n_seeds]
+    n_rows = [0] * len(subsets)
+    for k in range(max(n_seeds)):
+        active = [i for i, n in enumerate(n_seeds) if n > k]
+        needed = sorted({m for i in active for m in subsets[i]})
+        for start in range(0, len(union), block):
+            rows = union[start:start + block]
+            present, aligned = {}, {}
+            for m in needed:  # each member's block read once for every subset
+                present[m], aligned[m] = _aligned(sources[m], k, rows, n_classes, mode)
+            y = torch.as_tensor(labels[rows])
+            for i in active:
+                mask = np.logical_and.reduce([present[m] for m in subsets[i]])
+                if not mask.any():
+                    continue
+                w = weights[i][k] if weights is not None else np.full(len(subsets[i]), 1 / len(subsets[i]))
+                select = slice(None) if mask.all() else torch.as_tensor(mask)
+                fused = sum(float(wm) * aligned[m][select] for wm, m in zip(w, subsets[i]))
+                if mode == "proba":
+                    fused = fused.clamp_min(1e-30).log()
+                counts[i][k].update(fused, y[select])
+                if k == 0:
+                    n_rows[i] += int(mask.sum())
+    return [([c.metrics() for c in per_subset], n) for per_subset, n in zip(counts, n_rows)]
+
+
+def _aligned(source: LogitSource, seed: int, rows: np.ndarray, n_classes: int,
+             mode: str) -> tuple[np.ndarray, torch.Tensor]:
+    """The member's float32 scores (probabilities for `proba`) at `rows` (zeros where it has none)."""
+    lo, hi = np.searchsorted(source.rows, [rows[0], rows[-1] + 1])
+    own = source.rows[lo:hi]
+    out = torch.zeros(len(rows), n_classes)
+    if len(own) == 0:
+        return np.zeros(len(rows), bool), out
+    idx = np.minimum(np.searchsorted(own, rows), len(own) - 1)
+    present = own[idx] == rows
+    z = torch.as_tensor(np.asarray(source.array[seed, lo:hi]), dtype=torch.float32)
+    if mode == "proba":
+        z = torch.softmax(z, dim=1)
+    out[torch.as_tensor(present)] = z[torch.as_tensor(idx[present])]
+    return present, out
+
+
+def fit_subset_weights(sources: list[LogitSource], subsets: list[tuple[int, ...]], labels: np.ndarray,
+                       mode: str, seed: int = 0) -> tuple[list[list[np.ndarray]], list[int]]:
+    """Per subset, per seed: member weights fitted on a seeded sample of the validation rows all
+    its members have (at most WEIGHT_ROWS, fewer when classes are many); and the sample sizes."""
+    n_classes = int(sources[0].array.shape[2])
+    weights, sizes = [], []
+    for subset in subsets:
+        common = functools.reduce(np.intersect1d, [sources[m].rows for m in subset])
+        limit = int(min(WEIGHT_ROWS, max(1000, WEIGHT_ELEMENTS // (len(subset) * n_classes))))
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(common, limit, replace=False)) if len(common) > limit else common
+        per_seed = []
+        for k in range(min(sources[m].n_seeds for m in subset)):
+            parts = [sources[m].take(k, np.searchsorted(sources[m].rows, sample)).astype(np.float32) for m in subset]
+            per_seed.append(fit_late_weights(parts, labels[sample], mode))
+        weights.append(per_seed)
+        sizes.append(len(sample))
+    return weights, sizes

@@ -1,62 +1,27 @@
-"""Fusion of several backbones' embeddings of the same rows.
+"""Fusion math over member embeddings or logits of the same rows — no store access (`views.py`
+reads the store and applies these; `predict` applies them to new images).
 
-- `concat`: members end to end, each optionally L2-normalised first (their scales differ).
-- `sum`: every member projected to one dimension and summed — by PCA fitted on the training
-  rows only (then reused unchanged on val/test, so nothing leaks), or by a learned linear
-  projection trained with the head (`SumProjection`, used by the heads' `sum_blocks`).
-- `late`: the members' logits (or probabilities) from independently trained heads, averaged,
-  optionally with weights chosen on the validation split.
-
-Members always come from one store, so row i of every member is the same image; `Members`
-keeps only rows every member could embed (a failed image is NaN in its backbone).
+- `FUSIONS` (registry, timm-style: the dict is both the choices and the dispatch): how member
+  embeddings become one design row — `single`, `concat` (each member optionally L2-normalised
+  first: their scales differ), `sum` (each member projected to one dimension and summed; by PCA
+  fitted on training rows only, or — `project="linear"` — the concatenation, projected by the
+  head's own learned `SumProjection`).
+- `late`: members' logits (or probabilities) from independently trained heads, averaged,
+  optionally with weights chosen on validation rows (`fit_late_weights`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
 from torch import nn
 
-from .datasets.table import SPLIT_NAMES
 from .errors import FgembedError
-from .store import FeatureStore
 
-STRATEGIES = ("concat", "sum", "late")
 PROJECTIONS = ("pca", "linear")
-
-
-@dataclass
-class Members:
-    """The embeddings of several backbones over all rows of one store, plus labels and splits."""
-
-    names: list[str]
-    features: list[np.ndarray]  # one [N, d_i] float32 array per member
-    labels: np.ndarray          # [N] target codes (fine label or a taxonomy level)
-    split: np.ndarray           # [N] 0 train, 1 val, 2 test
-    usable: np.ndarray          # [N] every member embedded this row
-
-    @classmethod
-    def load(cls, store: FeatureStore, names: list[str], level: str | None = None) -> "Members":
-        if not names:
-            raise FgembedError("no features named; pass at least one backbone")
-        if len(set(names)) != len(names):
-            raise FgembedError(f"a member is named twice: {'+'.join(names)}")
-        features = [store.features(name) for name in names]
-        usable = np.logical_and.reduce([np.isfinite(f).all(1) for f in features])
-        return cls(list(names), features, store.labels(level=level), store.group["samples/split"][:], usable)
-
-    @property
-    def dims(self) -> list[int]:
-        return [f.shape[1] for f in self.features]
-
-    def rows(self, split: str) -> np.ndarray:
-        """Store row indices of a split that every member embedded."""
-        return np.flatnonzero((self.split == SPLIT_NAMES[split]) & self.usable)
-
-    def dropped(self, split: str) -> int:
-        return int(((self.split == SPLIT_NAMES[split]) & ~self.usable).sum())
+LATE_MODES = ("logits", "proba")
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -70,36 +35,84 @@ def concat(features: list[np.ndarray], l2: bool = False) -> np.ndarray:
 class PCASum:
     """Project each member to `n_components` by its own PCA (fitted on training rows) and sum.
 
-    The default dimension is the smallest member's, capped by the number of training rows
-    (PCA cannot find more components than samples).
+    The default dimension is the smallest member's, capped by the number of training rows (PCA
+    cannot find more components than samples). Members may be fitted one at a time
+    (`fit_member`), so only one member's training rows need be in memory as float32.
     """
 
     def __init__(self, n_components: int | None = None, random_state: int = 0) -> None:
         self.n_components, self.random_state = n_components, random_state
 
-    def fit(self, train_features: list[np.ndarray]) -> "PCASum":
-        n_train = train_features[0].shape[0]
-        k = self.n_components or min(f.shape[1] for f in train_features)
-        limit = min(n_train, *(f.shape[1] for f in train_features))
+    def prepare(self, dims: list[int], n_train: int) -> PCASum:
+        """Choose the common dimension before any member is fitted."""
+        k = self.n_components or min(dims)
+        limit = min(n_train, *dims)
         if k > limit:
             if self.n_components:
                 raise FgembedError(f"--project-dim {k} exceeds what PCA can give here ({limit}: the smallest "
                                    f"member dim or the number of training rows)")
             k = limit
-        self.pcas_ = [PCA(n_components=k, random_state=self.random_state).fit(f) for f in train_features]
         self.n_components_ = k
+        self.means_: list[np.ndarray | None] = [None] * len(dims)
+        self.components_: list[np.ndarray | None] = [None] * len(dims)
         return self
 
+    def fit_member(self, i: int, train: np.ndarray) -> None:
+        pca = PCA(n_components=self.n_components_, random_state=self.random_state).fit(train)
+        self.means_[i], self.components_[i] = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+
+    def fit(self, train_features: list[np.ndarray]) -> PCASum:
+        self.prepare([f.shape[1] for f in train_features], train_features[0].shape[0])
+        for i, f in enumerate(train_features):
+            self.fit_member(i, f)
+        return self
+
+    def transform_member(self, i: int, x: np.ndarray) -> np.ndarray:
+        """Member i's projection of some rows, float32 (PCA's transform without whitening)."""
+        return (np.asarray(x, np.float32) - self.means_[i]) @ self.components_[i].T
+
     def transform(self, features: list[np.ndarray]) -> np.ndarray:
-        return np.sum([pca.transform(f) for pca, f in zip(self.pcas_, features)], axis=0).astype(np.float32)
+        return np.sum([self.transform_member(i, f) for i, f in enumerate(features)], axis=0, dtype=np.float32)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything needed to redo the projection, for saving beside the head's weights."""
         out = {}
-        for i, pca in enumerate(self.pcas_):
-            out[f"member{i}.mean"] = pca.mean_.astype(np.float32)
-            out[f"member{i}.components"] = pca.components_.astype(np.float32)
+        for i, (mean, components) in enumerate(zip(self.means_, self.components_)):
+            # C order: safetensors writes the raw buffer (scikit-learn's components_ may be F order)
+            out[f"member{i}.mean"] = np.ascontiguousarray(mean)
+            out[f"member{i}.components"] = np.ascontiguousarray(components)
         return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PCASum:
+        """The inverse of `arrays()` (a saved projection, reloaded for new embeddings)."""
+        n = len([k for k in arrays if k.endswith(".mean")])
+        if n == 0 or any(f"member{i}.components" not in arrays for i in range(n)):
+            raise FgembedError(f"not a saved PCA sum projection (keys {sorted(arrays)})")
+        self = cls()
+        self.means_ = [np.asarray(arrays[f"member{i}.mean"], np.float32) for i in range(n)]
+        self.components_ = [np.asarray(arrays[f"member{i}.components"], np.float32) for i in range(n)]
+        self.n_components_ = self.components_[0].shape[0]
+        return self
+
+
+def _single(parts: list[np.ndarray], l2: bool, projection: PCASum | None) -> np.ndarray:
+    return parts[0]
+
+
+def _sum(parts: list[np.ndarray], l2: bool, projection: PCASum | None) -> np.ndarray:
+    if projection is None:  # learned projection: the head's SumProjection takes the concatenation
+        return concat(parts, l2)
+    return projection.transform([l2_normalise(p) if l2 else p for p in parts])
+
+
+# name → fuse(member blocks, l2, projection) → design rows of those rows
+FUSIONS: dict[str, Callable[[list[np.ndarray], bool, PCASum | None], np.ndarray]] = {
+    "single": _single,
+    "concat": lambda parts, l2, projection: concat(parts, l2),
+    "sum": _sum,
+}
+STRATEGIES = ("concat", "sum", "late")  # what `fgembed ensemble` scores beside single heads
 
 
 class SumProjection(nn.Module):
@@ -116,33 +129,41 @@ class SumProjection(nn.Module):
         return torch.stack([p(part) for p, part in zip(self.projections, parts)]).sum(0)
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in LATE_MODES:
+        raise FgembedError(f"late fusion mode must be logits or proba, got {mode!r}")
+
+
 def late_fusion(logits: list[np.ndarray], mode: str = "logits", weights: np.ndarray | None = None) -> np.ndarray:
-    """Weighted average of members' logits (`logits`) or softmax probabilities (`proba`).
+    """Weighted average of members' logits (`logits`) or softmax probabilities (`proba`), in
+    float32 (callers pass row blocks; float16 inputs are widened block by block).
 
     Returns scores whose argmax is the fused prediction (log-probabilities for `proba`, so
     top-5 and argmax work the same way on both)."""
-    if mode not in ("logits", "proba"):
-        raise FgembedError(f"late fusion mode must be logits or proba, got {mode!r}")
+    _check_mode(mode)
     shapes = {z.shape for z in logits}
     if len(shapes) != 1:
         raise FgembedError(f"late fusion needs logits over the same rows and classes; got shapes {sorted(shapes)}")
     w = np.full(len(logits), 1 / len(logits)) if weights is None else np.asarray(weights, np.float64)
-    stack = torch.as_tensor(np.stack(logits), dtype=torch.float64)
-    if mode == "proba":
-        stack = torch.softmax(stack, dim=2)
-    fused = (torch.as_tensor(w)[:, None, None] * stack).sum(0)
-    return (fused.log() if mode == "proba" else fused).float().numpy()
+    fused = None
+    for wi, z in zip(w, logits):
+        part = torch.as_tensor(np.asarray(z), dtype=torch.float32)
+        part = torch.softmax(part, dim=1) if mode == "proba" else part
+        fused = part * float(wi) if fused is None else fused.add_(part, alpha=float(wi))
+    return (fused.clamp_min(1e-30).log() if mode == "proba" else fused).numpy()
 
 
 def fit_late_weights(val_logits: list[np.ndarray], y_val: np.ndarray, mode: str = "logits",
                      steps: int = 100) -> np.ndarray:
     """Member weights on the simplex minimising the fused cross-entropy on the validation rows
-    (a softmax parametrisation optimised with L-BFGS; the test rows are never seen)."""
-    stack = torch.as_tensor(np.stack(val_logits), dtype=torch.float64)
+    (a softmax parametrisation optimised with L-BFGS; the test rows are never seen). Callers
+    pass a bounded sample of rows: the stack is members × rows × classes in float32."""
+    _check_mode(mode)
+    stack = torch.stack([torch.as_tensor(np.asarray(z), dtype=torch.float32) for z in val_logits])
     if mode == "proba":
         stack = torch.softmax(stack, dim=2)
     y = torch.as_tensor(y_val, dtype=torch.long)
-    theta = torch.zeros(len(val_logits), dtype=torch.float64, requires_grad=True)
+    theta = torch.zeros(len(val_logits), dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.LBFGS([theta], max_iter=steps, line_search_fn="strong_wolfe")
 
     def loss() -> torch.Tensor:
@@ -154,4 +175,4 @@ def fit_late_weights(val_logits: list[np.ndarray], y_val: np.ndarray, mode: str 
         return value
 
     optimizer.step(loss)
-    return torch.softmax(theta.detach(), 0).numpy()
+    return torch.softmax(theta.detach(), 0).double().numpy()

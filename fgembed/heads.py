@@ -1,10 +1,20 @@
-"""Classification heads as scikit-learn estimators over cached embeddings.
+"""Classification heads as scikit-learn estimators over cached embeddings, and their registry.
 
 `__init__` stores parameters; `fit(X, y)` validates them and returns self; fitted attributes end
 in `_`; randomness comes from `random_state`. Labels are integer class codes 0..C-1.
+
+Registry (timm-style): `HEADS` maps a name to its class and is both the list of choices and the
+dispatch; `register_head(name)` lets other modules (baselines, zero-shot) add theirs.
+
+`fit_grid` trains seeds × learning rates × weight decays of one view as one batched model
+(`train.train_grid`) and keeps, per seed, the setting with the best validation F1 (weighted,
+the paper's rule), as dinov2's linear evaluation does. Inputs may be float16 (the view's rows):
+they go to the device as they are and each batch / block is cast to float32 there.
 """
 from __future__ import annotations
 
+import difflib
+import fnmatch
 from typing import Callable
 
 import numpy as np
@@ -16,7 +26,47 @@ from torch import nn
 from .devices import resolve_device
 from .errors import FgembedError
 from .fusion import SumProjection
-from .train import TrainResult, train_heads
+from .train import BLOCK_ROWS, TrainResult, train_grid
+
+HEADS: dict[str, type] = {}
+
+
+def register_head(name: str) -> Callable[[type], type]:
+    """Class decorator: make a head available to `create_head(name)` and `list_heads()`."""
+    def add(cls: type) -> type:
+        HEADS[name] = cls
+        return cls
+    return add
+
+
+def list_heads(pattern: str = "*") -> list[str]:
+    return sorted(fnmatch.filter(HEADS, pattern))
+
+
+def create_head(name: str, **params) -> "ClassifierMixin":
+    if name not in HEADS:
+        close = difflib.get_close_matches(name, list(HEADS), n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise FgembedError(f"unknown head {name!r}; {hint}choose from {', '.join(list_heads())}")
+    return HEADS[name](**params)
+
+
+def as_rows(X, device: torch.device) -> torch.Tensor:
+    """Rows on the device in their own floating dtype: float16 stays float16 (never a float32 copy
+    of the whole matrix); only float64 is narrowed, because the heads compute in float32."""
+    X = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(X))
+    if X.ndim != 2:
+        raise FgembedError(f"X must be [n, d]; got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise FgembedError(f"X must hold floating-point features; got {X.dtype}")
+    return X.to(device, torch.float32 if X.dtype == torch.float64 else X.dtype)
+
+
+def _all_finite(X: torch.Tensor) -> bool:
+    ok = torch.ones((), dtype=torch.bool, device=X.device)
+    for start in range(0, len(X), BLOCK_ROWS):  # blockwise: no [n, d] bool matrix at iNat scale
+        ok &= torch.isfinite(X[start:start + BLOCK_ROWS]).all()
+    return bool(ok)
 
 
 class _TorchHead(ClassifierMixin, BaseEstimator):
@@ -38,12 +88,14 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         dim = int(self.sum_dim or min(self.sum_blocks))
         return nn.Sequential(SumProjection(tuple(self.sum_blocks), dim), self._build(dim, n_classes))
 
-    def _check_params(self) -> None:
+    def _check_params(self, lrs: list[float], weight_decays: list[float]) -> None:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise FgembedError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise FgembedError(f"lr must be > 0, got {self.lr}")
+        if not lrs or not all(lr > 0 for lr in lrs):
+            raise FgembedError(f"learning rates must be > 0, got {lrs}")
+        if not weight_decays or not all(wd >= 0 for wd in weight_decays):
+            raise FgembedError(f"weight decays must be ≥ 0, got {weight_decays}")
 
     def fit(self, X, y, X_val=None, y_val=None, n_classes: int | None = None) -> "_TorchHead":
         """Train; validation data picks the best epoch (carved from X by `validation_fraction`
@@ -53,48 +105,79 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
 
     def fit_seeds(self, X, y, seeds: list[int], X_val=None, y_val=None, n_classes: int | None = None,
                   on_epoch: Callable[[int], None] | None = None) -> list["_TorchHead"]:
-        """Train one head per seed in one pass; returns fitted copies (self becomes the first).
-        `on_epoch(n)` is called after every epoch (for a progress bar)."""
-        self._check_params()
-        X, y = np.asarray(X, np.float32), np.asarray(y, np.int64)
-        if X.ndim != 2 or len(X) != len(y):
-            raise FgembedError(f"X must be [n, d] with one label per row; got X {X.shape}, y {y.shape}")
-        if not np.isfinite(X).all():
-            raise FgembedError("X has NaN or infinite rows (failed images?); drop them before fitting")
-        if X_val is None:
-            X, X_val, y, y_val = train_test_split(X, y, test_size=self.validation_fraction, stratify=y,
-                                                  random_state=self.random_state)
-        n_classes = int(n_classes or max(y.max(), np.max(y_val)) + 1)
+        """One head per seed at this head's own lr and weight decay (a 1 × 1 grid)."""
+        return self.fit_grid(X, y, X_val, y_val, seeds=seeds, n_classes=n_classes, on_epoch=on_epoch)
+
+    def fit_grid(self, X, y, X_val=None, y_val=None, *, seeds, lrs=None, weight_decays=None,
+                 n_classes: int | None = None, on_epoch: Callable[[int], None] | None = None) -> list["_TorchHead"]:
+        """Train every (seed, lr, weight decay) in one pass; return one fitted head per seed (self
+        is the first), each the setting with the best validation F1 over the lr × wd grid.
+
+        `chosen_` holds that setting, `grid_` every setting's best validation F1 and epoch.
+        `on_epoch(n)` is called after every epoch (a progress bar's tick)."""
+        seeds = [int(s) for s in seeds]
+        lrs = [float(v) for v in (lrs if lrs is not None else [self.lr])]
+        weight_decays = [float(v) for v in (weight_decays if weight_decays is not None else [self.weight_decay])]
+        self._check_params(lrs, weight_decays)
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise FgembedError(f"seeds must be distinct and at least one; got {seeds}")
         device = resolve_device(self.device)
-        t = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
+        y = np.asarray(y, np.int64)
+        if X_val is None:
+            X, X_val, y, y_val = train_test_split(np.asarray(X), y, test_size=self.validation_fraction, stratify=y,
+                                                  random_state=self.random_state)
+        X, X_val = as_rows(X, device), as_rows(X_val, device)
+        y_val = np.asarray(y_val, np.int64)
+        if len(X) != len(y) or len(X_val) != len(y_val) or X.shape[1] != X_val.shape[1]:
+            raise FgembedError(f"X must be [n, d] with one label per row; got X {tuple(X.shape)}, y {y.shape}, "
+                               f"X_val {tuple(X_val.shape)}, y_val {y_val.shape}")
+        if not (_all_finite(X) and _all_finite(X_val)):
+            raise FgembedError("X has NaN or infinite rows (failed images?); drop them before fitting")
+        n_classes = int(n_classes or max(y.max(), y_val.max()) + 1)
         d = X.shape[1]
-        results = train_heads(lambda: self._network(d, n_classes), t(X, torch.float32), t(y, torch.long),
-                              t(X_val, torch.float32), t(y_val, torch.long), n_classes, list(seeds),
-                              epochs=int(self.epochs), lr=float(self.lr), weight_decay=float(self.weight_decay),
-                              batch_size=int(self.batch_size), on_epoch=on_epoch)
+        results = train_grid(lambda: self._network(d, n_classes), X, torch.as_tensor(y, device=device), X_val,
+                             torch.as_tensor(y_val, device=device), n_classes, seeds, lrs, weight_decays,
+                             epochs=int(self.epochs), batch_size=int(self.batch_size), on_epoch=on_epoch)
         heads = []
-        for k, (seed, result) in enumerate(zip(seeds, results)):
+        for k, (seed, per_setting) in enumerate(zip(seeds, results)):
             head = self if k == 0 else self.__class__(**{**self.get_params(), "random_state": seed})
-            head._set_fitted(d, n_classes, result)
+            best = max(per_setting, key=lambda r: r.best_val_f1)  # ties: the first in lr × wd order
+            head._set_fitted(d, n_classes, best)
+            head.chosen_ = {"lr": best.lr, "weight_decay": best.weight_decay}
+            head.grid_ = [{"lr": r.lr, "weight_decay": r.weight_decay, "best_val_f1": r.best_val_f1,
+                           "best_epoch": r.best_epoch} for r in per_setting]
             heads.append(head)
         return heads
 
     def _set_fitted(self, d: int, n_classes: int, result: TrainResult) -> None:
         self.module_ = self._network(d, n_classes)
         self.module_.load_state_dict(result.state_dict)
-        self.module_.eval()
+        self.module_.to(next(iter(result.state_dict.values())).device).eval()
         self.classes_ = np.arange(n_classes)
         self.n_features_in_ = d
         self.best_epoch_, self.best_val_f1_, self.history_ = result.best_epoch, result.best_val_f1, result.history
 
+    @classmethod
+    def from_state(cls, params: dict, d: int, n_classes: int, state_dict: dict) -> "_TorchHead":
+        """Rebuild a saved head from its constructor parameters and `module_.state_dict()`
+        (as `fgembed predict` does from a run directory)."""
+        head = cls(**params)
+        head.module_ = head._network(d, n_classes)
+        head.module_.load_state_dict(state_dict)
+        head.module_.eval()
+        head.classes_, head.n_features_in_ = np.arange(n_classes), d
+        return head
+
     def predict_logits(self, X) -> np.ndarray:
-        X = np.asarray(X, np.float32)
+        """Class scores [n, C] float32; float16 or float32 input, numpy or torch, in row blocks
+        (100k rows × 10k classes would not fit at once)."""
+        X = as_rows(X, next(self.module_.parameters()).device)
         if X.shape[1] != self.n_features_in_:
             raise FgembedError(f"X has {X.shape[1]} features; this head was fitted on {self.n_features_in_}")
-        device = next(self.module_.parameters()).device
-        with torch.no_grad():  # in blocks: 100k rows × 10k classes (iNat) would not fit at once
-            return np.concatenate([self.module_(torch.as_tensor(X[i:i + 16384], device=device)).float().cpu().numpy()
-                                   for i in range(0, max(len(X), 1), 16384)])
+        self.module_.eval()
+        with torch.no_grad():
+            return torch.cat([self.module_(X[i:i + BLOCK_ROWS].float()).float().cpu()
+                              for i in range(0, max(len(X), 1), BLOCK_ROWS)]).numpy()
 
     def predict_proba(self, X) -> np.ndarray:
         return torch.softmax(torch.as_tensor(self.predict_logits(X)), 1).numpy()
@@ -103,6 +186,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         return self.predict_logits(X).argmax(1)
 
 
+@register_head("mlp")
 class MLPHead(_TorchHead):
     """The reference recipe: d→512→256→C, each hidden layer Linear → ReLU → BatchNorm → Dropout;
     AdamW (lr 1e-3), batch 128, 150 epochs, best validation F1."""
@@ -124,6 +208,7 @@ class MLPHead(_TorchHead):
         return nn.Sequential(*layers, nn.Linear(d, n_classes))
 
 
+@register_head("linear")
 class LinearHead(_TorchHead):
     """A linear probe: one Linear(d, C) layer, trained by the same loop."""
 

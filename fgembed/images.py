@@ -4,23 +4,39 @@ Extraction must never shift rows: a file that cannot be decoded becomes a flagge
 conversion policy is part of every backbone fingerprint (`IMAGE_POLICY`), because it changes
 the numbers: grayscale, CMYK and palette images go through PIL's `convert("RGB")`; images with
 alpha are composited onto white first (PIL would otherwise drop alpha and keep whatever colour
-the transparent pixels happen to hold).
+the transparent pixels happen to hold); 16-bit grayscale (PNG, TIFF) is scaled to 8 bits
+(PIL's own conversion clips it, turning almost every pixel white). Images over `MAX_PIXELS` or
+more elongated than `MAX_ASPECT`:1 are refused before decoding: a decompression bomb, or a
+20000 × 1 strip whose resize to the model's short side would take gigabytes.
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageFile
 
-OK, UNREADABLE, TRUNCATED, MISSING, TRANSFORM_FAILED = 0, 1, 2, 3, 4
+OK, UNREADABLE, TRUNCATED, MISSING, TRANSFORM_FAILED, NONFINITE, REFUSED_SIZE = 0, 1, 2, 3, 4, 5, 6
 STATUS_NAMES = {OK: "ok", UNREADABLE: "unreadable", TRUNCATED: "truncated-but-loaded", MISSING: "missing",
-                TRANSFORM_FAILED: "transform-failed"}
-FAILED = (UNREADABLE, MISSING, TRANSFORM_FAILED)  # rows whose embedding is NaN
-IMAGE_POLICY = "pil-rgb; alpha composited on white; no exif transpose; truncated files loaded and flagged"
+                TRANSFORM_FAILED: "transform-failed", NONFINITE: "non-finite-embedding",
+                REFUSED_SIZE: "refused-size"}
+FAILED = (UNREADABLE, MISSING, TRANSFORM_FAILED, NONFINITE, REFUSED_SIZE)  # rows whose embedding is NaN
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning threshold (~89.5 Mpx)
+MAX_ASPECT = 50
+IMAGE_POLICY = (f"pil-rgb; alpha composited on white; 16-bit grayscale scaled by 255/65535; no exif transpose; "
+                f"truncated files loaded and flagged; refused over {MAX_PIXELS} px or aspect over {MAX_ASPECT}:1")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class _Refused(Exception):
+    """The image's header says it is too large or too elongated to decode."""
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT:  # "I" (32-bit) is how PIL opens some 16-bit files: same range
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -31,22 +47,28 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _open(path: Path) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns on odd EXIF/ICC chunks; the row decides, not a warning
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # but a bomb is never decoded
         with Image.open(path) as image:
+            w, h = image.size
+            if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+                raise _Refused
             image.load()
             return _to_rgb(image)
 
 
 def load_rgb(path: str | Path) -> tuple[Image.Image | None, int]:
-    """(RGB image, OK) or (image, TRUNCATED) or (None, UNREADABLE | MISSING)."""
+    """(RGB image, OK) or (image, TRUNCATED) or (None, UNREADABLE | MISSING | REFUSED_SIZE)."""
     path = Path(path)
     if not path.is_file():
         return None, MISSING
     try:
         return _open(path), OK
+    except (_Refused, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, REFUSED_SIZE
     except OSError as exc:
         if "truncated" not in str(exc) and "broken data stream" not in str(exc):
             return None, UNREADABLE
-    except Exception:  # PIL raises many types (ValueError, SyntaxError, DecompressionBombError, …)
+    except Exception:  # PIL raises many types (ValueError, SyntaxError, …)
         return None, UNREADABLE
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
     try:

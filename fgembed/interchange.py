@@ -104,6 +104,9 @@ def _align(store: FeatureStore, n_file: int, ids: np.ndarray | None, order: list
         if len(order) != n_file:
             raise FgembedError(f"order file lists {len(order)} paths but the features have {n_file} rows")
         listed = [p.strip().replace("\\", "/") for p in order]
+        if len(set(listed)) != len(listed):
+            twice = next(p for i, p in enumerate(listed) if p in listed[:i])
+            raise FgembedError(f"the order file lists {twice!r} twice; each feature row needs its own path")
         by_tail: dict[int, dict[str, int]] = {}  # listed paths may be absolute or under another root:
         lookup = []                              # match a store path on its last components
         for path in (str(p).replace("\\", "/") for p in store.group["samples/path"][:]):
@@ -113,6 +116,13 @@ def _align(store: FeatureStore, n_file: int, ids: np.ndarray | None, order: list
             lookup.append(by_tail[depth].get(path, -1))
         return np.array(lookup), "path"
     if ids is not None:
+        ids = np.asarray(ids).reshape(-1)
+        if len(ids) != n_file:
+            raise FgembedError(f"the file has {len(ids)} ids but {n_file} feature rows; they must match one to one")
+        values, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise FgembedError(f"the file lists image id {values[counts > 1][0]} {counts.max()} times; "
+                               "ids must be unique")
         position = {int(v): i for i, v in enumerate(ids)}
         return np.array([position.get(int(v), -1) for v in store.group["samples/id"][:]]), "id"
     if n_file != store.n_rows:
@@ -144,17 +154,22 @@ def import_features(store: FeatureStore, name: str, source: str | Path, key: str
     digest = _sha256(Path(source))
     fingerprint = {"source": "import", "file": Path(source).name, "sha256": digest, "key": key,
                    "matched_by": matched_by}
-    store.prepare(name, fingerprint, dim=int(matrix.shape[1]), dtype="float32", overwrite=overwrite)
-    pending = store.pending_shards(name)  # an interrupted import resumes where it stopped
-    with progress_bar(len(pending), f"import {name}", enabled=progress, unit="shard") as tick:
-        for shard in pending:
-            rows = store.shard_slice(shard)
-            source_rows = lookup[rows]
-            emb = np.full((len(source_rows), matrix.shape[1]), np.nan, np.float32)
-            present = source_rows >= 0
-            emb[present] = matrix[source_rows[present]].astype(np.float32)
-            status = np.where(present & np.isfinite(emb).all(1), OK, UNREADABLE).astype(np.uint8)
-            store.write_shard(name, shard, emb, status)
-            tick(1)
-    store.mark_complete(name, None)
+    store.lock_features(name)  # one writer per group; released below, or by the OS if this process dies
+    try:
+        store.prepare(name, fingerprint, dim=int(matrix.shape[1]), dtype="float32", overwrite=overwrite)
+        pending = store.pending_shards(name)  # an interrupted import resumes where it stopped
+        with progress_bar(len(pending), f"import {name}", enabled=progress, unit="shard") as tick:
+            for shard in pending:
+                rows = store.shard_slice(shard)
+                source_rows = lookup[rows]
+                emb = np.full((len(source_rows), matrix.shape[1]), np.nan, np.float32)
+                present = source_rows >= 0
+                with np.errstate(over="ignore", invalid="ignore"):
+                    emb[present] = matrix[source_rows[present]].astype(np.float32)
+                # rows the file lacks are unreadable; present non-finite ones get the store's own flag
+                store.write_shard(name, shard, emb, np.where(present, OK, UNREADABLE).astype(np.uint8))
+                tick(1)
+        store.mark_complete(name, None)
+    finally:
+        store.release()
     return ImportSummary(name, store.n_rows, int(matrix.shape[1]), int((lookup < 0).sum()), matched_by)

@@ -57,3 +57,35 @@ def classification_metrics(logits: np.ndarray, y_true: np.ndarray) -> dict[str, 
     return {"accuracy": float((pred == y).double().mean()), "precision": p, "recall": r, "f1": f,
             "precision_macro": pm, "recall_macro": rm, "f1_macro": fm, "top5": float(top5),
             "mean_class_accuracy": float(per_class.mean())}
+
+
+class MetricCounts:
+    """`classification_metrics` accumulated over row blocks: per-class counts (O(C) memory), so
+    a split of any size — or many fused subsets at once — is scored without holding its logits."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.n_classes = n_classes
+        self.tp, self.support, self.predicted = (torch.zeros(n_classes, dtype=torch.float64) for _ in range(3))
+        self.rows = self.correct = self.top5 = 0
+
+    def update(self, logits: torch.Tensor | np.ndarray, y_true: torch.Tensor | np.ndarray) -> None:
+        logits, y = torch.as_tensor(logits), torch.as_tensor(y_true, dtype=torch.long)
+        pred = logits.argmax(1)
+        tp, support, predicted = _counts(y, pred, self.n_classes)
+        self.tp += tp
+        self.support += support
+        self.predicted += predicted
+        k = min(5, logits.shape[1])
+        self.top5 += int((logits.topk(k, dim=1).indices == y[:, None]).any(1).sum())
+        self.correct += int((pred == y).sum())
+        self.rows += len(y)
+
+    def metrics(self) -> dict[str, float]:
+        counts = (self.tp, self.support, self.predicted)
+        p, r, f = _prf(counts, "weighted")
+        pm, rm, fm = _prf(counts, "macro")
+        per_class = self.tp[self.support > 0] / self.support[self.support > 0]
+        n = max(self.rows, 1)
+        return {"accuracy": self.correct / n, "precision": p, "recall": r, "f1": f, "precision_macro": pm,
+                "recall_macro": rm, "f1_macro": fm, "top5": self.top5 / n,
+                "mean_class_accuracy": float(per_class.mean())}

@@ -9,15 +9,25 @@ from __future__ import annotations
 import csv
 import io
 import json
+import string
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .ensemble import Entry
 from .errors import FgembedError
+
+if TYPE_CHECKING:  # tables only read entries: importing the report stays free of the training stack
+    from rich.table import Table
+
+    from .ensemble import Entry
 
 FORMATS = ("md", "csv", "latex", "json")
 METRICS = (("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", "Recall (w)"),
            ("f1", "F1 (w)"), ("f1_macro", "F1 (macro)"), ("top5", "Top-5"))
 STRATEGY_NAMES = {"single": "single", "concat": "concat", "sum": "sum", "late": "late fusion"}
+STRATEGY_COLOURS = {"single": "#7f7f7f", "concat": "#1f77b4", "sum": "#2ca02c", "late": "#d62728"}
+TERMINAL_METRICS = (("accuracy", "Acc"), ("precision", "P (w)"), ("recall", "R (w)"), ("f1", "F1 (w)"),
+                    ("f1_macro", "F1 (m)"), ("top5", "Top-5"))
 
 
 def entry_record(entry: Entry) -> dict:
@@ -69,27 +79,71 @@ def format_table(entries: list[Entry], fmt: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+def member_keys(entries: list[Entry]) -> dict[str, str]:
+    """A short key per member (A, B, …) for narrow views, in the order the user listed the members
+    (the largest combination keeps it; rows themselves are ranked by F1)."""
+    order: dict[str, None] = {}
+    for entry in sorted(entries, key=lambda e: -len(e.combination.members)):
+        order.update(dict.fromkeys(entry.combination.members))
+    letters = string.ascii_uppercase
+    return {m: letters[i] if i < len(letters) else f"M{i + 1}" for i, m in enumerate(order)}
+
+
+def ranking_table(entries: list[Entry]) -> tuple[Table, list[str]]:
+    """The ranked table for a terminal and its legend lines.
+
+    Members are short keys (`A+B`) explained under the table, so every row stays identifiable at
+    80 columns; weighted recall is left out when it equals accuracy in every row (it always does
+    for single-label data; the files keep it).
+    """
+    from rich import box
+    from rich.table import Table
+
+    records = [entry_record(e) for e in entries]
+    keys = member_keys(entries)
+    metrics = [(k, title) for k, title in TERMINAL_METRICS
+               if k != "recall" or any(abs(r["recall"] - r["accuracy"]) > 1e-9 for r in records)]
+    table = Table(box=box.SIMPLE_HEAD, padding=0)  # one space between columns: 5 members × 3 seeds fit in 80
+    table.add_column("#", justify="right")
+    table.add_column("fusion")
+    table.add_column("members", no_wrap=True)
+    for _, title in metrics:
+        table.add_column(title, justify="right", no_wrap=True)
+    for i, r in enumerate(records, 1):
+        table.add_row(str(i), r["strategy"], "+".join(keys[m] for m in r["members"]),
+                      *(cell(r, k).replace(" ± ", "±") for k, _ in metrics))
+    legend = [f"{key}  {member}" for member, key in keys.items()]
+    legend.append("percent on the test split; (w) weighted, (m) macro")
+    if all(k != "recall" for k, _ in metrics):
+        legend.append("weighted recall equals accuracy: left out here, kept in the files")
+    return table, legend
+
+
 def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 on the test split") -> Path:
-    """Horizontal bars of F1 (with the seed std as error bars), best on top, coloured by strategy."""
+    """Horizontal bars of F1 (with the seed std as error bars), best on top, coloured by strategy
+    with a legend; long titles and row labels are wrapped to the figure's width."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     records = [entry_record(e) for e in entries][::-1]
-    colours = {"single": "#7f7f7f", "concat": "#1f77b4", "sum": "#2ca02c", "late": "#d62728"}
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(records) + 1.2))
+    labels = ["\n".join(textwrap.wrap(" + ".join(r["members"]), 48, break_on_hyphens=False)) for r in records]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(9, 0.3 * lines + 0.12 * len(records) + 1.6))
     values = [100 * r["f1"] for r in records]
     ax.barh(range(len(records)), values, xerr=[100 * r["f1_std"] for r in records],
-            color=[colours[r["strategy"]] for r in records])
-    ax.set_yticks(range(len(records)), [f"{STRATEGY_NAMES[r['strategy']]}: {' + '.join(r['members'])}"
-                                        for r in records], fontsize=8)
+            color=[STRATEGY_COLOURS[r["strategy"]] for r in records])
+    ax.set_yticks(range(len(records)), labels, fontsize=8)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
-    low = min(values)
-    ax.set_xlim(max(0.0, low - 10), min(100.0, max(values) + 5))
+    ax.set_xlim(max(0.0, min(values) - 10), min(100.0, max(values) + 5))
     ax.set_xlabel("F1 (weighted, %)")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
+    present = dict.fromkeys(r["strategy"] for r in records[::-1])
+    ax.legend(handles=[Patch(color=STRATEGY_COLOURS[s], label=STRATEGY_NAMES[s]) for s in present],
+              loc="lower right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,19 +152,34 @@ def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 
     return path
 
 
-def compare(records: list[dict], expected: dict[str, dict], metrics: tuple[str, ...] = ("accuracy", "f1")) -> str:
-    """A Markdown table of our numbers beside a published table's (`expected` maps row keys to
-    {metric: percent}; a missing or null value prints as –)."""
+def compare(records: list[dict], expected: dict[str, dict], rename: dict[str, str] | None = None) -> str:
+    """A Markdown table of our rows beside a published table's: the paper's rows first, in the
+    paper's order, then the rows only we ran (ranked as ours are).
+
+    `expected` maps row keys to the paper's values as fractions (plus an optional `label`, the row
+    as printed); the metrics compared are the ones it has. Our numbers and the paper's print as
+    percent (the paper's at the precision it printed); Δ is ours − paper in points. `rename` maps
+    the paper's backbone names to the ones we ran in their place.
+    """
+    rename = rename or {}
+
+    def our_key(key: str) -> str:
+        strategy, _, members = key.partition(":")
+        return row_key(strategy, [rename.get(m, m) for m in members.split("+")])
+
+    metrics = list(dict.fromkeys(k for row in expected.values() for k in row if k != "label"))
     ours = {r["key"]: r for r in records}
-    header = ["Row", *(f"{m} ours" for m in metrics), *(f"{m} paper" for m in metrics), *(f"Δ {m}" for m in metrics)]
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    for key, theirs in expected.items():
-        mine = ours.get(key)
-        a = [100 * mine[m] if mine else None for m in metrics]
-        b = [theirs.get(m) for m in metrics]
-        delta = [x - y if x is not None and y is not None else None for x, y in zip(a, b)]
-        fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append("| " + " | ".join([key, *map(fmt, a), *map(fmt, b), *map(fmt, delta)]) + " |")
+    header = ["Paper row", "Our row", *(f"{m} {side}" for m in metrics for side in ("ours", "paper", "Δ"))]
+    lines = ["| " + " | ".join(header) + " |", "|---|---" + "|---:" * (len(header) - 2) + "|"]
+    paper_keys = {our_key(k): k for k in expected}
+    for key in [*paper_keys, *(k for k in ours if k not in paper_keys)]:
+        mine, theirs = ours.get(key), expected.get(paper_keys.get(key), {})
+        row = [theirs.get("label", paper_keys.get(key, "(not in the paper)")), key]
+        for m in metrics:
+            a, b = (100 * mine[m] if mine else None), (100 * theirs[m] if theirs.get(m) is not None else None)
+            row += [cell(mine, m) if mine else "–", "–" if b is None else f"{b:.1f}",
+                    f"{a - b:+.2f}" if a is not None and b is not None else "–"]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,61 +1,66 @@
-"""Run directories: one trained head (all its seeds) on one fusion view of a store.
+"""Run directories: one head configuration (all its seeds, and its lr × weight-decay grid)
+trained on one view of a store.
 
     runs/<label>-<key>/
-      config.json            the resolved RunConfig + the store identity it was trained on
-      head-seed<S>.safetensors   head weights per seed (a state dict, never a pickled object)
-      projection.safetensors     PCA means/components of a `sum` fusion (when it has one)
-      history.json           per seed, per epoch: train loss and validation F1
-      metrics.json           test metrics: mean over seeds under flat keys, `<key>_std`, per seed
-      logits.zarr/           {val,test}: [seeds, rows, classes] float32; {val,test}_rows: store rows
+      config.json            format_version, the RunConfig (view + head), the store identity,
+                             holdout_classes and excluded_classes (store class ids)
+      head-seed<S>.safetensors   the kept head's weights per seed (a state dict, never a pickle)
+      projection.safetensors     PCA means/components of a `sum` view (when it has one)
+      history.json           per seed, per epoch: train loss and validation F1 (the kept setting)
+      metrics.json           test metrics: mean over seeds under flat keys, `<key>_std`, per seed;
+                             dropped rows per split, the chosen lr / weight decay per seed
+      logits.zarr/           {val,test}: [seeds, rows, classes] float16, chunked by rows;
+                             {val,test}_rows: int64 store rows
 
-`key` hashes the config together with the store's identity (its rows' manifest and every
-member's extraction fingerprint), so the same request is reused and a re-extraction is not.
-A run is written to a temporary folder and renamed into place, so a killed fit leaves either a
-whole run or none.
+`key` hashes the config, fgembed's version and the store's identity (its rows' manifest and
+every member's extraction fingerprint), so the same request is reused and a re-extraction or a
+new release is not. A run is written to a temporary folder and renamed into place, so a killed
+fit leaves either a whole run or none; a run of an older format is retrained.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zarr
+from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
+from . import __version__
 from .errors import FgembedError
-from .fusion import PROJECTIONS, Members, PCASum, concat, l2_normalise
-from .heads import LinearHead, MLPHead
-from .metrics import classification_metrics
-from .progress import progress_bar
+from .fusion import PCASum
+from .heads import HEADS, create_head
+from .metrics import MetricCounts
+from .progress import Tick, progress_bar
 from .store import FeatureStore
+from .views import View, ViewConfig, build_view, level_key
 
-FUSIONS = ("single", "concat", "sum")
-HEADS = ("mlp", "linear")
+FORMAT_VERSION = 2
+LOGIT_ROWS = 4096          # rows per logits chunk and per written block
+MASKED = float(np.finfo(np.float16).min)  # logit of a class the head cannot know (finite: fusion-safe)
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything that changes a run's numbers (the device does not, by design)."""
+class HeadConfig:
+    """What describes the head and its training (the view is described by ViewConfig)."""
 
-    features: tuple[str, ...]
-    fusion: str = "single"
-    head: str = "mlp"
-    project: str = "pca"            # sum only: pca (fitted on train rows) or linear (learned)
-    project_dim: int | None = None  # sum only: default the smallest member dim
-    l2: bool = False                # concat/sum: L2-normalise each member first
-    level: str | None = None        # train on a taxonomy level instead of the fine label
+    head: str = "mlp"               # a name in fgembed.heads.HEADS
+    level: str | None = None        # target level; None = fine label ('species' alias)
     epochs: int = 150
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    lr: tuple[float, ...] = (1e-3,)
+    weight_decay: tuple[float, ...] = (0.01,)
     batch_size: int = 128
     dropout: float = 0.5
     hidden: tuple[int, ...] = (512, 256)
@@ -63,52 +68,62 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        fix("features", tuple(self.features))
-        fix("seeds", tuple(int(s) for s in self.seeds))
-        fix("hidden", tuple(int(h) for h in self.hidden))
-        if self.fusion not in FUSIONS:
-            raise FgembedError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
+        fix("seeds", tuple(int(s) for s in as_tuple(self.seeds)))
+        fix("hidden", tuple(int(h) for h in as_tuple(self.hidden)))
+        fix("lr", tuple(float(v) for v in as_tuple(self.lr)))
+        fix("weight_decay", tuple(float(v) for v in as_tuple(self.weight_decay)))
+        fix("level", level_key(self.level))
         if self.head not in HEADS:
-            raise FgembedError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
-        if self.project not in PROJECTIONS:
-            raise FgembedError(f"unknown projection {self.project!r}; choose one of {', '.join(PROJECTIONS)}")
-        if len(self.features) == 1 and self.fusion != "single":
-            fix("fusion", "single")
-        if len(self.features) > 1 and self.fusion == "single":
-            raise FgembedError(f"{len(self.features)} features need a fusion: --fusion concat or sum")
+            create_head(self.head)  # raises the one-line error with close names
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise FgembedError(f"seeds must be distinct and at least one; got {self.seeds}")
-        # settings that cannot matter are reset, so they cannot split one run into two keys
-        if self.fusion != "sum":
-            fix("project", "pca")
-            fix("project_dim", None)
-        if self.fusion == "single":
-            fix("l2", False)
-        if self.head == "linear":
-            fix("dropout", 0.5)
-            fix("hidden", (512, 256))
+        for name in ("lr", "weight_decay"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise FgembedError(f"--{name.replace('_', '-')} values must be distinct and at least one; got {values}")
+        if any(v <= 0 for v in self.lr) or any(v < 0 for v in self.weight_decay):
+            raise FgembedError(f"learning rates must be > 0 and weight decays ≥ 0; got {self.lr}, {self.weight_decay}")
+        if int(self.epochs) < 1 or int(self.batch_size) < 2:
+            raise FgembedError(f"epochs must be ≥ 1 and batch size ≥ 2; got {self.epochs}, {self.batch_size}")
+        # settings the head does not take cannot matter: reset, so they never split a key
+        accepted = self.head_params()
+        defaults = HeadConfig.__dataclass_fields__
+        for name in ("dropout", "hidden", "epochs", "batch_size", "lr", "weight_decay"):
+            if name not in accepted:
+                fix(name, defaults[name].default)
+
+    def head_params(self) -> set[str]:
+        return set(inspect.signature(HEADS[self.head].__init__).parameters) - {"self"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that changes a run's numbers (the device does not, by design)."""
+
+    view: ViewConfig
+    head: HeadConfig = HeadConfig()
 
     @property
     def label(self) -> str:
-        members = "+".join(self.features)
-        name = members if self.fusion == "single" else f"{self.fusion}-{members}"
-        return re.sub(r"[^\w.+-]", "_", name)
+        return re.sub(r"[^\w.+-]", "_", self.view.label + ("" if self.head.head == "mlp" else f"@{self.head.head}"))
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"view": dataclasses.asdict(self.view), "head": dataclasses.asdict(self.head)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "RunConfig":
-        return cls(**data)
+    def from_json(cls, data: dict) -> RunConfig:
+        return cls(ViewConfig(**data["view"]), HeadConfig(**data["head"]))
 
-    def make_head(self, dims: list[int], device: str) -> MLPHead | LinearHead:
-        common = dict(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size, epochs=self.epochs,
-                      random_state=self.seeds[0], device=device)
-        if self.fusion == "sum" and self.project == "linear":
-            common.update(sum_blocks=tuple(dims), sum_dim=self.project_dim)
-        if self.head == "linear":
-            return LinearHead(**common)
-        return MLPHead(hidden=self.hidden, dropout=self.dropout, **common)
+    def make_head(self, dims: list[int], device: str):
+        """The head estimator, at the grid's first setting (fit_grid is given the whole grid)."""
+        h = self.head
+        values = {"lr": h.lr[0], "weight_decay": h.weight_decay[0], "batch_size": h.batch_size, "epochs": h.epochs,
+                  "dropout": h.dropout, "hidden": h.hidden, "random_state": h.seeds[0], "device": device}
+        if self.view.learned_projection:
+            values.update(sum_blocks=tuple(dims), sum_dim=self.view.project_dim)
+        accepted = h.head_params()
+        return create_head(h.head, **{k: v for k, v in values.items() if k in accepted})
 
 
 def store_identity(store: FeatureStore, features: tuple[str, ...]) -> dict:
@@ -121,7 +136,8 @@ def store_identity(store: FeatureStore, features: tuple[str, ...]) -> dict:
 
 
 def run_key(config: RunConfig, identity: dict) -> str:
-    blob = json.dumps({"config": config.to_json(), "store": identity}, sort_keys=True)
+    blob = json.dumps({"config": config.to_json(), "store": identity, "fgembed": __version__,
+                       "format_version": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -134,86 +150,185 @@ class Run:
     metrics: dict
     store: dict = field(default_factory=dict)
     reused: bool = False
+    meta: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Run":
+    def load(cls, path: str | Path) -> Run:
+        """A finished run of this format; anything else is one line (`fit_run` retrains it)."""
         path = Path(path)
         if not (path / "metrics.json").is_file():
             raise FgembedError(f"{path} is not a finished run (no metrics.json)")
-        meta = json.loads((path / "config.json").read_text())
-        return cls(path, RunConfig.from_json(meta["config"]), json.loads((path / "metrics.json").read_text()),
-                   meta["store"])
+        try:
+            meta = json.loads((path / "config.json").read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format {meta.get('format_version')}")
+            config = RunConfig.from_json(meta["config"])
+            metrics = json.loads((path / "metrics.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FgembedError(f"{path} is a run of another fgembed format ({exc}); refit it "
+                               "(fgembed fit retrains it)") from None
+        return cls(path, config, metrics, meta["store"], meta=meta)
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.meta["store_path"])
+
+    def _logits_group(self) -> zarr.Group:
+        return zarr.open_group(self.path / "logits.zarr", mode="r")
 
     def logits(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(store rows, [seeds, rows, classes] logits) of the val or test split."""
-        group = zarr.open_group(self.path / "logits.zarr", mode="r")
+        """(store rows, [seeds, rows, classes] float16 logits) of the val or test split — whole;
+        at scale read them with `iter_logits`."""
+        group = self._logits_group()
         return group[f"{split}_rows"][:], group[split][:]
+
+    def rows(self, split: str) -> np.ndarray:
+        return self._logits_group()[f"{split}_rows"][:]
+
+    def iter_logits(self, split: str, block_rows: int = LOGIT_ROWS) -> Iterator[tuple[slice, np.ndarray]]:
+        """(positions in the split's rows, [seeds, block, classes] float16) block by block."""
+        array = self._logits_group()[split]
+        for start in range(0, array.shape[1], block_rows):
+            positions = slice(start, min(start + block_rows, array.shape[1]))
+            yield positions, array[:, positions]
 
     def history(self) -> dict[str, list[dict]]:
         return json.loads((self.path / "history.json").read_text())
 
+    def excluded_classes(self) -> np.ndarray:
+        """Logit columns the heads cannot know (unselected or held-out classes): masked."""
+        return np.asarray(self.meta.get("excluded_classes", []), np.int64)
+
+    def load_projection(self) -> PCASum | None:
+        return load_projection(self.path)
+
+    def load_heads(self, device: str = "cpu") -> list:
+        """The kept head of every seed, rebuilt from its saved state dict."""
+        dims, n_classes = self.meta["dims"], self.meta["n_classes"]
+        template = self.config.make_head(dims, device)
+        input_dim = self.metrics["input_dim"]
+        heads = []
+        for seed in self.config.head.seeds:
+            state = load_torch(str(self.path / f"head-seed{seed}.safetensors"), device="cpu")
+            params = template.get_params()
+            if "random_state" in params:
+                params["random_state"] = seed
+            head = type(template).from_state(params, input_dim, n_classes, state)
+            heads.append(_to_device(head, device))
+        return heads
+
+
+def _to_device(head, device: str):
+    module = getattr(head, "module_", None)
+    if module is not None:
+        from .devices import resolve_device
+        module.to(resolve_device(device))
+    return head
+
+
+def load_projection(run_dir: str | Path) -> PCASum | None:
+    """The PCA sum projection saved in a run directory (None when its view has none)."""
+    path = Path(run_dir) / "projection.safetensors"
+    return PCASum.from_arrays(load_numpy(str(path))) if path.is_file() else None
+
+
+def run_path(store: FeatureStore, config: RunConfig, runs_dir: str | Path) -> tuple[Path, dict]:
+    identity = store_identity(store, config.view.features)
+    return Path(runs_dir) / f"{config.label}-{run_key(config, identity)}", identity
+
+
+def finished(path: Path) -> Run | None:
+    """The finished run at `path`, or None (absent, unfinished, or of an older format)."""
+    if not (path / "metrics.json").is_file():
+        return None
+    try:
+        run = Run.load(path)
+    except FgembedError:
+        return None
+    run.reused = True
+    return run
+
 
 def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device: str = "auto",
-            force: bool = False, progress: bool = False) -> Run:
-    """Train `config` on `store` (all seeds in one pass) or reuse the finished run of the same key."""
-    identity = store_identity(store, config.features)
-    path = Path(runs_dir) / f"{config.label}-{run_key(config, identity)}"
-    if not force and (path / "metrics.json").is_file():
-        run = Run.load(path)
-        run.reused = True
+            force: bool = False, progress: bool = False, *, view: View | None = None,
+            tick: Tick | None = None) -> Run:
+    """Train `config` on `store` (seeds × lr × weight decay in one pass) or reuse the finished
+    run of the same key. `view` reuses an already built view of the same ViewConfig; `tick`
+    reports epochs to a caller's progress bar instead of this run's own."""
+    path, identity = run_path(store, config, runs_dir)
+    if not force and (run := finished(path)) is not None:
         return run
-    with progress_bar(config.epochs, config.label, enabled=progress, unit="epoch") as tick:
-        return _train(store, config, identity, path, device, tick)
+    if view is not None and view.config != config.view:
+        raise FgembedError("fit_run was given a view of another configuration")
+    if tick is not None:
+        view = view or build_view(store, config.view, progress=False)
+        return _train(store, config, view, identity, path, device, tick)
+    view = view or build_view(store, config.view, progress=progress)
+    with progress_bar(config.head.epochs, config.label, enabled=progress, unit="epoch") as own:
+        return _train(store, config, view, identity, path, device, own)
 
 
-def _train(store: FeatureStore, config: RunConfig, identity: dict, path: Path, device: str,
-           on_epoch: Callable[[int], None]) -> Run:
-    members = Members.load(store, list(config.features), level=config.level)
-    rows = {split: members.rows(split) for split in ("train", "val", "test")}
-    for split in ("train", "val", "test"):
-        if len(rows[split]) == 0:
-            hint = " (extract with --val-fraction > 0)" if split == "val" else ""
-            raise FgembedError(f"store {store.path} has no usable {split} rows{hint}")
-    X, projection = _design_matrix(members, config, rows["train"])
-    y = members.labels.astype(np.int64)
-    n_classes = len(store.class_names) if config.level is None else len(store.samples_attrs["levels"][config.level])
-
+def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, path: Path, device: str,
+           on_epoch: Callable[..., None]) -> Run:
+    h, level = config.head, config.head.level
+    y_train, y_val, y_test = (view.labels(s, level) for s in ("train", "val", "test"))
+    n_classes = view.n_classes(level)
     started = time.perf_counter()
-    head = config.make_head(members.dims, device)
-    heads = head.fit_seeds(X[rows["train"]], y[rows["train"]], list(config.seeds), X[rows["val"]], y[rows["val"]],
-                           n_classes=n_classes, on_epoch=on_epoch)
+    head = config.make_head(view.dims, device)
+    heads = head.fit_grid(view.X("train"), y_train, view.X("val"), y_val, seeds=list(h.seeds), lrs=list(h.lr),
+                          weight_decays=list(h.weight_decay), n_classes=n_classes, on_epoch=on_epoch)
     seconds = time.perf_counter() - started
+    excluded = view.excluded_classes(level)
 
     _remove_abandoned(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
-    logits = zarr.open_group(tmp / "logits.zarr", mode="w")
-    per_seed = []
+    group = zarr.open_group(tmp / "logits.zarr", mode="w")
+    seen = ~view.novel
+    counts = [MetricCounts(n_classes) for _ in heads]
     for split in ("val", "test"):
-        stacked = np.stack([h.predict_logits(X[rows[split]]) for h in heads])
-        logits.create_array(split, data=stacked)
-        logits.create_array(f"{split}_rows", data=rows[split].astype(np.int64))
-        if split == "test":
-            per_seed = [classification_metrics(z, y[rows["test"]]) for z in stacked]
-    for seed, h in zip(config.seeds, heads):
-        save_torch({k: v.detach().cpu().contiguous() for k, v in h.module_.state_dict().items()},
+        X = view.X(split)
+        array = group.create_array(split, shape=(len(heads), len(X), n_classes), dtype="float16",
+                                   chunks=(1, LOGIT_ROWS, n_classes))
+        group.create_array(f"{split}_rows", data=view.rows[split].astype(np.int64))
+        for k, fitted in enumerate(heads):
+            for start in range(0, len(X), LOGIT_ROWS):
+                z = np.asarray(fitted.predict_logits(X[start:start + LOGIT_ROWS]), np.float32)
+                z[:, excluded] = MASKED
+                z = z.astype(np.float16)
+                array[k, start:start + len(z)] = z
+                if split == "test":  # scored from the stored float16 logits: what every reader sees
+                    keep = seen[start:start + len(z)]
+                    counts[k].update(z[keep].astype(np.float32), y_test[start:start + len(z)][keep])
+    per_seed = [c.metrics() for c in counts]
+    for seed, fitted in zip(h.seeds, heads):
+        save_torch({k: v.detach().cpu().contiguous() for k, v in fitted.module_.state_dict().items()},
                    str(tmp / f"head-seed{seed}.safetensors"))
-    if projection is not None:
-        save_numpy(projection.arrays(), str(tmp / "projection.safetensors"))
-    (tmp / "history.json").write_text(json.dumps({str(s): h.history_ for s, h in zip(config.seeds, heads)}))
-    (tmp / "config.json").write_text(json.dumps({"config": config.to_json(), "store": identity,
-                                                 "store_path": str(store.path)}, indent=2))
+    if view.projection is not None:
+        save_numpy(view.projection.arrays(), str(tmp / "projection.safetensors"))
+    (tmp / "history.json").write_text(json.dumps({str(s): getattr(f, "history_", []) for s, f in zip(h.seeds, heads)}))
+    meta = {"format_version": FORMAT_VERSION, "fgembed_version": __version__, "config": config.to_json(),
+            "store": identity, "store_path": str(store.path), "dims": view.dims, "n_classes": n_classes,
+            "holdout_classes": view.holdout_classes, "excluded_classes": excluded.tolist()}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     metrics = summarise(per_seed) | {
-        "seeds": list(config.seeds), "per_seed": per_seed,
-        "best_epoch": [h.best_epoch_ for h in heads], "best_val_f1": [h.best_val_f1_ for h in heads],
-        "n_train": len(rows["train"]), "n_val": len(rows["val"]), "n_test": len(rows["test"]),
-        "test_rows_dropped": members.dropped("test"), "input_dim": int(X.shape[1]), "train_seconds": seconds,
+        "seeds": list(h.seeds), "per_seed": per_seed,
+        "best_epoch": [getattr(f, "best_epoch_", None) for f in heads],
+        "best_val_f1": [getattr(f, "best_val_f1_", None) for f in heads],
+        "chosen": [getattr(f, "chosen_", None) for f in heads],
+        "n_train": len(view.rows["train"]), "n_val": len(view.rows["val"]), "n_test": int(seen.sum()),
+        "dropped": view.dropped, "test_rows_dropped": view.dropped["test"], "input_dim": view.input_dim,
+        "train_seconds": seconds,
     }
+    if len(h.lr) * len(h.weight_decay) > 1:
+        metrics["grid"] = [getattr(f, "grid_", None) for f in heads]
+    if view.holdout_classes:
+        metrics |= {"holdout_classes": view.holdout_classes, "n_novel": int(view.novel.sum())}
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
-    return Run(path, config, metrics, identity)
+    return Run(path, config, metrics, identity, meta=meta)
 
 
 def _remove_abandoned(path: Path) -> None:
@@ -233,20 +348,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _design_matrix(members: Members, config: RunConfig, train_rows: np.ndarray) -> tuple[np.ndarray, PCASum | None]:
-    """The head's input for every row: one member, the concatenation, or the PCA sum.
-    (Learned-projection `sum` gets the concatenation; the head's SumProjection does the rest.)"""
-    if config.fusion == "single":
-        return members.features[0], None
-    if config.fusion == "concat" or config.project == "linear":
-        return concat(members.features, l2=config.l2), None
-    features = [np.nan_to_num(f) for f in members.features]  # rows unusable anywhere are never read
-    if config.l2:
-        features = [l2_normalise(f) for f in features]
-    projection = PCASum(config.project_dim).fit([f[train_rows] for f in features])
-    return projection.transform(features), projection
 
 
 def summarise(per_seed: list[dict[str, float]]) -> dict[str, float]:

@@ -20,7 +20,8 @@ TINY_CLIP = "fgembed-test-clip"
 TINY_CLIP_CFG = {
     "embed_dim": 24,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    # vocab_size: open_clip's own tokenizer (SimpleTokenizer) emits ids up to 49407, so the text tower works
 }
 TIMM_TINY = ("timm:test_vit", "timm:test_convnext", "timm:test_resnet")
 

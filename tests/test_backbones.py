@@ -129,3 +129,177 @@ def test_unknown_names_list_close_ones():
         load_backbone("open_clip:ViT-L-15/openai", LoadOptions(pretrained=False))
     with pytest.raises(FgembedError, match="no weights 'nope'"):
         load_backbone("open_clip:ViT-B-32/nope")
+
+
+# --- the uint8 split: `(geometric(img)/255 - mean)/std` is the library's own transform ----------
+
+def _split_error(bb, image) -> float:
+    got = (bb.geometric(image).float() / 255 - torch.tensor(bb.mean).view(-1, 1, 1)) / torch.tensor(bb.std).view(-1, 1, 1)
+    return float((got - bb.transform(image)).abs().max())
+
+
+@pytest.mark.parametrize("name", ["timm:test_vit", "timm:test_convnext"])
+def test_timm_split_reproduces_the_transform(table, name):
+    bb = load_backbone(name, LoadOptions(pretrained=False))
+    assert bb.geometric is not None and bb.mean in ((0.5, 0.5, 0.5), timm.data.IMAGENET_DEFAULT_MEAN)
+    for image in _images(table, ROWS):
+        assert bb.geometric(image).dtype == torch.uint8
+        assert _split_error(bb, image) < 1e-5  # PIL resizes uint8 to uint8: the split is exact
+
+
+def test_open_clip_split_reproduces_the_transform(table, tiny_clip):
+    for name in (f"open_clip:{tiny_clip['name']}", f"open_clip:local-dir:{tiny_clip['local_dir']}"):
+        bb = load_backbone(name, LoadOptions(pretrained=False))
+        assert bb.geometric is not None
+        assert all(_split_error(bb, image) < 1e-5 for image in _images(table, ROWS))
+    assert bb.mean == (0.5, 0.5, 0.5)  # the package's own preprocess config, not CLIP's default
+
+
+def test_hf_split_exact_for_dinov2_refused_for_dinov3(table, hf_models):
+    """DINOv2's processor resizes the uint8 image: exact split. DINOv3's rescales to float first,
+    then resizes: a uint8 feed would move pixels by up to one level, so it keeps the float feed."""
+    from fgembed.backbones.base import uint8_split_error
+    from fgembed.backbones.from_hf import _split
+
+    v2 = load_backbone(f"hf:{hf_models['dinov2']}", LoadOptions(pretrained=False))
+    assert v2.geometric is not None and v2.mean == (0.485, 0.456, 0.406)
+    assert all(_split_error(v2, image) < 1e-5 for image in _images(table, ROWS))
+    v3 = load_backbone(f"hf:{hf_models['dinov3']}", LoadOptions(pretrained=False))
+    assert v3.geometric is None and v3.mean == ()
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(hf_models["dinov3"])
+    # the split the processor would offer, in uint8 levels: rounding, not a bug
+    errors = [uint8_split_error(v3.transform, *_split(processor), image) for image in _images(table, ROWS)]
+    assert 0.05 < max(errors) <= 1.0
+
+
+# --- resolution: `name~size` ------------------------------------------------------------------
+
+def test_size_suffix_names_a_backbone_of_its_own(table, tmp_path):
+    from fgembed.backbones import split_size
+
+    assert split_size("dinov2_vitl14~448") == ("dinov2_vitl14", 448)
+    assert split_size("hf:~/models/dinov2") == ("hf:~/models/dinov2", None)  # a home path, not a size
+    assert resolve("dinov2_vitl14~448").input_size == 448 and resolve("dinov2_vitl14~448").model == "facebook/dinov2-large"
+    with pytest.raises(FgembedError, match="image size in pixels"):
+        resolve("timm:test_vit~big")
+    with pytest.raises(FgembedError, match="names 64 px but --image-size is 96"):
+        load_backbone("timm:test_vit~64", LoadOptions(pretrained=False, image_size=96))
+    assert load_backbone("timm:test_vit", LoadOptions(pretrained=False, image_size=96)).name == "timm:test_vit~96"
+    assert load_backbone("timm:test_vit", LoadOptions(pretrained=False, image_size=160)).name == "timm:test_vit"
+
+
+def test_two_sizes_of_one_backbone_in_one_store(table, tmp_path):
+    options = ExtractOptions(batch_size=30, workers=0, dtype="float32", shard_rows=16, progress=False,
+                             load=LoadOptions(pretrained=False))
+    summary = extract(table, tmp_path / "s.zarr", ["timm:test_vit~64", "timm:test_vit"], options)
+    assert summary.backbones == {"timm:test_vit~64": 64, "timm:test_vit": 64}
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    assert set(store.backbones()) == {"timm:test_vit~64", "timm:test_vit"}
+    assert store.backbone_info("timm:test_vit~64").fingerprint["input_shape"] == [3, 64, 64]
+    small, full = store.features("timm:test_vit~64"), store.features("timm:test_vit")
+    bb = load_backbone("timm:test_vit~64", LoadOptions(pretrained=False))
+    assert bb.name == "timm:test_vit~64" and bb.input_shape == (3, 64, 64)
+    with torch.no_grad():
+        want = bb.embed(torch.stack([bb.transform(im) for im in _images(table, ROWS)])).numpy()
+    np.testing.assert_allclose(small[ROWS], want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(small, full, atol=1e-3)
+
+
+# --- the reference architectures offline ------------------------------------------------------
+
+@pytest.mark.parametrize("name, timm_name", [("dinov2_vitl14", "vit_large_patch14_dinov2.lvd142m"),
+                                             ("dinov3_vitl16", "vit_large_patch16_dinov3.lvd1689m")])
+def test_reference_hf_architectures_are_known_offline(name, timm_name):
+    """The offline config has the sizes of the named checkpoint, checked against timm's own offline
+    definition of the same network (built on the meta device: no memory, no weights)."""
+    from transformers import AutoModel
+
+    from fgembed.backbones.from_hf import OFFLINE
+
+    spec = REFERENCE[name]
+    config, processor = (make() for make in OFFLINE[spec.model])
+    with torch.device("meta"):
+        hf = AutoModel.from_config(config)
+        ref = timm.create_model(timm_name, num_classes=0)
+    assert (config.hidden_size, config.num_hidden_layers) == (ref.embed_dim, len(ref.blocks))
+    assert config.num_attention_heads == ref.blocks[0].attn.num_heads
+    assert hf.config.patch_size == ref.patch_embed.patch_size[0]
+    assert 1 + getattr(config, "num_register_tokens", 0) == ref.num_prefix_tokens
+    assert config.layer_norm_eps == ref.norm.eps
+    mlp = getattr(config, "intermediate_size", None) or config.hidden_size * config.mlp_ratio
+    assert mlp == ref.blocks[0].mlp.fc1.out_features
+    assert sum(p.numel() for p in hf.parameters()) > 3e8  # a ViT-L
+    # preprocessing: the README's row
+    from PIL import Image as PILImage
+    out = processor(images=PILImage.new("RGB", (300, 200)), return_tensors="pt")["pixel_values"]
+    assert out.shape[-1] == spec.input_size
+    assert tuple(processor.image_mean) == spec.mean and tuple(processor.image_std) == spec.std
+    assert processor.resample.name.lower() == spec.interpolation
+
+
+@pytest.mark.slow
+def test_dinov3_builds_with_no_network(monkeypatch):
+    """A ViT-L built from transformers' own classes, never touching the hub (offline mode on)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    bb = load_backbone("dinov3_vitl16", LoadOptions(pretrained=False))
+    assert bb.dim == REFERENCE["dinov3_vitl16"].dim and bb.input_shape == (3, 224, 224)
+    assert bb.fingerprint["weights"] == "random-init:seed0"
+    assert sum(p.numel() for p in bb.model.parameters()) > 3e8
+
+
+def test_pretrained_request_without_network_is_one_line(monkeypatch, tmp_path, manifest_csv, capsys):
+    from fgembed.cli.main import main
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # restored afterwards: `--offline` sets it for the process
+    for name in ("dinov2_vitl14", "convnextv2_large", "siglip_vitl16_256"):
+        with pytest.raises(FgembedError) as err:
+            load_backbone(name, LoadOptions(cache_dir=tmp_path / "empty"))
+        message = str(err.value)
+        assert "\n" not in message and f"fgembed download --backbone {name} --cache-dir DIR" in message
+        assert "--cache-dir DIR --offline" in message
+    capsys.readouterr()
+    code = main(["extract", "--dataset", "manifest", "--root", str(manifest_csv), "--store", str(tmp_path / "s.zarr"),
+                 "--backbone", "dinov3_vitl16", "--offline", "--cache-dir", str(tmp_path / "empty"), "--quiet"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1
+    assert "fgembed download --backbone dinov3_vitl16 --cache-dir DIR" in lines[0]
+
+
+def test_download_asks_each_library_for_its_cache(monkeypatch, tmp_path):
+    """Up to the call into the library: names and the cache dir, nothing fetched."""
+    import huggingface_hub
+    import open_clip as oc
+
+    from fgembed.backbones import download_weights
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, cache_dir: calls.append((repo, cache_dir)) or "hf")
+    monkeypatch.setattr(oc, "download_pretrained", lambda cfg, cache_dir: calls.append((cfg["hf_hub"], cache_dir)) or "oc")
+    monkeypatch.setattr(oc, "get_tokenizer", lambda arch, cache_dir: calls.append((arch, cache_dir)))
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: calls.append((name, kw)) or timm.models.create_model(
+        "test_vit", num_classes=0))
+    for name in ("dinov2_vitl14", "siglip_vitl16_256", "convnextv2_large"):
+        download_weights(name, tmp_path)
+    cache = str(tmp_path)
+    assert calls[0] == ("facebook/dinov2-large", cache)
+    assert calls[1] == (oc.get_pretrained_cfg("ViT-L-16-SigLIP-256", "webli")["hf_hub"], cache)
+    assert calls[2] == ("ViT-L-16-SigLIP-256", cache)
+    assert calls[3] == ("convnextv2_large.fcmae_ft_in22k_in1k", {"pretrained": True, "num_classes": 0, "cache_dir": cache})
+
+
+def test_download_without_network_is_one_fgembed_error(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from fgembed.backbones import download_weights
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FgembedError) as err:
+        download_weights("dinov2_vitl14", tmp_path)
+    assert "\n" not in str(err.value) and str(err.value)

@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fgembed
 
 from .conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _one_line_error(proc, code, pattern):
@@ -30,7 +40,7 @@ def test_extract_info_and_refusal(tmp_path, manifest_csv):
             "--backbone", "timm:test_resnet", "--no-pretrained", "--workers", "0", "--quiet"]
     first = run_cli(*base, check=True)
     assert "60 rows" in first.stdout and "random-initialised" in first.stderr
-    _one_line_error(run_cli(*base, "--image-size", "64"), 2, "--overwrite")
+    _one_line_error(run_cli(*base, "--dtype", "float32"), 2, "--overwrite")  # (another --image-size is its own group)
     info = json.loads(run_cli("info", tmp_path / "s.zarr", "--json", check=True).stdout)
     assert info["rows"] == 60 and info["backbones"][0]["rows_done"] == 60
     assert info["splits"] == {"train": 34, "val": 8, "test": 18}
@@ -111,3 +121,33 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert set(result.extraction.backbones) == set(DEMO_BACKBONES)
     assert [p.suffix for p in result.report] == [".md", ".csv", ".tex", ".json", ".png"]
     assert len(list(result.runs.iterdir())) == 3 + 4 * 2  # late fusion reuses the single runs
+
+
+@pytest.mark.parametrize("name", fgembed.__all__)
+def test_top_level_api(name):
+    value = getattr(fgembed, name)
+    if name != "__version__":
+        assert value.__module__.startswith(fgembed._API[name]), (name, value.__module__)
+    assert name in dir(fgembed)
+
+
+def test_extraction_entry_point_is_not_shadowed_by_its_module():
+    import fgembed.extract
+
+    assert fgembed.extract_features is fgembed.extract.extract and callable(fgembed.extract_features)
+
+
+def test_import_and_cli_stay_light():
+    """`import fgembed` and the CLI's import pull in no model or array library (commands import them when run)."""
+    code = ("import sys, fgembed, fgembed.cli.main; heavy = ('torch', 'timm', 'open_clip', 'transformers', 'zarr'); "
+            "print(','.join(m for m in heavy if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fgembed.nope  # noqa: B018
+
+
+def test_license_matches_pyproject():
+    declared = re.search(r'^license = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    text = (REPO / "LICENSE").read_text()
+    assert declared == "MIT" and text.startswith("MIT License") and "Copyright (c) 2026 the fgembed authors" in text

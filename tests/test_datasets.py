@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -126,3 +127,58 @@ def test_malformed_files_are_named(cub_root, inat_root, tmp_path):
         load_dataset("manifest", csv)
     with pytest.raises(FgembedError, match="dataset root not found"):
         load_dataset("folder", tmp_path / "nope")
+
+
+def test_registry_lists_and_dispatches():
+    from fgembed.datasets import KINDS, READERS, list_datasets
+
+    assert KINDS == tuple(READERS) == ("cub", "inat21", "folder", "manifest")
+    assert list_datasets("*n*") == ["inat21", "manifest"] and list_datasets() == list(KINDS)
+    with pytest.raises(FgembedError, match="unknown dataset kind 'coco'; choose one of cub, inat21"):
+        load_dataset("coco", ".")
+
+
+def test_manifest_short_rows_extra_fields_and_duplicates_are_one_line(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label,split\na.jpg,x,train\nb.jpg\n")
+    with pytest.raises(FgembedError, match=r"malformed row at line 3 of .*m\.csv: 1 fields, the header has 3"):
+        load_dataset("manifest", csv, val_fraction=0)
+    csv.write_text("path,label\na.jpg,x\nb.jpg,y,test,extra\n")
+    with pytest.raises(FgembedError, match="malformed row at line 3 .*4 fields, the header has 2"):
+        load_dataset("manifest", csv, val_fraction=0)
+    csv.write_text("path,label,split\nimgs/a.jpg,x,train\nimgs/b.jpg,x,train\nimgs/./a.jpg,x,test\n")
+    with pytest.raises(FgembedError, match=r"lists 'imgs/\./a\.jpg' twice \(lines 2 and 4\)"):
+        load_dataset("manifest", csv, val_fraction=0)
+
+
+def test_manifest_may_point_outside_its_folder_and_the_identity_covers_it(tmp_path):
+    """The manifest rule: its paths may leave its folder; every file read enters the identity."""
+    from fgembed.datasets.identity import file_identity
+
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(b"1234567")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "in.jpg").write_bytes(b"12")
+    csv = tmp_path / "m" / "manifest.csv"
+    csv.write_text(f"path,label\n../elsewhere.jpg,x\n{outside},y\nin.jpg,y\n")
+    table = load_dataset("manifest", csv, val_fraction=0)
+    identity = file_identity(table)
+    assert identity.sizes.tolist() == [7, 7, 2]
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "a/../../x.jpg"])
+def test_inat_and_cub_paths_must_stay_inside_the_root(inat_root, cub_root, tmp_path, bad):
+    copy = tmp_path / "inat"
+    shutil.copytree(inat_root, copy, ignore=shutil.ignore_patterns("train_mini", "val"))
+    doc = json.loads((copy / "val.json").read_text())
+    doc["images"][0]["file_name"] = bad
+    (copy / "val.json").write_text(json.dumps(doc))
+    with pytest.raises(FgembedError, match=rf"image \d+ in .*val\.json points outside the dataset root: '{bad}'"):
+        load_dataset("inat21", copy, val_fraction=0)
+    cub = tmp_path / "CUB_200_2011"
+    shutil.copytree(cub_root, cub, ignore=shutil.ignore_patterns("images"))
+    lines = (cub / "images.txt").read_text().splitlines()
+    lines[2] = "3 ../../" + bad.lstrip("/")
+    (cub / "images.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FgembedError, match=r"image 3 in .*images\.txt points outside the dataset root"):
+        load_dataset("cub", cub, val_fraction=0)

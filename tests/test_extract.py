@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 import zarr
 from PIL import Image
+from typer.testing import CliRunner
 
+import fgembed.backbones
 import fgembed.extract as engine
 from fgembed.backbones import LoadOptions
+from fgembed.cli.main import app
 from fgembed.datasets import load_dataset
 from fgembed.errors import FgembedError
 from fgembed.extract import ExtractOptions, extract
-from fgembed.images import MISSING, OK, TRUNCATED, UNREADABLE
+from fgembed.images import MISSING, OK, TRANSFORM_FAILED, TRUNCATED, UNREADABLE
 from fgembed.store import FeatureStore
 from fgembed.synthetic import generate
 
@@ -147,3 +150,68 @@ def test_torchrun_two_ranks_equal_one_process(big_manifest, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_store(tmp_path / "ranks.zarr", tmp_path / "single.zarr")
     assert FeatureStore.open(tmp_path / "ranks.zarr").backbone_info("timm:test_vit").complete
+
+
+def test_a_transform_that_raises_flags_its_row(manifest_csv, tmp_path, monkeypatch):
+    """One image the library's transform chokes on: a flagged NaN row, the run goes on."""
+    table = load_dataset("manifest", manifest_csv)
+    extract(table, tmp_path / "clean.zarr", ["timm:test_vit"], _opts())
+    root = tmp_path / "data"
+    shutil.copytree(table.root, root)
+    odd = load_dataset("manifest", root / "manifest.csv")
+    Image.new("RGB", (33, 17), (10, 200, 30)).save(root / odd.paths[5], format="JPEG")
+    real = engine.load_backbone
+
+    def fragile(name, options):
+        backbone = real(name, options)
+        for attr in ("transform", "geometric"):
+            step = getattr(backbone, attr)
+            if step is not None:
+                def raising(image, step=step):
+                    if image.size == (33, 17):
+                        raise ValueError("this library cannot resize a 33×17 image")
+                    return step(image)
+                setattr(backbone, attr, raising)
+        return backbone
+
+    monkeypatch.setattr(engine, "load_backbone", fragile)
+    summary = extract(odd, tmp_path / "odd.zarr", ["timm:test_vit"], _opts())
+    store = FeatureStore.open(tmp_path / "odd.zarr")
+    assert store.status("timm:test_vit")[5] == TRANSFORM_FAILED
+    assert [(f[0], f[2]) for f in summary.failures] == [(int(odd.ids[5]), "transform-failed")]
+    emb = zarr.open_group(tmp_path / "odd.zarr")["features/timm_test_vit/emb"][:]
+    clean = zarr.open_group(tmp_path / "clean.zarr")["features/timm_test_vit/emb"][:]
+    assert np.isnan(emb[5]).all()
+    keep = np.setdiff1d(np.arange(len(table)), [5])
+    np.testing.assert_array_equal(emb[keep], clean[keep])
+
+
+def test_download_passes_names_and_cache_dir_to_the_library(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fgembed.backbones, "download_weights",
+                        lambda name, cache_dir: calls.append((name, cache_dir)) or f"{cache_dir}/{name}")
+    monkeypatch.setattr("fgembed.cli.extraction._hub_unreachable", lambda: None)  # as on a machine with internet
+    result = CliRunner().invoke(app, ["download", "--backbone", "dinov2_vitl14", "--backbone", "timm:resnet50",
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert calls == [("dinov2_vitl14", tmp_path / "cache"), ("timm:resnet50", tmp_path / "cache")]
+    assert f"dinov2_vitl14: {tmp_path / 'cache'}/dinov2_vitl14" in result.stdout
+    calls.clear()
+    result = CliRunner().invoke(app, ["download", "--backbone", "timm:resnet50", "--backbone", "dinov2_vitl41"])
+    assert isinstance(result.exception, FgembedError) and "unknown backbone 'dinov2_vitl41'" in str(result.exception)
+    assert calls == []  # a typo fails before anything is fetched
+
+
+def test_download_without_network_says_how_to_fetch_elsewhere(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr("socket.socket.connect", refuse)  # no network, as on a firewalled GPU node
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # not merely offline mode
+    result = CliRunner().invoke(app, ["download", "--backbone", "convnextv2_large", "--cache-dir", str(tmp_path)])
+    assert isinstance(result.exception, FgembedError), result.output
+    message = str(result.exception)
+    assert result.exception.exit_code == 2 and "\n" not in message
+    assert message.startswith("cannot download: no network")
+    assert "on a machine with internet run `fgembed download --backbone convnextv2_large --cache-dir DIR`" in message
+    assert "--cache-dir DIR --offline" in message

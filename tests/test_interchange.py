@@ -87,3 +87,31 @@ def test_import_by_row_order_and_refusals(store, tmp_path):
 def _other(tmp_path, matrix):
     np.save(tmp_path / "other.npy", matrix + 1)
     return tmp_path / "other.npy"
+
+
+def test_import_ids_must_match_rows_one_to_one(store, tmp_path):
+    """More ids than rows, or an id twice: one line, and no group is made."""
+    ids = store.group["samples/id"][:]
+    matrix = np.ones((len(ids) - 3, 4), np.float32)
+    with h5py.File(tmp_path / "more_ids.h5", "w") as f:
+        f["ids"], f["features"] = ids, matrix
+    with pytest.raises(FgembedError, match=rf"has {len(ids)} ids but {len(ids) - 3} feature rows"):
+        import_features(store, "more", tmp_path / "more_ids.h5")
+    twice = ids.copy()
+    twice[1] = twice[0]
+    with h5py.File(tmp_path / "dup.h5", "w") as f:
+        f["ids"], f["features"] = twice, np.ones((len(ids), 4), np.float32)
+    with pytest.raises(FgembedError, match=rf"lists image id {ids[0]} 2 times"):
+        import_features(store, "dup", tmp_path / "dup.h5")
+    assert set(FeatureStore.open(store.path).backbones()) == {"a", "b", "c"}
+    assert not (store.path / "features" / "more").exists() and not (store.path / "features" / "dup").exists()
+
+
+def test_import_flags_non_finite_rows(store, tmp_path):
+    matrix = np.ones((store.n_rows, 2))
+    matrix[3, 1] = np.inf
+    matrix[4, 0] = 1e300  # finite in the file, inf as float32
+    np.save(tmp_path / "m.npy", matrix)
+    import_features(store, "m", tmp_path / "m.npy")
+    assert [i for i, _, _ in store.failures("m")] == [int(store.group["samples/id"][r]) for r in (3, 4)]
+    assert {s for _, _, s in store.failures("m")} == {"non-finite-embedding"}

@@ -8,21 +8,25 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from safetensors.torch import load_file
 from sklearn import metrics as skm
 
-from fgembed.ensemble import Combination, plan, score
+from fgembed.ensemble import Combination, late_entries, plan, score
 from fgembed.errors import FgembedError
 from fgembed.fusion import SumProjection
 from fgembed.report import compare, entry_record, format_table, write_report
-from fgembed.runs import Run, RunConfig, fit_run
+from fgembed.runs import FORMAT_VERSION, HeadConfig, Run, RunConfig, fit_run
 from fgembed.store import FeatureStore
+from fgembed.views import ViewConfig, design_rows
 
 from .formats import write_feature_store
 
 FAST = dict(epochs=15, batch_size=64)
+
+
+def config(*features: str, fusion: str = "single", view: dict | None = None, **head) -> RunConfig:
+    return RunConfig(ViewConfig(features=features, fusion=fusion, **(view or {})), HeadConfig(**{**FAST, **head}))
 
 
 @pytest.fixture(scope="module")
@@ -31,89 +35,144 @@ def store(tmp_path_factory):
 
 
 def test_run_directory_layout_weights_and_metrics(store, tmp_path):
-    run = fit_run(store, RunConfig(features=("a",), seeds=(0, 1), **FAST), tmp_path)
+    run = fit_run(store, config("a", seeds=(0, 1)), tmp_path)
     names = {p.name for p in run.path.iterdir()}
     assert names == {"config.json", "head-seed0.safetensors", "head-seed1.safetensors", "history.json",
                      "metrics.json", "logits.zarr"}
-    assert json.loads((run.path / "config.json").read_text())["config"]["seeds"] == [0, 1]
+    meta = json.loads((run.path / "config.json").read_text())
+    assert meta["config"]["head"]["seeds"] == [0, 1] and meta["format_version"] == FORMAT_VERSION
     assert len(run.history()["1"]) == 15
     rows, test = run.logits("test")
-    assert test.shape == (2, len(rows), 6)
-    # plain zarr reads the logits; the weights reload into the head and give the same logits
-    assert zarr.open_group(run.path / "logits.zarr", mode="r")["val"].shape[0] == 2
-    head = run.config.make_head([24], "cpu")._network(24, 6)
-    head.load_state_dict(load_file(str(run.path / "head-seed1.safetensors")))
-    head.eval()
+    assert test.shape == (2, len(rows), 6) and test.dtype == np.float16
+    # plain zarr reads the logits, chunked by rows; streaming gives the same values
+    array = zarr.open_group(run.path / "logits.zarr", mode="r")["val"]
+    assert array.shape[0] == 2 and array.chunks[0] == 1
+    np.testing.assert_array_equal(np.concatenate([z for _, z in run.iter_logits("test", 16)], axis=1), test)
+    # the weights reload into the head and give the same logits (float16 storage: its rounding)
+    heads = run.load_heads()
     X = store.features("a")[rows]
-    np.testing.assert_allclose(head(torch.as_tensor(X)).detach().numpy(), test[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(heads[1].predict_logits(X), test[1].astype(np.float32), rtol=2e-3, atol=2e-2)
     # metrics.json: per-seed numbers equal scikit-learn's; flat keys are their mean, _std their spread
     y = store.labels()[rows]
-    f1s = [skm.f1_score(y, z.argmax(1), average="weighted") for z in test]
+    f1s = [skm.f1_score(y, z.astype(np.float32).argmax(1), average="weighted") for z in test]
     assert [m["f1"] for m in run.metrics["per_seed"]] == pytest.approx(f1s)
     assert run.metrics["f1"] == pytest.approx(np.mean(f1s))
     assert run.metrics["f1_std"] == pytest.approx(np.std(f1s, ddof=1))
     assert run.metrics["accuracy"] == pytest.approx(np.mean([skm.accuracy_score(y, z.argmax(1)) for z in test]))
     assert run.metrics["f1"] > 0.5  # the classes are learnable
+    assert run.metrics["dropped"] == {"train": 0, "val": 0, "test": 0}
+    assert run.metrics["chosen"] == [{"lr": 1e-3, "weight_decay": 0.01}] * 2 and "grid" not in run.metrics
+
+
+def test_grid_keeps_the_best_setting_per_seed(store, tmp_path):
+    run = fit_run(store, config("a", seeds=(0, 1), lr=(1e-3, 1e-2), weight_decay=(0.0, 0.05), epochs=4), tmp_path)
+    for chosen, grid in zip(run.metrics["chosen"], run.metrics["grid"]):
+        assert len(grid) == 4
+        best = max(grid, key=lambda g: g["best_val_f1"])
+        assert chosen == {"lr": best["lr"], "weight_decay": best["weight_decay"]}
+    assert run.metrics["best_val_f1"] == [max(g["best_val_f1"] for g in grid) for grid in run.metrics["grid"]]
 
 
 def test_same_config_is_reused_force_retrains_identically(store, tmp_path):
-    config = RunConfig(features=("b",), **FAST)
-    first = fit_run(store, config, tmp_path)
-    again = fit_run(store, config, tmp_path)
+    cfg = config("b")
+    first = fit_run(store, cfg, tmp_path)
+    again = fit_run(store, cfg, tmp_path)
     assert again.reused and again.path == first.path
-    forced = fit_run(store, config, tmp_path, force=True)
+    forced = fit_run(store, cfg, tmp_path, force=True)
     assert not forced.reused and forced.metrics["per_seed"] == first.metrics["per_seed"]  # same seed, same numbers
-    other = fit_run(store, dataclasses.replace(config, lr=3e-3), tmp_path)
+    other = fit_run(store, dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, lr=3e-3)), tmp_path)
     assert other.path != first.path
     # settings that cannot matter do not split a configuration
-    assert RunConfig(features=("b",), project="linear", l2=True) == RunConfig(features=("b",))
+    assert ViewConfig(features=("b",), project="linear", l2=True) == ViewConfig(features=("b",))
+    assert HeadConfig(head="linear", hidden=(7,), dropout=0.1) == HeadConfig(head="linear")
+    assert HeadConfig(level="species") == HeadConfig(level="label") == HeadConfig()
+    assert ViewConfig(features=("b",), holdout_seed=3, draw=2) == ViewConfig(features=("b",))
+
+
+def test_new_fgembed_version_and_old_format_retrain(store, tmp_path, monkeypatch):
+    cfg = config("a")
+    first = fit_run(store, cfg, tmp_path)
+    # a run directory of an older format (here: a flat pre-view config) is retrained, never a crash
+    meta = json.loads((first.path / "config.json").read_text())
+    meta.pop("format_version")
+    meta["config"] = {"features": ["a"], "fusion": "single", "lr": 1e-3}
+    (first.path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(FgembedError, match="another fgembed format"):
+        Run.load(first.path)
+    again = fit_run(store, cfg, tmp_path)
+    assert not again.reused and again.path == first.path and Run.load(again.path).config == cfg
+    monkeypatch.setattr("fgembed.runs.__version__", "99.0")
+    assert fit_run(store, cfg, tmp_path).path != first.path  # the key includes fgembed's version
 
 
 def test_an_interrupted_fit_leaves_no_run_and_its_leftovers_go(store, tmp_path):
-    config = RunConfig(features=("a",), **FAST)
-    run = fit_run(store, config, tmp_path)
+    cfg = config("a")
+    run = fit_run(store, cfg, tmp_path)
     stale = run.path.with_name(f".{run.path.name}.tmp-999999999")  # a pid no process has
     stale.mkdir()
     (run.path / "metrics.json").unlink()  # as if killed before the run was complete
-    again = fit_run(store, config, tmp_path)
+    again = fit_run(store, cfg, tmp_path)
     assert not again.reused and (again.path / "metrics.json").is_file() and not stale.exists()
 
 
 def test_reextraction_invalidates_runs(tmp_path):
     store = write_feature_store(tmp_path / "s.zarr")
-    run = fit_run(store, RunConfig(features=("a",), **FAST), tmp_path / "runs")
+    run = fit_run(store, config("a"), tmp_path / "runs")
     store.prepare("a", {"source": "test", "member": "a", "pooling": "mean"}, 24, dtype="float32", overwrite=True)
     fresh = FeatureStore.open(store.path, "r+")
     for shard in range(fresh.n_shards):
         rows = fresh.shard_slice(shard)
         fresh.write_shard("a", shard, np.ones((rows.stop - rows.start, 24)), np.zeros(rows.stop - rows.start, np.uint8))
-    assert fit_run(fresh, RunConfig(features=("a",), **FAST), tmp_path / "runs").path != run.path
+    assert fit_run(fresh, config("a"), tmp_path / "runs").path != run.path
 
 
 def test_fusion_runs(store, tmp_path):
-    pca = fit_run(store, RunConfig(features=("a", "c"), fusion="sum", **FAST), tmp_path)
+    pca = fit_run(store, config("a", "c", fusion="sum"), tmp_path)
     assert pca.metrics["input_dim"] == 24 and (pca.path / "projection.safetensors").is_file()
-    assert pca.metrics["test_rows_dropped"] == 1  # the row that failed in c
-    linear = fit_run(store, RunConfig(features=("a", "c"), fusion="sum", project="linear", project_dim=8, **FAST),
-                     tmp_path)
+    assert pca.metrics["test_rows_dropped"] == 1 and pca.metrics["dropped"]["test"] == 1  # failed in c
+    assert pca.load_projection().n_components_ == 24
+    # the saved projection and heads reproduce the stored logits from the members' embeddings
+    rows, z = pca.logits("test")
+    X = design_rows(pca.config.view, [store.features(n)[rows] for n in ("a", "c")], pca.load_projection())
+    assert (pca.load_heads()[0].predict_logits(X).argmax(1) != z[0].astype(np.float32).argmax(1)).sum() <= 2
+    linear = fit_run(store, config("a", "c", fusion="sum", view={"project": "linear", "project_dim": 8}), tmp_path)
     weights = load_file(str(linear.path / "head-seed0.safetensors"))
     assert weights["0.projections.0.weight"].shape == (8, 24) and weights["0.projections.1.weight"].shape == (8, 32)
-    assert isinstance(linear.config.make_head([24, 32], "cpu")._network(56, 6)[0], SumProjection)
-    concat = fit_run(store, RunConfig(features=("a", "b"), fusion="concat", l2=True, **FAST), tmp_path)
+    assert isinstance(linear.load_heads()[0].module_[0], SumProjection)
+    concat = fit_run(store, config("a", "b", fusion="concat", view={"l2": True}), tmp_path)
     assert concat.metrics["input_dim"] == 40
-    level = fit_run(store, RunConfig(features=("a",), level="group", **FAST), tmp_path)
+    level = fit_run(store, config("a", level="group"), tmp_path)
     assert level.logits("test")[1].shape[2] == 3
+
+
+def test_holdout_runs_mask_and_record_novel_classes(store, tmp_path):
+    run = fit_run(store, config("a", view={"holdout": 0.34, "holdout_level": "group"}, epochs=4), tmp_path)
+    held = run.metrics["holdout_classes"]
+    assert len(held) == 2 and held[0] // 2 == held[1] // 2  # one whole group of two classes
+    assert json.loads((run.path / "config.json").read_text())["holdout_classes"] == held
+    rows, test = run.logits("test")
+    y = store.labels()[rows]
+    novel = np.isin(y, held)
+    assert run.metrics["n_novel"] == novel.sum() and run.metrics["n_test"] == (~novel).sum()
+    assert (test[:, :, held] == np.finfo(np.float16).min).all()  # columns are store ids, masked
+    assert set(held) == set(run.excluded_classes())
+    acc = skm.accuracy_score(y[~novel], test[0][~novel].astype(np.float32).argmax(1))
+    assert run.metrics["accuracy"] == pytest.approx(acc)  # scored on seen test rows only
 
 
 def test_bad_configs_are_refused(store, tmp_path):
     with pytest.raises(FgembedError, match="need a fusion"):
-        RunConfig(features=("a", "b"))
+        ViewConfig(features=("a", "b"))
     with pytest.raises(FgembedError, match="unknown fusion"):
-        RunConfig(features=("a", "b"), fusion="mean")
+        ViewConfig(features=("a", "b"), fusion="mean")
     with pytest.raises(FgembedError, match="distinct"):
-        RunConfig(features=("a",), seeds=(1, 1))
+        HeadConfig(seeds=(1, 1))
+    with pytest.raises(FgembedError, match="distinct"):
+        HeadConfig(lr=(1e-3, 1e-3))
+    with pytest.raises(FgembedError, match="unknown head"):
+        HeadConfig(head="mpl")
     with pytest.raises(FgembedError, match="no taxonomy level"):
-        fit_run(store, RunConfig(features=("a",), level="genus", **FAST), tmp_path)
+        fit_run(store, config("a", level="genus"), tmp_path)
 
 
 def test_plan_tokens():
@@ -129,7 +188,7 @@ def test_plan_tokens():
 
 
 def test_ensemble_scores_late_fusion_from_single_runs(store, tmp_path):
-    base = RunConfig(features=("a",), seeds=(0, 1), **FAST)
+    base = config("a", seeds=(0, 1))
     entries = score(store, tmp_path, plan(["a", "b", "c"], ["late", "concat", "sum"], ["full"]), base)
     assert [e.metrics["f1"] for e in entries] == sorted((e.metrics["f1"] for e in entries), reverse=True)
     late = next(e for e in entries if e.combination.strategy == "late")
@@ -143,7 +202,7 @@ def test_ensemble_scores_late_fusion_from_single_runs(store, tmp_path):
         parts = []
         for run in singles:
             r, z = run.logits("test")
-            parts.append(z[k][np.isin(r, rows)])
+            parts.append(z[k][np.isin(r, rows)].astype(np.float32))
         f1s.append(skm.f1_score(y, np.mean(parts, 0).argmax(1), average="weighted"))
     assert late.metrics["f1"] == pytest.approx(np.mean(f1s))
     assert late.metrics["n_test"] == len(rows)
@@ -156,17 +215,14 @@ def test_ensemble_scores_late_fusion_from_single_runs(store, tmp_path):
 
 def test_late_fusion_refuses_runs_of_another_store(store, tmp_path):
     other = write_feature_store(tmp_path / "other.zarr", seed=1, per_class=30)
-    base = RunConfig(features=("a",), **FAST)
-    run_a = fit_run(store, base, tmp_path / "runs")
-    run_b = fit_run(other, dataclasses.replace(base, features=("b",)), tmp_path / "runs")
-    from fgembed.ensemble import _late
+    run_a = fit_run(store, config("a"), tmp_path / "runs")
+    run_b = fit_run(other, config("b"), tmp_path / "runs")
     with pytest.raises(FgembedError, match="different stores"):
-        _late(store, [run_a, run_b], None, "logits", "equal")
+        late_entries(store, {"a": run_a, "b": run_b}, [Combination("late", ("a", "b"))], None, "logits", "equal")
 
 
 def test_reports_in_every_format(store, tmp_path):
-    base = RunConfig(features=("a",), **FAST)
-    entries = score(store, tmp_path, plan(["a", "b"], ["late", "concat"], ["full"]), base)
+    entries = score(store, tmp_path, plan(["a", "b"], ["late", "concat"], ["full"]), config("a"))
     md = format_table(entries, "md")
     assert md.splitlines()[0].startswith("| # | Method") and "F1 (w)" in md and len(md.splitlines()) == 2 + 4
     rows = list(csv.DictReader(io.StringIO(format_table(entries, "csv"))))
@@ -176,9 +232,10 @@ def test_reports_in_every_format(store, tmp_path):
     written = write_report(entries, tmp_path / "report", "t")
     assert written[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = json.loads((tmp_path / "report" / "t.json").read_text())
-    table = compare(records, {"single:a": {"accuracy": 50.0, "f1": None}, "sum:a+b": {"accuracy": 1.0}})
+    # the paper's values are fractions (expected.json's units); the table prints percent
+    table = compare(records, {"single:a": {"accuracy": 0.5, "f1": None}, "sum:a+b": {"accuracy": 0.01}})
     a = next(r for r in records if r["key"] == "single:a")
-    assert f"{100 * a['accuracy']:.2f} | " in table and f"{100 * a['accuracy'] - 50:.2f}" in table
-    assert "| sum:a+b | – | – | 1.00 |" in table  # a row we did not run
+    assert f"{100 * a['accuracy']:.2f} | " in table and f"{100 * a['accuracy'] - 50:+.2f}" in table
+    assert "| sum:a+b | sum:a+b | – | 1.0 | – |" in table  # a row we did not run
     with pytest.raises(FgembedError, match="unknown format"):
         format_table(entries, "xlsx")

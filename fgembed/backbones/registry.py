@@ -1,21 +1,27 @@
-"""Named backbone specs and the factory that resolves any name to a loaded Backbone.
+"""Named specs, the source libraries' loaders, and the factory that resolves any name to a Backbone.
 
 The reference five are written down here with the preprocessing their libraries apply, so the
 README table and a reader of the code see the same thing; the numbers that reach the model
 still come from the library at load time (tests check that the two agree where the library can
-tell offline).
+tell offline). `SOURCES` is both the list of source libraries and the dispatch.
+
+A name may end in `~<size>` (`dinov2_vitl14~448`): the same backbone at another input size, a
+name of its own so several sizes sit in one store side by side.
 """
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
+import fnmatch
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
 from ..errors import FgembedError
-from .base import Backbone, LoadOptions
+from .base import Backbone, LoadOptions, split_size
 
-PREFIXES = ("timm:", "open_clip:", "hf:")
 RANDOM_INIT_SEED = 0
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -26,7 +32,7 @@ class BackboneSpec:
     """Where a model comes from and what it outputs; documented preprocessing for reference."""
 
     name: str
-    source: str  # "timm" | "open_clip" | "hf"
+    source: str  # a key of SOURCES
     model: str  # timm name, open_clip architecture, or Hugging Face repo / local folder
     weights: str | None = None  # timm tag is part of `model`; open_clip pretrained tag
     output: str = "pooled"
@@ -58,20 +64,51 @@ REFERENCE: dict[str, BackboneSpec] = {s.name: s for s in (
 )}
 
 
+def _timm(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str) -> Backbone:
+    from .from_timm import load_timm
+    return load_timm(name, spec.model, options, pooling)
+
+
+def _open_clip(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str) -> Backbone:
+    from .from_openclip import load_openclip
+    return load_openclip(name, spec.model, spec.weights, options, pooling)
+
+
+def _hf(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str) -> Backbone:
+    from .from_hf import load_hf
+    return load_hf(name, spec.model, options, pooling)
+
+
+# source → loader (imported on use: transformers alone takes seconds to import).
+SOURCES: dict[str, Callable[[BackboneSpec, str, LoadOptions, str], Backbone]] = {
+    "timm": _timm, "open_clip": _open_clip, "hf": _hf}
+PREFIXES = tuple(f"{s}:" for s in SOURCES)
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Reference names matching a shell pattern (any library model also works by prefix)."""
+    return [n for n in REFERENCE if fnmatch.fnmatch(n, pattern)]
+
+
 def resolve(name: str) -> BackboneSpec:
-    """A reference name, or `timm:<model>`, `open_clip:<arch>/<tag>`, `hf:<org>/<repo>|<folder>`."""
+    """A reference name, or `timm:<model>`, `open_clip:<arch>/<tag>`, `hf:<org>/<repo>|<folder>`;
+    any of them with a `~<size>` suffix (the spec's `input_size` is then that size)."""
+    base, size = split_size(name)
+    spec = _resolve_base(base)
+    return replace(spec, name=name, input_size=size) if size else spec
+
+
+def _resolve_base(name: str) -> BackboneSpec:
     if name in REFERENCE:
         return REFERENCE[name]
     source, _, rest = name.partition(":")
-    if rest and source == "timm":
-        return BackboneSpec(name, "timm", rest)
     if rest and source == "open_clip":
         if rest.startswith(("local-dir:", "hf-hub:")):  # open_clip's packaged configs carry their weights
             return BackboneSpec(name, "open_clip", rest)
         arch, _, tag = rest.partition("/")
         return BackboneSpec(name, "open_clip", arch, tag or None)
-    if rest and source == "hf":
-        return BackboneSpec(name, "hf", rest)
+    if rest and source in SOURCES:
+        return BackboneSpec(name, source, rest)
     close = difflib.get_close_matches(name, list(REFERENCE), n=3, cutoff=0.4)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise FgembedError(f"unknown backbone {name!r}; {hint}known: {', '.join(REFERENCE)}, "
@@ -79,21 +116,128 @@ def resolve(name: str) -> BackboneSpec:
 
 
 def load_backbone(name: str, options: LoadOptions | None = None) -> Backbone:
-    """Resolve `name` and build the model with its own library's preprocessing."""
+    """Resolve `name` and build the model with its own library's preprocessing.
+
+    `name~size` sets the input size (an `options.image_size` that disagrees is refused); the
+    returned Backbone's `.name` carries the suffix whenever the size is not the model's own.
+    With no network, weights that are not in the cache fail at once with one line saying how to
+    fetch them elsewhere."""
     options = options or LoadOptions()
     spec = resolve(name)
+    _, size = split_size(name)
+    if size and options.image_size and options.image_size != size:
+        raise FgembedError(f"{name!r} names {size} px but --image-size is {options.image_size}")
+    options = replace(options, image_size=size or options.image_size)
     pooling = options.pooling or spec.output
+    from_hub = options.pretrained and options.weights is None and not _local(spec)
+    offline = from_hub and _go_offline_without_network()
+    if offline and not _in_cache(spec, options.cache_dir):  # before building a model it could not fill
+        raise FgembedError(_offline_hint(name, options.cache_dir))
     # Random init is seeded so every process and every resumed run builds the same model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        if spec.source == "timm":
-            from .from_timm import load_timm
-            return load_timm(name, spec.model, options, pooling)
-        if spec.source == "open_clip":
-            from .from_openclip import load_openclip
-            return load_openclip(name, spec.model, spec.weights, options, pooling)
-        from .from_hf import load_hf
-        return load_hf(name, spec.model, options, pooling)
+        try:
+            return SOURCES[spec.source](spec, name, options, pooling)
+        except Exception as exc:  # the cache held the repo but not every file the library wants
+            if offline and (not isinstance(exc, FgembedError) or str(exc).startswith("could not load")):
+                raise FgembedError(_offline_hint(name, options.cache_dir)) from None
+            raise
+
+
+def _local(spec: BackboneSpec) -> bool:
+    """Weights on disk already: a Hugging Face folder or open_clip's `local-dir:` package."""
+    model = spec.model.removeprefix("local-dir:")
+    return spec.model.startswith("local-dir:") or (spec.source == "hf" and Path(model).expanduser().exists())
+
+
+def _hub_repo(spec: BackboneSpec) -> str | None:
+    """The Hugging Face repo the source library fetches the weights from (None: not the hub)."""
+    if spec.source == "timm":
+        import timm.models
+        cfg = timm.models.get_pretrained_cfg(spec.model)
+        return cfg.hf_hub_id if cfg else None
+    if spec.source == "open_clip":
+        if spec.model.startswith("hf-hub:"):
+            return spec.model.removeprefix("hf-hub:")
+        import open_clip
+        hub = (open_clip.get_pretrained_cfg(spec.model, spec.weights) if spec.weights else {}).get("hf_hub", "")
+        return os.path.split(hub)[0] or None  # open_clip's own split: `org/repo/` or `org/repo/file`
+    return spec.model
+
+
+def _in_cache(spec: BackboneSpec, cache_dir: Path | None) -> bool:
+    """Whether any snapshot of the weights' repo is cached (the library then finds its files)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo = _hub_repo(spec)
+    if repo is None:
+        return True  # a URL download: let the library try
+    try:
+        snapshot_download(repo, cache_dir=str(cache_dir) if cache_dir else None, local_files_only=True)
+        return True
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return False
+
+
+def _offline_hint(name: str, cache_dir: Path | None) -> str:
+    where = f" in {cache_dir}" if cache_dir else " in the libraries' caches"
+    return (f"no network, and the weights of {name} are not{where}: on a machine with internet run "
+            f"`fgembed download --backbone {name} --cache-dir DIR`, copy DIR here, then pass --cache-dir DIR "
+            "--offline (or --no-pretrained for a random init)")
+
+
+def _go_offline_without_network(timeout: float = 5.0) -> bool:
+    """True when the hub is out of reach (`--offline` / HF_HUB_OFFLINE, or one short probe fails):
+    the Hugging Face hub client is then switched to its offline mode, so timm, open_clip and
+    transformers read their caches at once instead of retrying for minutes."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        constants.HF_HUB_OFFLINE = True
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+        return False
+    except Exception:  # noqa: BLE001 — any transport failure (DNS, refused, timeout, proxy): no hub from here
+        constants.HF_HUB_OFFLINE = True
+        return True
+
+
+def download_weights(name: str, cache_dir: Path | None) -> str:
+    """Ask the source library to fetch `name`'s weights (and open_clip's tokenizer) into
+    `cache_dir` (None: the library's own cache), exactly where a later `--cache-dir` load looks.
+    Returns where they are; whatever the library raises while fetching is one FgembedError line."""
+    spec = resolve(name)
+    if _local(spec):
+        return f"local, nothing to fetch: {spec.model}"
+    try:
+        return _fetch(spec, str(cache_dir) if cache_dir else None)
+    except FgembedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — network, auth and disk errors of three libraries alike
+        raise FgembedError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _fetch(spec: BackboneSpec, cache: str | None) -> str:
+    if spec.source == "timm":
+        import timm
+        model = timm.create_model(spec.model, pretrained=True, num_classes=0, cache_dir=cache)
+        return f"timm {model.pretrained_cfg.get('hf_hub_id') or spec.model} in {cache or 'the Hugging Face cache'}"
+    if spec.source == "open_clip":
+        import open_clip
+        if spec.model.startswith("hf-hub:"):
+            from huggingface_hub import snapshot_download
+            return snapshot_download(spec.model.removeprefix("hf-hub:"), cache_dir=cache)
+        cfg = open_clip.get_pretrained_cfg(spec.model, spec.weights) if spec.weights else {}
+        if not cfg:
+            raise FgembedError(f"open_clip has no weights {spec.weights!r} for {spec.model}")
+        path = open_clip.download_pretrained(cfg, cache_dir=cache)
+        open_clip.get_tokenizer(spec.model, cache_dir=cache)  # SigLIP's tokenizer lives on the hub too
+        return path
+    from huggingface_hub import snapshot_download
+    return snapshot_download(spec.model, cache_dir=cache)
 
 
 def spec_table() -> list[dict]:

@@ -1,7 +1,13 @@
-"""Dataset readers: each on-disk format → one SampleTable, then a seeded validation split."""
+"""Dataset readers: each on-disk format → one SampleTable, then a seeded validation split.
+
+`READERS` is both the list of formats and the dispatch (timm-style registry): adding a format
+is one reader function and one entry.
+"""
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
+from typing import Callable
 
 from ..errors import FgembedError
 from .cub import read_cub
@@ -10,25 +16,27 @@ from .inat21 import read_inat21
 from .manifest import read_manifest
 from .table import SPLIT_NAMES, TEST, TRAIN, VAL, Level, SampleTable, carve_validation
 
-KINDS = ("cub", "inat21", "folder", "manifest")
+READERS: dict[str, Callable[..., SampleTable]] = {
+    "cub": lambda root, train_file: read_cub(root),
+    "inat21": read_inat21,
+    "folder": lambda root, train_file: read_folder(root),
+    "manifest": lambda root, train_file: read_manifest(root),
+}
+KINDS = tuple(READERS)  # for the CLI's help text
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    """Dataset formats whose name matches a shell-style `pattern`."""
+    return [k for k in READERS if fnmatch.fnmatch(k, pattern)]
 
 
 def load_dataset(kind: str, root: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
                  train_file: str = "train_mini") -> SampleTable:
     """Read a dataset and carve its validation split (unless it ships one)."""
-    root = Path(root)
-    if kind == "cub":
-        table = read_cub(root)
-    elif kind == "inat21":
-        table = read_inat21(root, train_file)
-    elif kind == "folder":
-        table = read_folder(root)
-    elif kind == "manifest":
-        table = read_manifest(root)
-    else:
-        raise FgembedError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
-    return carve_validation(table, val_fraction, seed)
+    if kind not in READERS:
+        raise FgembedError(f"unknown dataset kind {kind!r}; choose one of {', '.join(READERS)}")
+    return carve_validation(READERS[kind](Path(root), train_file), val_fraction, seed)
 
 
-__all__ = ["KINDS", "Level", "SampleTable", "SPLIT_NAMES", "TEST", "TRAIN", "VAL", "carve_validation",
-           "load_dataset"]
+__all__ = ["KINDS", "READERS", "Level", "SampleTable", "SPLIT_NAMES", "TEST", "TRAIN", "VAL", "carve_validation",
+           "list_datasets", "load_dataset"]

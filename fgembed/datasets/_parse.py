@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import FgembedError
 
@@ -43,3 +43,18 @@ def to_int(value: str, path: Path, what: str) -> int:
         return int(value)
     except ValueError:
         raise FgembedError(f"malformed {what} {value!r} in {path}") from None
+
+
+def relative_inside(path: str, source: Path, where: str) -> str:
+    """A dataset file's image path, refused if it leaves the dataset root (absolute, or `..` past
+    the top): CUB and iNat define their paths relative to the root, so anything else is damage
+    or a trick. Checked on the text, so a root that holds symlinks to another disk still works."""
+    posix = PurePosixPath(path.replace("\\", "/"))
+    depth = 0
+    for part in posix.parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            break
+    if posix.is_absolute() or PureWindowsPath(path).drive or depth < 0:
+        raise FgembedError(f"{where} in {source} points outside the dataset root: {path!r}")
+    return path

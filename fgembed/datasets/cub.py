@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FgembedError
-from ._parse import read_rows, require_dir, to_int
+from ._parse import read_rows, relative_inside, require_dir, to_int
 from .table import TEST, TRAIN, Level, SampleTable
 from .taxonomy import CUB_HIERARCHY_SOURCE, cub_taxonomy
 
@@ -24,7 +24,7 @@ def read_cub(root: Path) -> SampleTable:
     root = _find_root(require_dir(root))
     images = read_rows(root / "images.txt", 2)
     ids = [to_int(i, root / "images.txt", "image id") for i, _ in images]
-    paths = ["images/" + p for _, p in images]
+    paths = [relative_inside("images/" + p, root / "images.txt", f"image {i}") for i, p in images]
     labels_file, split_file = root / "image_class_labels.txt", root / "train_test_split.txt"
     label_of = {to_int(i, labels_file, "image id"): to_int(c, labels_file, "class id")
                 for i, c in read_rows(labels_file, 2)}

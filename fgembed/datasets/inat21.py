@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FgembedError
-from ._parse import read_json, require_dir
+from ._parse import read_json, relative_inside, require_dir
 from .table import TEST, TRAIN, Level, SampleTable
 
 LEVELS = ("supercategory", "kingdom", "phylum", "class", "order", "family", "genus")
@@ -39,7 +39,8 @@ def read_inat21(root: Path, train_file: str = "train_mini") -> SampleTable:
         for im in images:
             if im.get("id") not in category_of or "file_name" not in im:
                 raise FgembedError(f"image {im.get('id')!r} in {path} lacks a file_name or annotation")
-            rows.append((int(im["id"]), im["file_name"], category_of[im["id"]], split))
+            file_name = relative_inside(str(im["file_name"]), path, f"image {im['id']}")
+            rows.append((int(im["id"]), file_name, category_of[im["id"]], split))
     cat_ids = sorted(categories)
     index = {c: k for k, c in enumerate(cat_ids)}
     unknown = {r[2] for r in rows} - set(index)

@@ -1,0 +1,345 @@
+"""Views: the one place a feature store becomes design rows (DESIGN.md's "fusion view").
+
+A `ViewConfig` says which members and how they fuse (`fusion.FUSIONS`), and which rows and
+classes take part: a class subset (`classes`), classes held out of train and val for an open-set
+protocol (`holdout`, whole taxonomy groups with `holdout_level`), K training rows per class
+(`shots`, draw `draw`). `build_view` reads each member shard by shard straight into one
+preallocated float16 matrix per split (only the selected rows; no float32 copy of a member, no
+concatenation of whole matrices), so a five-member concat costs about the float16 size of the
+rows it reads. A PCA sum is fitted on the training rows of one member at a time (a float32 copy
+of that member's training rows, given to scikit-learn's PCA) and applied block by block.
+
+Classes are never renumbered: labels and logit columns are the store's class ids; unselected
+and held-out classes are masked by the runs. Rows whose image failed in any member (status, or a
+non-finite value) are dropped and counted per split.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .datasets.table import SPLIT_NAMES
+from .errors import FgembedError
+from .fusion import FUSIONS, PROJECTIONS, PCASum, l2_normalise
+from .images import FAILED
+from .progress import progress_bar
+from .store import FeatureStore
+
+SPLITS = ("train", "val", "test")
+FINE = (None, "label", "species")
+READ_ROWS = 4096  # store rows read per block (rounded to whole shards): bounds the overhead
+
+
+def level_key(level: str | None) -> str | None:
+    """None for the fine label (`label` and `species` are its names), else the level."""
+    return None if level in FINE else level
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Everything that decides a view's rows and columns (and so a run's numbers)."""
+
+    features: tuple[str, ...]
+    fusion: str = "single"            # a name in fusion.FUSIONS
+    project: str = "pca"              # sum only: pca (fitted on train rows) | linear (learned by the head)
+    project_dim: int | None = None    # sum only: default the smallest member dim
+    l2: bool = False                  # concat/sum: L2-normalise each member first
+    classes: tuple[int, ...] | None = None   # store fine class ids kept (None: all)
+    holdout: float = 0.0              # fraction of classes held out of train + val (novel at test)
+    holdout_level: str | None = None  # None: fine classes; else whole groups of this taxonomy level
+    holdout_seed: int = 0
+    shots: int | None = None          # K training rows per class, drawn from train only
+    draw: int = 0                     # which seeded draw of the K shots
+
+    def __post_init__(self) -> None:
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        fix("features", tuple(self.features))
+        if not self.features:
+            raise FgembedError("no features named; pass at least one backbone")
+        if len(set(self.features)) != len(self.features):
+            raise FgembedError(f"a member is named twice: {'+'.join(self.features)}")
+        if self.fusion not in FUSIONS:
+            raise FgembedError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        if self.project not in PROJECTIONS:
+            raise FgembedError(f"unknown projection {self.project!r}; choose one of {', '.join(PROJECTIONS)}")
+        if len(self.features) == 1 and self.fusion != "single":
+            fix("fusion", "single")
+        if len(self.features) > 1 and self.fusion == "single":
+            raise FgembedError(f"{len(self.features)} features need a fusion: --fusion concat or sum")
+        if self.project_dim is not None and int(self.project_dim) < 1:
+            raise FgembedError(f"--project-dim must be ≥ 1, got {self.project_dim}")
+        if self.classes is not None:
+            fix("classes", tuple(sorted({int(c) for c in self.classes})))
+            if not self.classes:
+                raise FgembedError("the class selection is empty")
+        if not 0.0 <= float(self.holdout) < 1.0:
+            raise FgembedError(f"--holdout is a fraction of classes in [0, 1), got {self.holdout}")
+        if self.shots is not None and int(self.shots) < 1:
+            raise FgembedError(f"--shots must be ≥ 1, got {self.shots}")
+        if int(self.draw) < 0:
+            raise FgembedError(f"--draw must be ≥ 0, got {self.draw}")
+        # settings that cannot matter are reset, so they cannot split one run into two keys
+        fix("holdout", float(self.holdout))
+        fix("holdout_level", level_key(self.holdout_level))
+        if self.holdout == 0.0:
+            fix("holdout_level", None)
+            fix("holdout_seed", 0)
+        if self.shots is None:
+            fix("draw", 0)
+        if self.fusion != "sum":
+            fix("project", "pca")
+            fix("project_dim", None)
+        if self.fusion == "single":
+            fix("l2", False)
+
+    @property
+    def label(self) -> str:
+        members = "+".join(self.features)
+        return members if self.fusion == "single" else f"{self.fusion}-{members}"
+
+    @property
+    def learned_projection(self) -> bool:
+        return self.fusion == "sum" and self.project == "linear"
+
+
+@dataclass
+class View:
+    """The design rows of a store under a `ViewConfig`, per split, with labels at any level."""
+
+    config: ViewConfig
+    names: list[str]
+    dims: list[int]
+    input_dim: int
+    rows: dict[str, np.ndarray]
+    dropped: dict[str, int]
+    holdout_classes: list[int]
+    novel: np.ndarray
+    projection: PCASum | None
+    kept_classes: np.ndarray                  # bool over fine classes: selected and not held out
+    store: FeatureStore = field(repr=False)
+    _X: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def X(self, split: str) -> np.ndarray:
+        """[rows, input_dim] float16 design rows of a split."""
+        return self._X[split]
+
+    def labels(self, split: str, level: str | None = None) -> np.ndarray:
+        return self.store.labels(level=level_key(level)).astype(np.int64)[self.rows[split]]
+
+    def n_classes(self, level: str | None = None) -> int:
+        level = level_key(level)
+        return len(self.store.class_names) if level is None else len(self.store.samples_attrs["levels"][level])
+
+    def class_counts(self, split: str = "train", level: str | None = None) -> np.ndarray:
+        return np.bincount(self.labels(split, level), minlength=self.n_classes(level))
+
+    def excluded_classes(self, level: str | None = None) -> np.ndarray:
+        """Class ids at `level` a head trained on this view cannot know (unselected or held out):
+        at a coarse level, groups none of whose fine classes is kept."""
+        if level_key(level) is None:
+            return np.flatnonzero(~self.kept_classes)
+        fine, coarse = self.store.labels(), self.store.labels(level=level_key(level))
+        known = np.zeros(self.n_classes(level), bool)
+        known[coarse[self.kept_classes[fine]]] = True
+        return np.flatnonzero(~known)
+
+
+def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = False) -> View:
+    """Select rows and classes as `config` says and read the members' design rows."""
+    infos = [store.backbone_info(name) for name in config.features]
+    for info in infos:
+        if info.rows_done < store.n_rows:
+            raise FgembedError(f"features {info.name!r} in {store.path} are incomplete ({info.rows_done}/"
+                               f"{store.n_rows} rows); rerun fgembed extract to finish")
+    split = store.group["samples/split"][:]
+    fine = store.labels().astype(np.int64)
+    n_classes = len(store.class_names)
+    kept, held = _select_classes(store, config, fine, n_classes)
+    failed = np.zeros(store.n_rows, bool)
+    for name in config.features:
+        failed |= np.isin(store.status(name), FAILED)
+    rows, dropped = {}, {}
+    for name in SPLITS:
+        in_split = (split == SPLIT_NAMES[name]) & kept[fine] if name == "test" else \
+            (split == SPLIT_NAMES[name]) & kept[fine] & ~held[fine]
+        rows[name], dropped[name] = np.flatnonzero(in_split & ~failed), int((in_split & failed).sum())
+    if config.shots:
+        rows["train"] = _draw_shots(rows["train"], fine, config.shots, config.draw)
+    dims = [info.dim for info in infos]
+    reader = _Reader(store, config, rows, dims, progress)
+    X, projection = reader.read()
+    for name in SPLITS:  # rows with a non-finite value that their status did not flag (older stores)
+        X[name], rows[name], bad = _drop_nonfinite(X[name], rows[name])
+        dropped[name] += bad
+    for name in SPLITS:
+        if len(rows[name]) == 0:
+            hint = " (extract with --val-fraction > 0)" if name == "val" else ""
+            raise FgembedError(f"store {store.path} has no usable {name} rows in this view{hint}")
+    _warn_empty_classes(store, config, fine, kept & ~held, rows["train"])
+    holdout = np.flatnonzero(held).tolist()
+    return View(config, list(config.features), dims, X["train"].shape[1], rows, dropped, holdout,
+                held[fine[rows["test"]]], projection, kept & ~held, store, X)
+
+
+def design_rows(config: ViewConfig, embeddings: list[np.ndarray], projection: PCASum | None) -> np.ndarray:
+    """The view's fusion applied to new member embeddings (`fgembed predict`), float16."""
+    if len(embeddings) != len(config.features):
+        raise FgembedError(f"{len(embeddings)} member embeddings for a view of {len(config.features)}")
+    if config.fusion == "sum" and not config.learned_projection and projection is None:
+        raise FgembedError("a PCA sum view needs its fitted projection")
+    n = embeddings[0].shape[0]
+    out = None
+    for start in range(0, max(n, 1), READ_ROWS):
+        parts = [np.asarray(e[start:start + READ_ROWS], np.float32) for e in embeddings]
+        block = FUSIONS[config.fusion](parts, config.l2, None if config.learned_projection else projection)
+        if out is None:
+            out = np.empty((n, block.shape[1]), np.float16)
+        out[start:start + len(block)] = block
+    return out
+
+
+def _select_classes(store: FeatureStore, config: ViewConfig, fine: np.ndarray,
+                    n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held): bool over fine classes — selected by `classes`, and held out of train + val."""
+    kept = np.ones(n_classes, bool)
+    if config.classes is not None:
+        bad = [c for c in config.classes if not 0 <= c < n_classes]
+        if bad:
+            raise FgembedError(f"class ids {bad[:5]} are not in store {store.path} ({n_classes} classes)")
+        kept[:] = False
+        kept[list(config.classes)] = True
+    held = np.zeros(n_classes, bool)
+    if config.holdout == 0:
+        return kept, held
+    rng = np.random.default_rng(config.holdout_seed)
+    if config.holdout_level is None:
+        groups = np.arange(n_classes)
+    else:  # each fine class's group at that level, read from the rows
+        groups = np.full(n_classes, -1, np.int64)
+        groups[fine] = store.labels(level=config.holdout_level)
+    candidates = np.unique(groups[kept & (groups >= 0)])
+    n_out = max(1, round(config.holdout * len(candidates)))
+    if n_out >= len(candidates):
+        what = "classes" if config.holdout_level is None else f"{config.holdout_level} groups"
+        raise FgembedError(f"--holdout {config.holdout} would hold out all {len(candidates)} {what}")
+    chosen = rng.choice(candidates, n_out, replace=False)
+    held = kept & np.isin(groups, chosen)
+    return kept, held
+
+
+def _warn_empty_classes(store: FeatureStore, config: ViewConfig, fine: np.ndarray, trainable: np.ndarray,
+                        train: np.ndarray) -> None:
+    """Warn of classes the store has rows of but no training row in this view — unless the view
+    asked for that (held-out or unselected classes are masked, not warned about)."""
+    in_store = np.bincount(fine, minlength=len(trainable)) > 0
+    empty = np.flatnonzero(trainable & in_store & (np.bincount(fine[train], minlength=len(trainable)) == 0))
+    if len(empty):
+        names = store.class_names
+        warnings.warn(f"{len(empty)} classes have no training rows in store {store.path} (e.g. "
+                      f"{names[empty[0]]!r}); a head cannot predict them", UserWarning, stacklevel=3)
+
+
+def _draw_shots(train: np.ndarray, fine: np.ndarray, k: int, draw: int) -> np.ndarray:
+    """K training rows per class: a seeded permutation, first K of each class (so the K-shot
+    rows of one draw contain its smaller-K rows)."""
+    order = np.random.default_rng(draw).permutation(train)
+    labels = fine[order]
+    by_class = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_class]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.arange(len(order)) - starts
+    return np.sort(order[by_class[rank < k]])
+
+
+def _drop_nonfinite(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Compact X in place, block by block, keeping finite rows (a no-op when all are)."""
+    write = 0
+    keep = np.ones(len(rows), bool)
+    step = 1024  # a [step, d] mask at a time
+    for start in range(0, len(X), step):
+        block = np.isfinite(X[start:start + step]).all(1)
+        keep[start:start + len(block)] = block
+        if block.all() and write == start:
+            write += len(block)
+            continue
+        good = X[start:start + step][block]
+        X[write:write + len(good)] = good
+        write += len(good)
+    bad = int((~keep).sum())
+    return (X[:write], rows[keep], bad) if bad else (X, rows, 0)
+
+
+class _Reader:
+    """Reads members shard-aligned block by block into the preallocated float16 split matrices."""
+
+    def __init__(self, store: FeatureStore, config: ViewConfig, rows: dict[str, np.ndarray], dims: list[int],
+                 progress: bool) -> None:
+        self.store, self.config, self.rows, self.dims, self.progress = store, config, rows, dims, progress
+        shard = store.shard_rows
+        self.block = max(shard, READ_ROWS // shard * shard)
+
+    def _array(self, name: str):
+        return self.store._features(name)["emb"]
+
+    def _blocks(self, rows: dict[str, np.ndarray]):
+        """(store start, {split: (positions in the split, store rows)}) per block that holds rows."""
+        n = self.store.n_rows
+        bounds = {s: np.searchsorted(r, np.arange(0, n + self.block, self.block)) for s, r in rows.items()}
+        for b, start in enumerate(range(0, n, self.block)):
+            picks = {s: (slice(bounds[s][b], bounds[s][b + 1]), r[bounds[s][b]:bounds[s][b + 1]])
+                     for s, r in rows.items() if bounds[s][b + 1] > bounds[s][b]}
+            if picks:
+                yield start, picks
+
+    def _member(self, name: str, rows: dict[str, np.ndarray], l2: bool, tick):
+        """Yield (split, positions, float32 rows) of one member, block by block."""
+        array = self._array(name)
+        for start, picks in self._blocks(rows):
+            stop = min(start + self.block, self.store.n_rows)
+            lo = min(r[0] for _, r in picks.values())
+            hi = max(r[-1] for _, r in picks.values()) + 1
+            lo = max(start, lo)
+            data = array[lo:min(stop, hi)]
+            for split, (positions, r) in picks.items():
+                part = data[r - lo]  # the stored dtype: widened only where arithmetic needs it
+                yield split, positions, (l2_normalise(part.astype(np.float32)) if l2 else part)
+            tick(1)
+
+    def read(self) -> tuple[dict[str, np.ndarray], PCASum | None]:
+        config = self.config
+        pca = config.fusion == "sum" and not config.learned_projection
+        width = (config.project_dim or min(self.dims)) if pca else (self.dims[0] if config.fusion == "single"
+                                                                     else sum(self.dims))
+        n_blocks = -(-self.store.n_rows // self.block)
+        total = len(self.dims) * n_blocks * (2 if pca else 1)
+        with progress_bar(total, f"view {config.label}", enabled=self.progress, unit="block") as tick:
+            if pca:
+                return self._pca_sum(tick)
+            X = {s: np.empty((len(r), width), np.float16) for s, r in self.rows.items()}
+            offset = 0
+            for name, d in zip(self.config.features, self.dims):
+                for split, positions, part in self._member(name, self.rows, config.l2, tick):
+                    X[split][positions, offset:offset + d] = part
+                offset += d
+            return X, None
+
+    def _pca_sum(self, tick) -> tuple[dict[str, np.ndarray], PCASum]:
+        """Fit each member's PCA on its training rows (float32, one member at a time), then add
+        its projection of every row into a float32 accumulator per split; float16 at the end."""
+        projection = PCASum(self.config.project_dim).prepare(self.dims, len(self.rows["train"]))
+        acc = {s: np.zeros((len(r), projection.n_components_), np.float32) for s, r in self.rows.items()}
+        for i, (name, d) in enumerate(zip(self.config.features, self.dims)):
+            train = np.empty((len(self.rows["train"]), d), np.float32)
+            for _, positions, part in self._member(name, {"train": self.rows["train"]}, self.config.l2, tick):
+                train[positions] = part
+            finite = np.isfinite(train).all(1)
+            projection.fit_member(i, train if finite.all() else train[finite])
+            del train
+            for split, positions, part in self._member(name, self.rows, self.config.l2, tick):
+                acc[split][positions] += projection.transform_member(i, part)
+        X = {}
+        for split in list(acc):
+            X[split] = acc.pop(split).astype(np.float16)
+        return X, projection
