@@ -15,8 +15,9 @@ VIEW_DEFAULTS = {"project": "pca", "l2": False}
 
 STORE = typer.Option(..., help="Feature store written by `fgembed extract` (or `fgembed import`).")
 RUNS = typer.Option(Path("runs"), help="Folder of run directories (one per head configuration).")
-HEAD = typer.Option(HEAD_DEFAULTS["head"], help="Head: mlp (d→512→256→C, the reference recipe), linear, or any "
-                    "registered head.")
+HEAD = typer.Option(HEAD_DEFAULTS["head"], help="Head: mlp (d→512→256→C, the reference recipe), linear, knn "
+                    "(cosine, k chosen on val), logreg (C chosen on val), zeroshot (class-name text embeddings from "
+                    "`fgembed extract --text`), or any registered head.")
 PROJECT = typer.Option(VIEW_DEFAULTS["project"], help="sum only: pca (fitted on train rows) or linear (learned).")
 L2 = typer.Option(VIEW_DEFAULTS["l2"], help="concat/sum: L2-normalise each member first.")
 LEVEL = typer.Option(None, help="Train on a taxonomy level (order, family…), not species.")

@@ -1,6 +1,7 @@
 """`fgembed fit`, `fgembed ensemble`: the classifier stage over a feature store."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def fit(
     batch_size: int = BATCH_SIZE, seeds: str = SEEDS,
     classes: Path | None = CLASSES, holdout: float = HOLDOUT, holdout_level: str | None = HOLDOUT_LEVEL,
     holdout_seed: int = HOLDOUT_SEED, shots: int | None = SHOTS, draw: int = DRAW,
+    draws: int = typer.Option(1, min=1, help="With --shots: train on N seeded draws (--draw, --draw+1, …) and "
+                              "report mean ± std over the draws."),
     device: str = DEVICE, runs: Path = RUNS,
     force: bool = typer.Option(False, help="Retrain even if a finished run with this configuration exists."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
@@ -81,14 +84,21 @@ def fit(
     config = _configs(opened, names, fusion if len(names) > 1 else "single", head, project, project_dim, l2, level,
                       epochs, lr, weight_decay, batch_size, seeds, classes, holdout, holdout_level, holdout_seed,
                       shots, draw)
+    if draws > 1 and config.view.shots is None:
+        raise FgembedError("--draws repeats the --shots draw: give --shots K too")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         run = fit_run(opened, config, runs, device=device, force=force, progress=not quiet)
+        others = [fit_run(opened, dataclasses.replace(config, view=dataclasses.replace(config.view, draw=draw + k)),
+                          runs, device=device, force=force, progress=not quiet) for k in range(1, draws)]
     for warning in caught:
         err.print(f"[yellow]warning: {warning.message}[/yellow]", highlight=False)
     if as_json:
-        print_json(run.metrics | {"run": str(run.path), "reused": run.reused})
+        print_json(run.metrics | {"run": str(run.path), "reused": run.reused}
+                   | ({"draws": [{"run": str(r.path), **r.metrics} for r in others]} if others else {}))
         return
+    if others:
+        _print_draws([run, *others], config.view.shots)
     m = run.metrics
     std = lambda k: f" ± {100 * m[k + '_std']:.2f}" if len(m["seeds"]) > 1 else ""  # noqa: E731
     state = "reused finished run" if run.reused else f"trained in {m['train_seconds']:.1f} s"
@@ -107,6 +117,18 @@ def fit(
     if dropped:
         err.print("[yellow]rows left out (an image failed in a member): "
                   + ", ".join(f"{k} {v}" for k, v in dropped.items()) + "[/yellow]")
+
+
+def _print_draws(runs: list, shots: int) -> None:
+    """Few-shot results over several draws of the training rows: mean ± std over draws (each
+    draw's own seeds averaged first)."""
+    from fgembed.runs import summarise
+
+    summary = summarise([{k: r.metrics[k] for k in ("accuracy", "f1", "f1_macro")} for r in runs])
+    out.print(f"{len(runs)} draws of {shots} shots per class: accuracy {100 * summary['accuracy']:.2f} ± "
+              f"{100 * summary['accuracy_std']:.2f}  F1 (weighted) {100 * summary['f1']:.2f} ± "
+              f"{100 * summary['f1_std']:.2f}  F1 (macro) {100 * summary['f1_macro']:.2f} ± "
+              f"{100 * summary['f1_macro_std']:.2f}  (first draw below)", highlight=False)
 
 
 @app.command()

@@ -36,6 +36,8 @@ def extract(
                                        "differ slightly; recorded)."),
     profile: bool = typer.Option(False, "--profile", help="Print seconds per stage (decode, transform, copies, "
                                  "forward, write)."),
+    text: bool = typer.Option(False, "--text", help="Also store class-name text embeddings of open_clip "
+                              "backbones (prompt templates averaged), for `--head zeroshot`."),
     image_size: Optional[int] = typer.Option(None, min=16, help="Override the model's input size (px)."),
     pooling: Optional[str] = typer.Option(None, help="pooled (default), cls, mean or cls+mean (token models)."),
     weights: Optional[Path] = typer.Option(None, help="Local checkpoint for the single --backbone."),
@@ -75,7 +77,7 @@ def extract(
                   "not meaningful features[/yellow]")
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                              dtype=dtype, shard_rows=shard_rows, overwrite=overwrite, strict=strict,
-                             progress=not quiet, compile=compile_model, device_resize=device_resize, profile=profile,
+                             progress=not quiet, compile=compile_model, device_resize=device_resize, profile=profile, text=text,
                              load=LoadOptions(pretrained=pretrained, weights=weights, image_size=image_size,
                                               pooling=pooling, cache_dir=cache_dir))
     summary = run_extract(table, store, backbone, options)

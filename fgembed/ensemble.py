@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,25 @@ def _subsets(members: list[str], selector: str) -> list[tuple[str, ...]]:
     return [subset]
 
 
+def split_member(member: str) -> tuple[str, str | None]:
+    """`backbone@head` → (backbone, head); a plain backbone name → (name, None): the base head."""
+    name, sep, head = member.rpartition("@")
+    return (name, head) if sep and name and head else (member, None)
+
+
 def run_config(base: RunConfig, strategy: str, members: tuple[str, ...]) -> RunConfig:
-    """`base` with these members fused this way (its view's l2 / projection / row selection kept)."""
+    """`base` with these members fused this way (its view's l2 / projection / row selection kept).
+    A single member may name its own head (`dinov2_vitl14@knn`, `openclip_vitl14@zeroshot`)."""
     fusion = "single" if strategy in ("single", "late") else strategy
-    view = dataclasses.replace(base.view, features=members, fusion=fusion if len(members) > 1 else "single")
-    return dataclasses.replace(base, view=view)
+    names, heads = zip(*(split_member(m) for m in members))
+    config = base
+    if any(heads):
+        if len(members) > 1:
+            raise FgembedError(f"{strategy} fusion trains one head on all its members: member@head goes with "
+                               f"late fusion only (--strategies late), got {' + '.join(members)}")
+        config = dataclasses.replace(base, head=dataclasses.replace(base.head, head=heads[0]))
+    view = dataclasses.replace(base.view, features=names, fusion=fusion if len(members) > 1 else "single")
+    return dataclasses.replace(config, view=view)
 
 
 def score(store: FeatureStore, runs_dir: str | Path, combinations: list[Combination], base: RunConfig,
@@ -125,6 +140,9 @@ def score(store: FeatureStore, runs_dir: str | Path, combinations: list[Combinat
             entries.append(Entry(combo, run.metrics, [run.path]))
     if late:
         singles = {m: runs["single", (m,)] for combo in late for m in combo.members}
+        if len({run.config.head.head for run in singles.values()}) > 1 and late_mode != "proba":
+            late_mode = "proba"  # heads whose scores differ in scale (CONVENTIONS): average probabilities
+            warnings.warn("late fusion of different heads averages probabilities (--late-mode proba)")
         entries += late_entries(store, singles, late, base.head.level, late_mode, late_weights)
     return sorted(entries, key=lambda e: -e.metrics["f1"])
 

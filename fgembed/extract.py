@@ -62,6 +62,7 @@ class ExtractOptions:
     device_resize: bool = False  # workers send decoded images; resize/crop replayed on the device
     uint8_feed: bool = True  # False: always the float transform (the reference path for tests/benchmarks)
     profile: bool = False  # per-stage seconds in the summary (CUDA events on a GPU)
+    text: bool = False  # also store class-name text embeddings of open_clip backbones (zero-shot heads)
 
 
 @dataclass
@@ -268,6 +269,8 @@ def extract(table: SampleTable, store_path: str | Path, backbone_names: list[str
     todo = sorted(set().union(*pending.values()))
     mine = [int(s) for s in np.array_split(np.array(todo, dtype=int), world)[rank]] if todo else []
     batches = _shard_batches(store, mine, options.batch_size)
+    if options.text and rank == 0:
+        _write_text(store, table, backbones)  # before DeviceModel casts the weights for the device
     models = [DeviceModel(b, device, precision, options.compile, steps.get(b.name)) for b in backbones]
 
     cuda = device.type == "cuda"
@@ -360,3 +363,17 @@ def _write_shard(store: FeatureStore, shard: int, parts: list) -> None:
     for name in parts[0][2]:
         emb = np.concatenate([p[2][name] for p in parts])[order]
         store.write_shard(name, shard, emb, status[order])
+
+
+def _write_text(store: FeatureStore, table: SampleTable, backbones: list[Backbone]) -> None:
+    """Class-name embeddings from each backbone's text tower, in its full precision."""
+    from .backbones import PROMPT_TEMPLATES, text_embeddings
+
+    towers = [b for b in backbones if b.has_text]
+    if not towers:
+        raise FgembedError("--text needs a backbone with a text tower (open_clip models); "
+                           f"{', '.join(b.name for b in backbones)} have none")
+    for b in towers:
+        scale = getattr(b.model, "logit_scale", None)
+        store.write_text(b.name, text_embeddings(b, table.class_names),
+                         float(scale.exp()) if scale is not None else 100.0, PROMPT_TEMPLATES)

@@ -221,3 +221,8 @@ class LinearHead(_TorchHead):
 
     def _build(self, d: int, n_classes: int) -> nn.Module:
         return nn.Linear(d, n_classes)
+
+
+# The baseline heads (knn, logreg, zeroshot) register themselves here; imported last because
+# they build on `register_head` above, so every `create_head` caller sees the whole registry.
+from . import baselines  # noqa: E402,F401

@@ -275,6 +275,9 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     n_classes = view.n_classes(level)
     started = time.perf_counter()
     head = config.make_head(view.dims, device)
+    if getattr(head, "needs_text", False):  # the zero-shot head's weights are the stored text embeddings
+        text, scale = view.text()
+        head.set_params(text_embeddings=text, logit_scale=scale)
     heads = head.fit_grid(view.X("train"), y_train, view.X("val"), y_val, seeds=list(h.seeds), lrs=list(h.lr),
                           weight_decays=list(h.weight_decay), n_classes=n_classes, on_epoch=on_epoch)
     seconds = time.perf_counter() - started

@@ -69,6 +69,11 @@ def split_fingerprint(fingerprint: dict) -> tuple[dict, dict]:
             {k: v for k, v in fingerprint.items() if k in RECORDED_KEYS})
 
 
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """Differences in the strict parts of two fingerprints (what changes the numbers), readable."""
+    return _diff(split_fingerprint(old)[0], split_fingerprint(new)[0])
+
+
 @contextlib.contextmanager
 def _disk(path: Path) -> Iterator[None]:
     """A full disk is one line that says the store is intact and how to go on."""
@@ -335,6 +340,24 @@ class FeatureStore:
         with _disk(self.path):
             group.attrs.update({"complete": complete, "throughput_images_per_s": throughput})
         return complete
+
+    def write_text(self, name: str, embeddings: np.ndarray, logit_scale: float, templates: tuple[str, ...]) -> None:
+        """Class-name text embeddings `[classes, dim]` of a CLIP-style backbone (`features/<key>/text`),
+        with the model's logit scale and the prompt templates they were averaged over."""
+        group = self._features(name)
+        embeddings = np.asarray(embeddings, np.float32)
+        if embeddings.shape[0] != len(self.class_names):
+            raise FgembedError(f"{len(embeddings)} text rows for {len(self.class_names)} classes of {self.path}")
+        with _disk(self.path):
+            group.create_array("text", data=embeddings, overwrite=True)
+            group.attrs.update({"text": {"logit_scale": float(logit_scale), "templates": list(templates)}})
+
+    def text(self, name: str) -> tuple[np.ndarray, float] | None:
+        """(text embeddings, logit scale) of a backbone extracted with `--text`, else None."""
+        group = self._features(name)
+        if "text" not in group:
+            return None
+        return group["text"][:], float(dict(group.attrs)["text"]["logit_scale"])
 
     def status(self, name: str) -> np.ndarray:
         return self._features(name)["status"][:]

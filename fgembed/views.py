@@ -135,6 +135,15 @@ class View:
     def class_counts(self, split: str = "train", level: str | None = None) -> np.ndarray:
         return np.bincount(self.labels(split, level), minlength=self.n_classes(level))
 
+    def text(self) -> tuple[np.ndarray, float]:
+        """(class-name text embeddings, logit scale) of a single-member view: the zero-shot head's
+        weights, stored by `fgembed extract --text`."""
+        stored = self.store.text(self.names[0]) if len(self.names) == 1 and self.config.fusion == "single" else None
+        if stored is None:
+            raise FgembedError(f"no text embeddings for {'+'.join(self.names)}: the zeroshot head takes one open_clip "
+                               "backbone extracted with `fgembed extract --text`")
+        return stored
+
     def excluded_classes(self, level: str | None = None) -> np.ndarray:
         """Class ids at `level` a head trained on this view cannot know (unselected or held out):
         at a coarse level, groups none of whose fine classes is kept."""

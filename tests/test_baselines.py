@@ -99,3 +99,48 @@ def test_zeroshot_scores_are_scaled_cosines():
         ZeroShotHead(device="cpu").fit(X, y, Xv, yv)
     with pytest.raises(FgembedError, match="need"):
         ZeroShotHead(text_embeddings=text[:, :4], device="cpu").fit(X, y, Xv, yv)
+
+
+def test_baselines_are_runs_tables_and_late_fusion_members(tmp_path):
+    """knn / logreg heads train as runs, `member@head` joins late fusion (probability averaging),
+    and `--shots K --draws N` repeats the few-shot view."""
+    import json
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from fgembed.cli.main import app
+    from fgembed.ensemble import plan, score
+    from fgembed.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.views import ViewConfig, build_view
+
+    from .formats import write_feature_store
+
+    store = write_feature_store(tmp_path / "f.zarr")
+    base = RunConfig(ViewConfig(features=("a",)), HeadConfig(epochs=2))
+    run = fit_run(store, RunConfig(ViewConfig(features=("a",)), HeadConfig(head="logreg", seeds=(0, 1))),
+                  tmp_path / "runs", device="cpu")
+    view = build_view(store, ViewConfig(features=("a",)))
+    reference = LogRegHead(device="cpu").fit(view.X("train"), view.labels("train"), view.X("val"),
+                                             view.labels("val"), n_classes=view.n_classes())
+    rows, logits = run.logits("test")
+    np.testing.assert_array_equal(np.asarray(logits[0], np.float32).argmax(1), reference.predict(view.X("test")))
+    assert run.metrics["accuracy_std"] == 0.0 and run.metrics["chosen"][0]["C"] == reference.chosen_["C"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        entries = score(store, tmp_path / "runs", plan(["a@knn", "b"], ["late"], ["all"]), base, device="cpu")
+    assert any("probabilities" in str(w.message) for w in caught)
+    late = next(e for e in entries if e.combination.strategy == "late")
+    knn = next(e for e in entries if e.combination.members == ("a@knn",))
+    assert json.loads((knn.runs[0] / "config.json").read_text())["config"]["head"]["head"] == "knn"
+    assert 0 <= late.metrics["accuracy"] <= 1
+    with pytest.raises(FgembedError, match="late fusion only"):
+        score(store, tmp_path / "runs", plan(["a@knn", "b"], ["concat"], ["all"]), base, device="cpu")
+
+    result = CliRunner().invoke(app, ["fit", "--store", str(tmp_path / "f.zarr"), "--features", "a", "--head", "knn",
+                                      "--shots", "5", "--draws", "3", "--device", "cpu", "--runs",
+                                      str(tmp_path / "runs"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert len(out["draws"]) == 2 and out["n_train"] == 5 * 6
+    assert len({out["run"], *(d["run"] for d in out["draws"])}) == 3  # three draws, three runs

@@ -59,3 +59,31 @@ def test_no_text_tower_is_one_line():
     assert not bb.has_text
     with pytest.raises(FgembedError, match="has no text tower"):
         text_embeddings(bb, NAMES)
+
+
+def test_zeroshot_head_from_text_stored_at_extraction(tmp_path, tiny_clip, manifest_csv):
+    """`extract --text` stores the class-name embeddings; `--head zeroshot` scores with them."""
+    from fgembed.datasets import load_dataset
+    from fgembed.extract import ExtractOptions, extract
+    from fgembed.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.store import FeatureStore
+    from fgembed.views import ViewConfig
+
+    name = f"open_clip:{tiny_clip['name']}"
+    load = LoadOptions(weights=tiny_clip["weights"])
+    table = load_dataset("manifest", manifest_csv)
+    extract(table, tmp_path / "s.zarr", [name],
+            ExtractOptions(load=load, workers=0, progress=False, device="cpu", text=True))
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    text, scale = store.text(name)
+    np.testing.assert_allclose(text, text_embeddings(load_backbone(name, load), store.class_names), atol=1e-6)
+    assert scale == pytest.approx(1 / 0.07, rel=1e-4)  # open_clip's initial logit scale
+    run = fit_run(store, RunConfig(view=ViewConfig(features=(name,)), head=HeadConfig(head="zeroshot")),
+                  tmp_path / "runs", device="cpu")
+    rows, logits = run.logits("test")
+    emb = store.features(name)[rows]
+    want = scale * (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ text.T
+    np.testing.assert_allclose(np.asarray(logits[0], np.float32), want, atol=0.02)
+    with pytest.raises(FgembedError, match="text tower"):
+        extract(table, tmp_path / "t.zarr", ["timm:test_resnet"],
+                ExtractOptions(load=LoadOptions(pretrained=False), workers=0, progress=False, device="cpu", text=True))
