@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fgembed-installed
 
-.PHONY: install test demo bench bench-extract bench-fit bench-scale clean paper-cub paper-inat stress
+.PHONY: install test demo bench bench-extract bench-fit bench-scale clean paper-cub paper-inat stress resolution-cub
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,3 +96,15 @@ paper-cub: $(PAPER_DIR)/runs-cub/table1.json $(PAPER_DIR)/runs-cub/table2.json
 
 paper-inat: $(PAPER_DIR)/runs-inat/table1.json $(PAPER_DIR)/runs-inat/table3.json
 	$(BIN)/python examples/paper/compare.py inat $^ --members $(MEMBERS)
+
+# ---- Resolution (seed 002): one backbone at several input sizes in one store, and their fusions --
+# make resolution-cub CUB_ROOT=/data/CUB_200_2011 [RESOLUTION="dinov2_vitl14 dinov2_vitl14~448"]
+# A non-native size is its own backbone group, `<name>~<size>`, usable wherever a backbone name is.
+RESOLUTION ?= dinov2_vitl14 dinov2_vitl14~448
+resolution-cub: | install
+	@test -n "$(CUB_ROOT)" || { echo "error: set CUB_ROOT=/path/to/the/dataset"; exit 2; }
+	$(FGEMBED) extract --dataset cub --root $(CUB_ROOT) --store $(PAPER_DIR)/cub.zarr \
+	  $(foreach b,$(RESOLUTION),--backbone $(b)) $(EXTRACT_FLAGS)
+	$(FGEMBED) ensemble --store $(PAPER_DIR)/cub.zarr --runs $(PAPER_DIR)/runs-cub \
+	  --members $(subst $(space),$(comma),$(strip $(RESOLUTION))) --strategies late,concat,sum --combinations all \
+	  --name resolution --title "CUB: one backbone at several input sizes" $(FIT_FLAGS)

@@ -37,6 +37,9 @@ HOLDOUT_LEVEL = typer.Option(None, help="Hold out whole groups of this taxonomy 
 HOLDOUT_SEED = typer.Option(0, help="Seed of the held-out draw.")
 SHOTS = typer.Option(None, min=1, help="K training rows per class, drawn from train only.")
 DRAW = typer.Option(0, min=0, help="Which seeded draw of the --shots rows.")
+BALANCE = typer.Option("none", help="Re-balance a trained head for a long tail: none, loss (class-balanced loss), "
+                       "sampler (class-balanced batches), logit-adjust, second-stage; selects on macro F1.")
+SHOT_BINS = typer.Option("20,100", help="LOW,HIGH training rows: few < LOW ≤ medium ≤ HIGH < many (by_frequency).")
 
 
 def ints(text: str, option: str) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ from fgembed.errors import FgembedError
 
 from ._common import app, err, out, print_json
 from ._options import (
+    BALANCE,
     BATCH_SIZE,
     CLASSES,
     DEVICE,
@@ -28,6 +29,7 @@ from ._options import (
     QUIET,
     RUNS,
     SEEDS,
+    SHOT_BINS,
     SHOTS,
     STORE,
     WEIGHT_DECAY,
@@ -40,8 +42,10 @@ from ._options import (
 def _configs(store, features: tuple[str, ...], fusion: str, head: str, project: str, project_dim: int | None,
              l2: bool, level: str | None, epochs: int, lr: str, weight_decay: str, batch_size: int, seeds: str,
              classes: Path | None = None, holdout: float = 0.0, holdout_level: str | None = None,
-             holdout_seed: int = 0, shots: int | None = None, draw: int = 0):
+             holdout_seed: int = 0, shots: int | None = None, draw: int = 0, balance: str = "none",
+             shot_bins: str = "20,100"):
     """The RunConfig both commands build from their shared options."""
+    from fgembed.longtail import parse_shot_bins
     from fgembed.runs import HeadConfig, RunConfig
     from fgembed.views import ViewConfig
 
@@ -50,7 +54,7 @@ def _configs(store, features: tuple[str, ...], fusion: str, head: str, project: 
                       holdout_seed=holdout_seed, shots=shots, draw=draw)
     head_config = HeadConfig(head=head, level=level, epochs=epochs, lr=floats(lr, "--lr"),
                              weight_decay=floats(weight_decay, "--weight-decay"), batch_size=batch_size,
-                             seeds=ints(seeds, "--seeds"))
+                             seeds=ints(seeds, "--seeds"), balance=balance, shot_bins=parse_shot_bins(shot_bins))
     return RunConfig(view, head_config)
 
 
@@ -64,6 +68,7 @@ def fit(
     batch_size: int = BATCH_SIZE, seeds: str = SEEDS,
     classes: Path | None = CLASSES, holdout: float = HOLDOUT, holdout_level: str | None = HOLDOUT_LEVEL,
     holdout_seed: int = HOLDOUT_SEED, shots: int | None = SHOTS, draw: int = DRAW,
+    balance: str = BALANCE, shot_bins: str = SHOT_BINS,
     draws: int = typer.Option(1, min=1, help="With --shots: train on N seeded draws (--draw, --draw+1, …) and "
                               "report mean ± std over the draws."),
     device: str = DEVICE, runs: Path = RUNS,
@@ -83,7 +88,7 @@ def fit(
     names = tuple(features.split("+"))
     config = _configs(opened, names, fusion if len(names) > 1 else "single", head, project, project_dim, l2, level,
                       epochs, lr, weight_decay, batch_size, seeds, classes, holdout, holdout_level, holdout_seed,
-                      shots, draw)
+                      shots, draw, balance, shot_bins)
     if draws > 1 and config.view.shots is None:
         raise FgembedError("--draws repeats the --shots draw: give --shots K too")
     with warnings.catch_warnings(record=True) as caught:
@@ -110,6 +115,10 @@ def fit(
         chosen = ", ".join(f"seed {s}: lr {c['lr']:g} wd {c['weight_decay']:g}"
                            for s, c in zip(m["seeds"], m["chosen"]) if c)
         out.print(f"chosen on validation F1: {chosen}", highlight=False)
+    if "by_frequency" in m:
+        out.print("by training frequency: " + "  ".join(
+            f"{b} ({m['by_frequency'][b]['n_classes']:.0f} classes) {100 * m['by_frequency'][b]['accuracy']:.2f}"
+            for b in ("many", "medium", "few")), highlight=False)
     if m.get("holdout_classes"):
         out.print(f"held out {len(m['holdout_classes'])} classes: {m['n_novel']} novel test rows (not scored here)",
                   highlight=False)

@@ -29,11 +29,12 @@ _API = {
     "RunConfig": "fgembed.runs",
     "Run": "fgembed.runs",
     "fit_run": "fgembed.runs",
+    "predict_images": "fgembed.predict",  # the function `predict`: the bare name is the module
 }
 
 # `fgembed.extract` is the submodule (Python binds it on the package whenever it is imported), so the
 # extraction entry point is exported under a name of its own
-_RENAMED = {"extract_features": "extract"}
+_RENAMED = {"extract_features": "extract", "predict_images": "predict"}
 
 __all__ = ["__version__", *_API]
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
     from .extract import ExtractOptions
     from .extract import extract as extract_features
     from .heads import LinearHead, MLPHead, create_head, list_heads
+    from .predict import predict as predict_images
     from .runs import HeadConfig, Run, RunConfig, fit_run
     from .store import FeatureStore
     from .views import ViewConfig, build_view

@@ -109,9 +109,11 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         return self.fit_grid(X, y, X_val, y_val, seeds=seeds, n_classes=n_classes, on_epoch=on_epoch)
 
     def fit_grid(self, X, y, X_val=None, y_val=None, *, seeds, lrs=None, weight_decays=None,
-                 n_classes: int | None = None, on_epoch: Callable[[int], None] | None = None) -> list["_TorchHead"]:
+                 n_classes: int | None = None, on_epoch: Callable[[int], None] | None = None,
+                 balance: str = "none") -> list["_TorchHead"]:
         """Train every (seed, lr, weight decay) in one pass; return one fitted head per seed (self
-        is the first), each the setting with the best validation F1 over the lr × wd grid.
+        is the first), each the setting with the best validation F1 over the lr × wd grid (macro F1
+        under a `balance`, see `train.BALANCES`).
 
         `chosen_` holds that setting, `grid_` every setting's best validation F1 and epoch.
         `on_epoch(n)` is called after every epoch (a progress bar's tick)."""
@@ -137,7 +139,8 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         d = X.shape[1]
         results = train_grid(lambda: self._network(d, n_classes), X, torch.as_tensor(y, device=device), X_val,
                              torch.as_tensor(y_val, device=device), n_classes, seeds, lrs, weight_decays,
-                             epochs=int(self.epochs), batch_size=int(self.batch_size), on_epoch=on_epoch)
+                             epochs=int(self.epochs), batch_size=int(self.batch_size), on_epoch=on_epoch,
+                             balance=balance)
         heads = []
         for k, (seed, per_setting) in enumerate(zip(seeds, results)):
             head = self if k == 0 else self.__class__(**{**self.get_params(), "random_state": seed})

@@ -42,9 +42,11 @@ from . import __version__
 from .errors import FgembedError
 from .fusion import PCASum
 from .heads import HEADS, create_head
+from .longtail import SHOT_BINS, by_frequency, parse_shot_bins
 from .metrics import MetricCounts
 from .progress import Tick, progress_bar
 from .store import FeatureStore
+from .train import BALANCES, SECOND_STAGE_EPOCHS, selection
 from .views import View, ViewConfig, build_view, level_key
 
 FORMAT_VERSION = 2
@@ -65,6 +67,8 @@ class HeadConfig:
     dropout: float = 0.5
     hidden: tuple[int, ...] = (512, 256)
     seeds: tuple[int, ...] = (0,)
+    balance: str = "none"           # a name in fgembed.train.BALANCES (trained heads only)
+    shot_bins: tuple[int, int] = SHOT_BINS  # few < LOW ≤ medium ≤ HIGH < many, for by_frequency
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -74,6 +78,11 @@ class HeadConfig:
         fix("lr", tuple(float(v) for v in as_tuple(self.lr)))
         fix("weight_decay", tuple(float(v) for v in as_tuple(self.weight_decay)))
         fix("level", level_key(self.level))
+        fix("shot_bins", parse_shot_bins(",".join(str(v) for v in as_tuple(self.shot_bins))))
+        if self.balance not in BALANCES:
+            raise FgembedError(f"unknown --balance {self.balance!r}; choose from {', '.join(BALANCES)}")
+        if self.balance != "none" and "epochs" not in self.head_params():
+            raise FgembedError(f"--balance {self.balance} re-balances a trained head; {self.head} is not trained")
         if self.head not in HEADS:
             create_head(self.head)  # raises the one-line error with close names
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -264,7 +273,8 @@ def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device
         view = view or build_view(store, config.view, progress=False)
         return _train(store, config, view, identity, path, device, tick)
     view = view or build_view(store, config.view, progress=progress)
-    with progress_bar(config.head.epochs, config.label, enabled=progress, unit="epoch") as own:
+    epochs = config.head.epochs + (SECOND_STAGE_EPOCHS if config.head.balance == "second-stage" else 0)
+    with progress_bar(epochs, config.label, enabled=progress, unit="epoch") as own:
         return _train(store, config, view, identity, path, device, own)
 
 
@@ -279,7 +289,8 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
         text, scale = view.text()
         head.set_params(text_embeddings=text, logit_scale=scale)
     heads = head.fit_grid(view.X("train"), y_train, view.X("val"), y_val, seeds=list(h.seeds), lrs=list(h.lr),
-                          weight_decays=list(h.weight_decay), n_classes=n_classes, on_epoch=on_epoch)
+                          weight_decays=list(h.weight_decay), n_classes=n_classes, on_epoch=on_epoch,
+                          **({"balance": h.balance} if h.balance != "none" else {}))
     seconds = time.perf_counter() - started
     excluded = view.excluded_classes(level)
 
@@ -304,6 +315,10 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
                     keep = seen[start:start + len(z)]
                     counts[k].update(z[keep].astype(np.float32), y_test[start:start + len(z)][keep])
     per_seed = [c.metrics() for c in counts]
+    train_counts = view.class_counts("train", level)
+    for k, metrics_k in enumerate(per_seed):  # argmax of the stored float16 test logits, seen rows only
+        pred = np.asarray(group["test"][k]).astype(np.float32).argmax(1)[seen]
+        metrics_k["by_frequency"] = by_frequency(y_test[seen], pred, train_counts, h.shot_bins)
     for seed, fitted in zip(h.seeds, heads):
         save_torch({k: v.detach().cpu().contiguous() for k, v in fitted.module_.state_dict().items()},
                    str(tmp / f"head-seed{seed}.safetensors"))
@@ -312,7 +327,8 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     (tmp / "history.json").write_text(json.dumps({str(s): getattr(f, "history_", []) for s, f in zip(h.seeds, heads)}))
     meta = {"format_version": FORMAT_VERSION, "fgembed_version": __version__, "config": config.to_json(),
             "store": identity, "store_path": str(store.path), "dims": view.dims, "n_classes": n_classes,
-            "holdout_classes": view.holdout_classes, "excluded_classes": excluded.tolist()}
+            "holdout_classes": view.holdout_classes, "excluded_classes": excluded.tolist(),
+            "selection": selection(h.balance)}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     metrics = summarise(per_seed) | {
         "seeds": list(h.seeds), "per_seed": per_seed,
@@ -357,6 +373,9 @@ def summarise(per_seed: list[dict[str, float]]) -> dict[str, float]:
     """Mean over seeds under each metric's own key, and the standard deviation as `<key>_std`."""
     out: dict[str, float] = {}
     for key in per_seed[0]:
+        if isinstance(per_seed[0][key], dict):  # nested blocks keep the same flat convention inside
+            out[key] = summarise([m[key] for m in per_seed])
+            continue
         values = np.array([m[key] for m in per_seed])
         out[key] = float(values.mean())
         out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0

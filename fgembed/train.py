@@ -13,6 +13,15 @@ fixed protocol that does not depend on the grid). Heads that share a seed share 
 
 Every epoch, each head's weighted validation F1 is computed on the device and the best epoch's
 state kept there (`torch.where`, no host round-trip); the history is read back once at the end.
+
+`balance` (a name in `BALANCES`, seed 002's long-tail study) re-balances every head of the grid
+the same way, keeping each head's own random streams: `loss` weights the cross-entropy by class
+(`longtail.class_balanced_weights`, normalised as `nn.CrossEntropyLoss(weight=…)` does); `sampler`
+draws each head's epoch order class-balanced with its own generator; `logit-adjust` adds the
+log prior to the training logits only; `second-stage` trains normally, then resumes from each
+head's best state for `SECOND_STAGE_EPOCHS` epochs of balanced batches at lr × `SECOND_STAGE_LR_FACTOR`
+(fresh AdamW state). Any balance selects the best epoch by macro F1 — a weighted F1 would reward
+the head classes that re-balancing trades away.
 On CUDA the full-batch step (forward, backward, fused AdamW) is captured once as a CUDA graph and
 replayed: a small head is launch-bound on a GPU otherwise. The CPU keeps the eager step.
 """
@@ -25,12 +34,38 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import FgembedError
 from .fusion import SumProjection
+from .longtail import SECOND_STAGE_EPOCHS, SECOND_STAGE_LR_FACTOR, balanced_order, class_balanced_weights, log_prior
 
 BLOCK_ROWS = 16384        # rows per prediction block
 VAL_ELEMENTS = 1 << 25    # activations per validation block (heads × rows × widest layer)
 MASK_STEPS = 16           # dropout masks are drawn per seed for this many steps at once
 WARMUP_STEPS = 3          # eager steps before the CUDA graph is captured (optimizer state exists)
+
+
+@dataclass(frozen=True)
+class Balance:
+    """What one `--balance` mode changes in training (all off = plain cross-entropy)."""
+
+    loss_weights: bool = False
+    sampler: bool = False
+    logit_adjust: bool = False
+    second_stage: bool = False
+
+
+BALANCES: dict[str, Balance] = {
+    "none": Balance(),
+    "loss": Balance(loss_weights=True),
+    "sampler": Balance(sampler=True),
+    "logit-adjust": Balance(logit_adjust=True),
+    "second-stage": Balance(second_stage=True),
+}
+
+
+def selection(balance: str) -> str:
+    """The validation metric that picks the best epoch and setting under `balance`."""
+    return "f1_weighted" if balance == "none" else "f1_macro"
 
 
 @dataclass
@@ -150,6 +185,16 @@ class _StackedHeads:
                 h = (h.reshape(self.K, self.S, B, C) * next(dropout)).view(G, B, C)
         return h
 
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a `state()`-layout dict (e.g. the best epochs') back into the parameters and buffers."""
+        for name, parts in self.params.items():
+            t = state[name].transpose(1, 2) if name in self.transposed else state[name]
+            for k, part in enumerate(parts):
+                part.copy_(t[k * self.S:(k + 1) * self.S])
+        for name, buffer in self.buffers.items():
+            buffer.copy_(state[name])
+
     def state(self) -> dict[str, torch.Tensor]:
         """Every tensor stacked over the G heads in torch's layout (a detached view)."""
         params = {name: self.stacked(name).detach() for name in self.params}
@@ -157,10 +202,11 @@ class _StackedHeads:
                 **self.buffers}
 
 
-def weighted_f1(y_true: torch.Tensor, pred: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Weighted F1 of each row of `pred` [G, N] against `y_true` [N], as a [G] tensor on the
-    device: per-class counts by scatter-add (no host sync, no C×C matrix); the same numbers as
-    `metrics.f1_torch` (tested against scikit-learn)."""
+def weighted_f1(y_true: torch.Tensor, pred: torch.Tensor, n_classes: int, average: str = "weighted") -> torch.Tensor:
+    """Weighted (or macro) F1 of each row of `pred` [G, N] against `y_true` [N], as a [G] tensor
+    on the device: per-class counts by scatter-add (no host sync, no C×C matrix); the same numbers
+    as `metrics.f1_torch` / scikit-learn (macro: over classes present in y_true or the prediction,
+    as scikit-learn's labels=None does)."""
     G = pred.shape[0]
     offset = torch.arange(G, device=pred.device).unsqueeze(1) * n_classes
     flat_true = (y_true.unsqueeze(0) + offset).reshape(-1)
@@ -172,6 +218,9 @@ def weighted_f1(y_true: torch.Tensor, pred: torch.Tensor, n_classes: int) -> tor
     predicted = count((pred + offset).reshape(-1), ones)
     precision, recall = tp / predicted.clamp(min=1), tp / support.clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-300)
+    if average == "macro":
+        present = ((support > 0) | (predicted > 0)).double()
+        return (f1 * present).sum(1) / present.sum(1)
     return (f1 * support).sum(1) / support.sum(1)
 
 
@@ -210,10 +259,15 @@ class _GraphedStep:
 def train_grid(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor,
                y_val: torch.Tensor, n_classes: int, seeds: list[int], lrs: list[float], weight_decays: list[float],
                *, epochs: int, batch_size: int, on_epoch: Callable[[int], None] | None = None,
-               cuda_graphs: bool = True) -> list[list[TrainResult]]:
+               cuda_graphs: bool = True, balance: str = "none") -> list[list[TrainResult]]:
     """Train every (seed, lr, weight decay) as one batched model; results[seed][setting] with
     settings in lr-major order. `X`, `X_val` may be float16 (cast per batch / block);
-    `on_epoch(1)` after every epoch (a progress bar's tick)."""
+    `on_epoch(1)` after every epoch (a progress bar's tick; `second-stage` adds
+    SECOND_STAGE_EPOCHS epochs)."""
+    if balance not in BALANCES:
+        raise FgembedError(f"unknown balance {balance!r}; choose from {', '.join(BALANCES)}")
+    mode = BALANCES[balance]
+    average = "weighted" if balance == "none" else "macro"
     device = X.device
     settings = [(lr, wd) for lr in lrs for wd in weight_decays]
     templates = []
@@ -227,30 +281,52 @@ def train_grid(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.Te
     optimizer = torch.optim.AdamW(model.param_groups(settings), fused=True, capturable=cuda)
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     loss_sum = torch.zeros(model.G, device=device)
+    counts = torch.bincount(y, minlength=n_classes).cpu().numpy()
+    class_weights = class_balanced_weights(counts).to(device) if mode.loss_weights else None
+    offset = log_prior(counts).to(device) if mode.logit_adjust else None
 
-    def step(idx: torch.Tensor, masks: list[torch.Tensor]) -> None:
+    def step(idx: torch.Tensor, masks: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
         """idx [S, B]: each seed's batch; masks per dropout layer [S, B, width]."""
         logits = model.forward(X[idx].float(), masks)
         G, B, C = logits.shape
+        if offset is not None:
+            logits = logits + offset
         targets = y[idx].repeat(model.K, 1).reshape(-1)
-        loss = F.cross_entropy(logits.reshape(G * B, C), targets, reduction="none").view(G, B).mean(1)
+        loss = F.cross_entropy(logits.reshape(G * B, C), targets, reduction="none").view(G, B)
+        if class_weights is None:
+            loss = loss.mean(1)
+        else:  # CrossEntropyLoss(weight=w)'s mean: Σ w_y·nll / Σ w_y, per head
+            w = class_weights[targets].view(G, B)
+            loss = (loss * w).sum(1) / w.sum(1)
         loss.sum().backward()
         optimizer.step()
         loss_sum.add_(loss.detach() * B)
 
     def eager(idx: torch.Tensor, masks: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
-        step(idx, masks)
+        step(idx, masks, optimizer)
 
-    full_step = _GraphedStep(step, device) if cuda and cuda_graphs else eager
+    def stepper(optimizer: torch.optim.Optimizer) -> Callable:
+        return _GraphedStep(lambda idx, masks: step(idx, masks, optimizer), device) if cuda and cuda_graphs else eager
+
+    full_step = stepper(optimizer)
     n, chunk = X.shape[0], MASK_STEPS * batch_size
     history_loss, history_f1 = [], []
     best_f1 = torch.full((model.G,), -1.0, dtype=torch.float64, device=device)
     best_epoch = torch.full((model.G,), -1, dtype=torch.long, device=device)
     best_state = {name: t.clone() for name, t in model.state().items()}
-    for epoch in range(epochs):
+    total = epochs + (SECOND_STAGE_EPOCHS if mode.second_stage else 0)
+    for epoch in range(total):
         loss_sum.zero_()
-        order = torch.stack([torch.randperm(n, generator=g, device=device) for g in generators])
+        if epoch == epochs:  # second stage: from each head's best state, balanced, lower lr, fresh AdamW
+            model.load(best_state)
+            optimizer = torch.optim.AdamW(model.param_groups([(lr * SECOND_STAGE_LR_FACTOR, wd) for lr, wd in settings]),
+                                          fused=True, capturable=cuda)
+            full_step = stepper(optimizer)
+        if mode.sampler or epoch >= epochs:
+            order = torch.stack([balanced_order(y, n_classes, g) for g in generators])
+        else:
+            order = torch.stack([torch.randperm(n, generator=g, device=device) for g in generators])
         for chunk_start in range(0, n, chunk):
             rows = min(chunk, n - chunk_start)
             drawn = [torch.stack([torch.rand(rows, width, generator=g, device=device) for g in generators])
@@ -261,7 +337,7 @@ def train_grid(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.Te
                     continue
                 masks = [m[:, start - chunk_start:start - chunk_start + idx.shape[1]] for m in drawn]
                 (full_step if idx.shape[1] == batch_size else eager)(idx, masks, optimizer)
-        f1 = weighted_f1(y_val, _predict(model, X_val), n_classes)
+        f1 = weighted_f1(y_val, _predict(model, X_val), n_classes, average)
         history_loss.append(loss_sum / n)
         history_f1.append(f1)
         improved = f1 > best_f1

@@ -1,6 +1,8 @@
 """Each adapter, through the whole extraction pipeline, equals its source library's own path."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import open_clip
 import pytest
@@ -66,6 +68,15 @@ def test_open_clip_local_dir_package(table, tmp_path, tiny_clip):
     with torch.no_grad():
         want = model.eval().encode_image(torch.stack([preprocess(im) for im in _images(table, ROWS)])).numpy()
     np.testing.assert_allclose(got[ROWS], want, rtol=1e-4, atol=1e-5)
+    # the folder's weights are hashed into the fingerprint: other weights, another identity
+    weights = load_backbone(name).fingerprint["weights"]
+    assert "sha256" in weights
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_clip["local_dir"], changed)
+    state = torch.load(changed / "open_clip_pytorch_model.bin")
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, changed / "open_clip_pytorch_model.bin")
+    assert load_backbone(f"open_clip:local-dir:{changed}").fingerprint["weights"] != weights
 
 
 @pytest.mark.parametrize("which", ["dinov2", "dinov3"])
@@ -205,6 +216,13 @@ def test_two_sizes_of_one_backbone_in_one_store(table, tmp_path):
         want = bb.embed(torch.stack([bb.transform(im) for im in _images(table, ROWS)])).numpy()
     np.testing.assert_allclose(small[ROWS], want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(small, full, atol=1e-3)
+    # the two sizes fuse like any two members (seed 002's resolution study)
+    from fgembed.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.views import ViewConfig
+
+    run = fit_run(store, RunConfig(ViewConfig(features=("timm:test_vit", "timm:test_vit~64"), fusion="concat"),
+                                   HeadConfig(epochs=1)), tmp_path / "runs", device="cpu")
+    assert run.metrics["input_dim"] == 128
 
 
 # --- the reference architectures offline ------------------------------------------------------

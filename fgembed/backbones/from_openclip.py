@@ -103,7 +103,7 @@ def load_openclip(name: str, arch: str, tag: str | None, options: LoadOptions, p
     fingerprint = {
         "source": "open_clip",
         "model": arch,
-        "weights": weights_id(options, tag),
+        "weights": weights_id(options, tag or (arch if schema else None)),  # local-dir: weights hashed
         "preprocessing": repr(preprocess),
         "pooling": pooling,
         "versions": library_versions("open_clip_torch"),
