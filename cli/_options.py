@@ -40,6 +40,10 @@ DRAW = typer.Option(0, min=0, help="Which seeded draw of the --shots rows.")
 BALANCE = typer.Option("none", help="Re-balance a trained head for a long tail: none, loss (class-balanced loss), "
                        "sampler (class-balanced batches), logit-adjust, second-stage; selects on macro F1.")
 SHOT_BINS = typer.Option("20,100", help="LOW,HIGH training rows: few < LOW ≤ medium ≤ HIGH < many (by_frequency).")
+LEVELS = typer.Option("", help="Multi-level head: taxonomy levels coarse to fine, e.g. order,family,species.")
+HIERARCHY = typer.Option("shared", help="With --levels: independent (a model per level), shared "
+                         "(one trunk, a head per level), disentangled (split-and-reinforce, stop-gradient).")
+LEVEL_WEIGHTS = typer.Option(None, help="With --levels: comma-separated loss weight per level (default all 1).")
 
 
 def ints(text: str, option: str) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ METRICS = (("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", 
            ("f1", "F1 (w)"), ("f1_macro", "F1 (macro)"), ("top5", "Top-5"))
 STRATEGY_NAMES = {"single": "single", "concat": "concat", "sum": "sum", "late": "late fusion"}
 STRATEGY_COLOURS = {"single": "#7f7f7f", "concat": "#1f77b4", "sum": "#2ca02c", "late": "#d62728"}
+FREQUENCY_METRICS = (("many", "Acc many"), ("medium", "Acc medium"), ("few", "Acc few"))  # --by-frequency
 TERMINAL_METRICS = (("accuracy", "Acc"), ("precision", "P (w)"), ("recall", "R (w)"), ("f1", "F1 (w)"),
                     ("f1_macro", "F1 (m)"), ("top5", "Top-5"))
 
@@ -37,7 +38,46 @@ def entry_record(entry: Entry) -> dict:
             "seeds": entry.metrics.get("seeds"), "n_test": entry.metrics.get("n_test"),
             **{k: entry.metrics[k] for k, _ in METRICS}, **{f"{k}_std": entry.metrics.get(f"{k}_std", 0.0)
                                                             for k, _ in METRICS},
-            "late_weights": entry.weights, "runs": [str(p) for p in entry.runs]}
+            "late_weights": entry.weights, "runs": [str(p) for p in entry.runs],
+            **_frequency_record(entry.metrics.get("by_frequency")),
+            "gmacs": entry.metrics.get("gmacs"), "throughput": entry.metrics.get("throughput")}
+
+
+def _frequency_record(block: dict | None) -> dict:
+    """`acc_many`, `acc_many_std`, … from a run's `by_frequency` block (None where a row has
+    none, e.g. late fusion rows)."""
+    out = {}
+    for name, _ in FREQUENCY_METRICS:
+        entry = (block or {}).get(name, {})
+        out[f"acc_{name}"], out[f"acc_{name}_std"] = entry.get("accuracy"), entry.get("accuracy_std", 0.0)
+        out[f"n_classes_{name}"] = entry.get("n_classes")
+    return out
+
+
+def extra_columns(by_frequency: bool = False, cost: bool = False) -> list[tuple[str, str]]:
+    """(record key, header) of the optional columns: many/medium/few accuracy, GMACs per image."""
+    return ([(f"acc_{k}", title) for k, title in FREQUENCY_METRICS] if by_frequency else []) + \
+        ([("gmacs", "GMACs")] if cost else [])
+
+
+def combine_costs(costs: list[dict | None]) -> dict:
+    """An ensemble's inference cost per image from its members' `bench.read_cost` records: GMACs
+    add up (every member runs on every image); images/s is 1 / Σ 1/throughput_i (members run one
+    after another) on a device × precision every member was measured at. None where unknown."""
+    if not costs or any(c is None for c in costs):
+        return {"gmacs": None, "throughput": None}
+    shared = set.intersection(*(set(c.get("measurements", {})) for c in costs))
+    key = min(shared) if shared else None
+    rates = [c["measurements"][key].get("throughput") for c in costs] if key else [None]
+    return {"gmacs": float(sum(c["gmacs"] for c in costs)),
+            "throughput": None if None in rates else 1 / sum(1 / r for r in rates), "measured_on": key}
+
+
+def pareto_front(cost: list[float], score: list[float]) -> list[bool]:
+    """Non-dominated points when lower cost and higher score are better: no other point is at
+    most as costly and at least as good, and strictly better in one (equal points all stay)."""
+    pts = list(zip(cost, score))
+    return [not any(c2 <= c and s2 >= s and (c2 < c or s2 > s) for c2, s2 in pts) for c, s in pts]
 
 
 def row_key(strategy: str, members: list[str] | tuple[str, ...]) -> str:
@@ -46,31 +86,39 @@ def row_key(strategy: str, members: list[str] | tuple[str, ...]) -> str:
 
 
 def cell(record: dict, key: str) -> str:
-    """A metric as a percentage, `mean ± std` when the row has several seeds."""
+    """A metric as a percentage, `mean ± std` when the row has several seeds; GMACs as a number;
+    – where the row has no value."""
+    if record.get(key) is None or record[key] != record[key]:  # missing, or NaN (an empty bin)
+        return "–"
+    if key == "gmacs":
+        return f"{record[key]:.2f}"
     value, std = 100 * record[key], 100 * record[f"{key}_std"]
     return f"{value:.2f} ± {std:.2f}" if record.get("seeds") and len(record["seeds"]) > 1 else f"{value:.2f}"
 
 
-def format_table(entries: list[Entry], fmt: str) -> str:
+def format_table(entries: list[Entry], fmt: str, extra: list[tuple[str, str]] = ()) -> str:
+    """The ranked table; `extra` adds optional columns (`extra_columns`: by-frequency accuracy, GMACs)."""
     if fmt not in FORMATS:
         raise FgembedError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     records = [entry_record(e) for e in entries]
     if fmt == "json":
         return json.dumps(records, indent=2)
-    header = ["#", "Method", "Members", *(title for _, title in METRICS)]
-    rows = [[str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(cell(r, k) for k, _ in METRICS)]
+    columns = [*METRICS, *extra]
+    header = ["#", "Method", "Members", *(title for _, title in columns)]
+    rows = [[str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(cell(r, k) for k, _ in columns)]
             for i, r in enumerate(records, 1)]
     if fmt == "csv":
+        keys = [k for k, _ in columns]
+        stds = [f"{k}_std" for k in keys if k != "gmacs"]
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["rank", "strategy", "members", *(k for k, _ in METRICS), *(f"{k}_std" for k, _ in METRICS)])
+        writer.writerow(["rank", "strategy", "members", *keys, *stds])
         for i, r in enumerate(records, 1):
-            writer.writerow([i, r["strategy"], "+".join(r["members"]), *(r[k] for k, _ in METRICS),
-                             *(r[f"{k}_std"] for k, _ in METRICS)])
+            writer.writerow([i, r["strategy"], "+".join(r["members"]), *(r[k] for k in keys), *(r[k] for k in stds)])
         return buffer.getvalue()
     if fmt == "latex":
         escape = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("#", r"\#")  # noqa: E731
-        lines = [r"\begin{tabular}{rll" + "r" * len(METRICS) + "}", r"\toprule",
+        lines = [r"\begin{tabular}{rll" + "r" * len(columns) + "}", r"\toprule",
                  " & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
         lines += [" & ".join(escape(c) for c in row) + r" \\" for row in rows]
         return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
@@ -184,12 +232,53 @@ def compare(records: list[dict], expected: dict[str, dict], rename: dict[str, st
 
 
 def write_report(entries: list[Entry], directory: str | Path, name: str = "ensemble",
-                 title: str = "weighted F1 on the test split") -> list[Path]:
-    """The table in every format (`NAME.md/.csv/.tex/.json`) and the bar chart `NAME.png`."""
+                 title: str = "weighted F1 on the test split", extra: list[tuple[str, str]] = ()) -> list[Path]:
+    """The table in every format (`NAME.md/.csv/.tex/.json`), the bar chart `NAME.png`, and with
+    a GMACs column the accuracy-versus-cost plot `NAME-pareto.png`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext, fmt in (("md", "md"), ("csv", "csv"), ("tex", "latex"), ("json", "json")):
         paths.append(directory / f"{name}.{ext}")
-        paths[-1].write_text(format_table(entries, fmt))
-    return paths + [bar_chart(entries, directory / f"{name}.png", title)]
+        paths[-1].write_text(format_table(entries, fmt, extra))
+    paths.append(bar_chart(entries, directory / f"{name}.png", title))
+    if any(k == "gmacs" for k, _ in extra) and any(e.metrics.get("gmacs") is not None for e in entries):
+        paths.append(pareto_plot(entries, directory / f"{name}-pareto.png"))
+    return paths
+
+
+def pareto_plot(entries: list[Entry], path: str | Path) -> Path:
+    """Weighted F1 against inference cost per image (003's question asked of ensembles): GMACs
+    summed over members, and a second panel in images/s where every member's throughput is known;
+    the Pareto front (cheaper and better than every other row) joined and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    records = [r for r in (entry_record(e) for e in entries) if r["gmacs"] is not None]
+    panels = [("gmacs", "GMACs per image (sum over members)", 1)]
+    if any(r["throughput"] is not None for r in records):
+        panels.append(("throughput", "images/s (members in sequence)", -1))  # faster is cheaper
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for ax, (key, label, sign) in zip(axes[0], panels):
+        rows = [r for r in records if r[key] is not None]
+        x, f1 = [r[key] for r in rows], [100 * r["f1"] for r in rows]
+        front = pareto_front([sign * v for v in x], f1)
+        ax.scatter(x, f1, c=[STRATEGY_COLOURS[r["strategy"]] for r in rows], s=24, alpha=0.6)
+        best = sorted((v, f, r) for v, f, r, on in zip(x, f1, rows, front) if on)
+        ax.plot([b[0] for b in best], [b[1] for b in best], "k--", lw=1, label="Pareto front")
+        for v, f, r in best:
+            ax.annotate(f"{r['strategy']}:{'+'.join(r['members'])}", (v, f), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor log labels collide
+        ax.set_xlabel(label)
+        ax.set_ylabel("F1 (weighted, %)")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

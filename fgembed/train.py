@@ -36,7 +36,13 @@ from torch.nn import functional as F
 
 from .errors import FgembedError
 from .fusion import SumProjection
-from .longtail import SECOND_STAGE_EPOCHS, SECOND_STAGE_LR_FACTOR, balanced_order, class_balanced_weights, log_prior
+from .longtail import (
+    SECOND_STAGE_EPOCHS,
+    SECOND_STAGE_LR_FACTOR,
+    balanced_order,
+    class_balanced_weights,
+    log_prior,
+)
 
 BLOCK_ROWS = 16384        # rows per prediction block
 VAL_ELEMENTS = 1 << 25    # activations per validation block (heads × rows × widest layer)
