@@ -108,3 +108,21 @@ resolution-cub: | install
 	$(FGEMBED) ensemble --store $(PAPER_DIR)/cub.zarr --runs $(PAPER_DIR)/runs-cub \
 	  --members $(subst $(space),$(comma),$(strip $(RESOLUTION))) --strategies late,concat,sum --combinations all \
 	  --name resolution --title "CUB: one backbone at several input sizes" $(FIT_FLAGS)
+
+# ---- Taxonomy-aware heads and novelty (issue 9; seeds 001 and 004) -----------------------------
+# make hierarchy-cub CUB_ROOT=/data/CUB_200_2011 [HIERARCHY_BACKBONE=dinov2_vitl14]
+# 004's per-level table for the three multi-level heads (order → family → species, 3 seeds), then
+# a run with 20 % of the families held out and 001's novelty table on its novel test rows.
+HIERARCHY_BACKBONE ?= dinov2_vitl14
+HIERARCHY_FIT = $(FGEMBED) fit --store $(PAPER_DIR)/cub.zarr --runs $(PAPER_DIR)/runs-cub --features $(HIERARCHY_BACKBONE) \
+  --seeds 0,1,2 --quiet $(FIT_FLAGS)
+.PHONY: hierarchy-cub
+hierarchy-cub: | install
+	@test -n "$(CUB_ROOT)" || { echo "error: set CUB_ROOT=/path/to/the/dataset"; exit 2; }
+	$(FGEMBED) extract --dataset cub --root $(CUB_ROOT) --store $(PAPER_DIR)/cub.zarr \
+	  --backbone $(HIERARCHY_BACKBONE) $(EXTRACT_FLAGS)
+	for h in independent shared disentangled; do \
+	  $(HIERARCHY_FIT) --levels order,family,species --hierarchy $$h || exit $$?; done
+	$(FGEMBED) novelty --format md --plot $(PAPER_DIR)/hierarchy-cub-roc.png \
+	  $$($(HIERARCHY_FIT) --holdout 0.2 --holdout-level family --json \
+	     | $(BIN)/python -c "import json, sys; print(json.load(sys.stdin)['run'])")

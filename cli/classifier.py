@@ -18,11 +18,14 @@ from ._options import (
     DRAW,
     EPOCHS,
     HEAD,
+    HIERARCHY,
     HOLDOUT,
     HOLDOUT_LEVEL,
     HOLDOUT_SEED,
     L2,
     LEVEL,
+    LEVEL_WEIGHTS,
+    LEVELS,
     LR,
     PROJECT,
     PROJECT_DIM,
@@ -43,7 +46,8 @@ def _configs(store, features: tuple[str, ...], fusion: str, head: str, project: 
              l2: bool, level: str | None, epochs: int, lr: str, weight_decay: str, batch_size: int, seeds: str,
              classes: Path | None = None, holdout: float = 0.0, holdout_level: str | None = None,
              holdout_seed: int = 0, shots: int | None = None, draw: int = 0, balance: str = "none",
-             shot_bins: str = "20,100"):
+             shot_bins: str = "20,100", levels: str = "", hierarchy: str = "shared",
+             level_weights: str | None = None):
     """The RunConfig both commands build from their shared options."""
     from fgembed.longtail import parse_shot_bins
     from fgembed.runs import HeadConfig, RunConfig
@@ -54,7 +58,9 @@ def _configs(store, features: tuple[str, ...], fusion: str, head: str, project: 
                       holdout_seed=holdout_seed, shots=shots, draw=draw)
     head_config = HeadConfig(head=head, level=level, epochs=epochs, lr=floats(lr, "--lr"),
                              weight_decay=floats(weight_decay, "--weight-decay"), batch_size=batch_size,
-                             seeds=ints(seeds, "--seeds"), balance=balance, shot_bins=parse_shot_bins(shot_bins))
+                             seeds=ints(seeds, "--seeds"), balance=balance, shot_bins=parse_shot_bins(shot_bins),
+                             levels=tuple(v.strip() for v in levels.split(",") if v.strip()), hierarchy=hierarchy,
+                             level_weights=None if level_weights is None else floats(level_weights, "--level-weights"))
     return RunConfig(view, head_config)
 
 
@@ -69,6 +75,7 @@ def fit(
     classes: Path | None = CLASSES, holdout: float = HOLDOUT, holdout_level: str | None = HOLDOUT_LEVEL,
     holdout_seed: int = HOLDOUT_SEED, shots: int | None = SHOTS, draw: int = DRAW,
     balance: str = BALANCE, shot_bins: str = SHOT_BINS,
+    levels: str = LEVELS, hierarchy: str = HIERARCHY, level_weights: str | None = LEVEL_WEIGHTS,
     draws: int = typer.Option(1, min=1, help="With --shots: train on N seeded draws (--draw, --draw+1, …) and "
                               "report mean ± std over the draws."),
     device: str = DEVICE, runs: Path = RUNS,
@@ -88,7 +95,7 @@ def fit(
     names = tuple(features.split("+"))
     config = _configs(opened, names, fusion if len(names) > 1 else "single", head, project, project_dim, l2, level,
                       epochs, lr, weight_decay, batch_size, seeds, classes, holdout, holdout_level, holdout_seed,
-                      shots, draw, balance, shot_bins)
+                      shots, draw, balance, shot_bins, levels, hierarchy, level_weights)
     if draws > 1 and config.view.shots is None:
         raise FgembedError("--draws repeats the --shots draw: give --shots K too")
     with warnings.catch_warnings(record=True) as caught:
@@ -114,11 +121,20 @@ def fit(
     if len(config.head.lr) * len(config.head.weight_decay) > 1:
         chosen = ", ".join(f"seed {s}: lr {c['lr']:g} wd {c['weight_decay']:g}"
                            for s, c in zip(m["seeds"], m["chosen"]) if c)
-        out.print(f"chosen on validation F1: {chosen}", highlight=False)
+        selected = "macro" if config.head.balance != "none" else "weighted"
+        out.print(f"chosen on validation F1 ({selected}): {chosen}", highlight=False)
     if "by_frequency" in m:
         out.print("by training frequency: " + "  ".join(
-            f"{b} ({m['by_frequency'][b]['n_classes']:.0f} classes) {100 * m['by_frequency'][b]['accuracy']:.2f}"
+            f"{b} ({m['by_frequency'][b]['n_classes']:.0f} classes) "
+            + ("–" if m["by_frequency"][b]["accuracy"] is None else f"{100 * m['by_frequency'][b]['accuracy']:.2f}")
             for b in ("many", "medium", "few")), highlight=False)
+    for name, lm in m.get("levels", {}).items():
+        out.print(f"  {name}: accuracy {100 * lm['accuracy']:.2f}{std_of(lm, 'accuracy', m)}  "
+                  f"F1 (weighted) {100 * lm['f1']:.2f}{std_of(lm, 'f1', m)}", highlight=False)
+    if "levels" in m:
+        severity = "–" if m["mistake_severity"] is None else f"{m['mistake_severity']:.2f}"
+        out.print(f"avg accuracy {100 * m['avg_accuracy']:.2f}{std_of(m, 'avg_accuracy', m)}  consistency "
+                  f"{100 * m['consistency']:.2f}  mistake severity (LCA depth) {severity}", highlight=False)
     if m.get("holdout_classes"):
         out.print(f"held out {len(m['holdout_classes'])} classes: {m['n_novel']} novel test rows (not scored here)",
                   highlight=False)
@@ -126,6 +142,11 @@ def fit(
     if dropped:
         err.print("[yellow]rows left out (an image failed in a member): "
                   + ", ".join(f"{k} {v}" for k, v in dropped.items()) + "[/yellow]")
+
+
+def std_of(block: dict, key: str, m: dict) -> str:
+    """' ± std' (percent) of `block[key]` when the run has several seeds."""
+    return f" ± {100 * block[key + '_std']:.2f}" if len(m["seeds"]) > 1 else ""
 
 
 def _print_draws(runs: list, shots: int) -> None:
@@ -157,6 +178,10 @@ def ensemble(
     fmt: str = typer.Option("md", "--format", help="Table printed to stdout: md, csv, latex or json."),
     name: str = typer.Option("ensemble", help="Output name: writes RUNS/NAME.{md,csv,tex,json,png}."),
     title: str = typer.Option("weighted F1 on the test split", help="Bar chart title."),
+    balance: str = BALANCE, shot_bins: str = SHOT_BINS,
+    by_frequency: bool = typer.Option(False, help="Add many/medium/few-shot accuracy columns (--shot-bins)."),
+    cost: bool = typer.Option(False, help="Add each row's inference GMACs per image (sum over members, from "
+                              "`fgembed bench`) and plot F1 against cost with the Pareto front (NAME-pareto.png)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Score single backbones and their fusions, ranked by weighted F1.
@@ -165,7 +190,7 @@ def ensemble(
     every format and a bar chart of the ranking next to the runs.
     """
     from fgembed.ensemble import plan, score
-    from fgembed.report import format_table, write_report
+    from fgembed.report import extra_columns, format_table, write_report
     from fgembed.store import FeatureStore
 
     names = [m.strip() for m in members.split(",") if m.strip()]
@@ -176,17 +201,37 @@ def ensemble(
     opened = FeatureStore.open(store)
     # a `sum` base view carries l2 / projection settings to every fused run (its members are replaced)
     base = _configs(opened, tuple(names), "sum" if len(names) > 1 else "single", head, project, project_dim, l2,
-                    level, epochs, lr, weight_decay, batch_size, seeds)
+                    level, epochs, lr, weight_decay, batch_size, seeds, balance=balance, shot_bins=shot_bins)
     err.print(f"ensemble: {len(combos)} rows from {len(names)} members", highlight=False)
     entries = score(opened, runs, combos, base, device=device, force=force,
                     late_mode=late_mode, late_weights=late_weights, progress=not quiet)
-    table = format_table(entries, fmt)
-    written = write_report(entries, runs, name, title)
-    if fmt == "md" and out.is_terminal:
+    if cost:
+        _add_costs(opened, entries, store)
+    extra = extra_columns(by_frequency, cost)
+    table = format_table(entries, fmt, extra)
+    written = write_report(entries, runs, name, title, extra)
+    if fmt == "md" and out.is_terminal and not extra:
         print_ranking(entries)
     else:
         out.file.write(table)
     err.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
+
+
+def _add_costs(opened, entries, store_path: Path) -> None:
+    """Each row's cost (`report.combine_costs` of its members' `fgembed bench` records) into its
+    metrics; one warning line names the members never benchmarked and the command that fixes it."""
+    from fgembed.bench import read_cost
+    from fgembed.ensemble import split_member
+    from fgembed.report import combine_costs
+
+    members = {m for e in entries for m in e.combination.members}
+    costs = {m: read_cost(opened, split_member(m)[0]) for m in members}
+    missing = sorted({split_member(m)[0] for m, c in costs.items() if c is None})
+    if missing:
+        err.print(f"[yellow]warning: no cost recorded for {', '.join(missing)} (shown as –): run "
+                  f"`fgembed bench {' '.join('--backbone ' + m for m in missing)} --store {store_path}`[/yellow]", highlight=False)
+    for entry in entries:
+        entry.metrics = {**entry.metrics, **combine_costs([costs[m] for m in entry.combination.members])}
 
 
 def print_ranking(entries) -> None:

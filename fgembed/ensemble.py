@@ -160,7 +160,7 @@ def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: 
         else:
             runs[key] = run
     todo.sort(key=lambda item: repr(item[1].view))
-    total = sum(config.head.epochs for _, config in todo)
+    total = sum(config.head.total_epochs for _, config in todo)
     with progress_bar(total, "ensemble", enabled=progress, unit="epoch") as tick:
         view = None
         for key, config in todo:

@@ -69,6 +69,9 @@ class HeadConfig:
     seeds: tuple[int, ...] = (0,)
     balance: str = "none"           # a name in fgembed.train.BALANCES (trained heads only)
     shot_bins: tuple[int, int] = SHOT_BINS  # few < LOW ≤ medium ≤ HIGH < many, for by_frequency
+    levels: tuple[str, ...] = ()    # coarse → fine taxonomy levels (multi-level head); () = one level
+    hierarchy: str = "shared"       # a name in fgembed.hierarchy.HIERARCHIES (with levels only)
+    level_weights: tuple[float, ...] | None = None  # per-level loss weights (with levels only)
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -95,12 +98,44 @@ class HeadConfig:
             raise FgembedError(f"learning rates must be > 0 and weight decays ≥ 0; got {self.lr}, {self.weight_decay}")
         if int(self.epochs) < 1 or int(self.batch_size) < 2:
             raise FgembedError(f"epochs must be ≥ 1 and batch size ≥ 2; got {self.epochs}, {self.batch_size}")
+        self._fix_levels(fix, as_tuple)
         # settings the head does not take cannot matter: reset, so they never split a key
         accepted = self.head_params()
         defaults = HeadConfig.__dataclass_fields__
         for name in ("dropout", "hidden", "epochs", "batch_size", "lr", "weight_decay"):
             if name not in accepted:
                 fix(name, defaults[name].default)
+
+    def _fix_levels(self, fix, as_tuple) -> None:
+        """Canonical multi-level settings ('species' → 'label'); without levels they reset, so a
+        single-level run's key never changes."""
+        from .hierarchy import HIERARCHIES, list_hierarchies
+        levels = tuple("label" if level_key(v) is None else str(v) for v in as_tuple(self.levels) if v != "")
+        fix("levels", levels)
+        if not levels:
+            fix("hierarchy", "shared")
+            fix("level_weights", None)
+            return
+        if self.hierarchy not in HIERARCHIES:
+            raise FgembedError(f"unknown --hierarchy {self.hierarchy!r}; choose from {', '.join(list_hierarchies())}")
+        if len(levels) < 2 or len(set(levels)) != len(levels):
+            raise FgembedError(f"--levels needs two or more distinct levels, coarse to fine; got {','.join(levels)}")
+        if self.head != "mlp" or self.balance != "none" or self.level is not None:
+            raise FgembedError("--levels trains the MLP head on every level; "
+                               "it takes no other --head, --balance or --level")
+        if len(self.lr) * len(self.weight_decay) > 1:
+            raise FgembedError("--levels trains at one learning rate and weight decay; give one of each")
+        if self.level_weights is not None:
+            weights = tuple(float(w) for w in as_tuple(self.level_weights))
+            if len(weights) != len(levels) or min(weights) < 0:
+                raise FgembedError(f"--level-weights needs {len(levels)} values ≥ 0 (one per level); got "
+                                   f"{','.join(map(str, weights))}")
+            fix("level_weights", weights)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs a progress bar counts: `second-stage` adds its balanced epochs."""
+        return self.epochs + (SECOND_STAGE_EPOCHS if self.balance == "second-stage" else 0)
 
     def head_params(self) -> set[str]:
         return set(inspect.signature(HEADS[self.head].__init__).parameters) - {"self"}
@@ -115,7 +150,9 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        return re.sub(r"[^\w.+-]", "_", self.view.label + ("" if self.head.head == "mlp" else f"@{self.head.head}"))
+        head = ("" if self.head.head == "mlp" else f"@{self.head.head}")
+        head += f"@{self.head.hierarchy}" if self.head.levels else ""
+        return re.sub(r"[^\w.+-]", "_", self.view.label + head)
 
     def to_json(self) -> dict:
         return {"view": dataclasses.asdict(self.view), "head": dataclasses.asdict(self.head)}
@@ -185,11 +222,11 @@ class Run:
     def _logits_group(self) -> zarr.Group:
         return zarr.open_group(self.path / "logits.zarr", mode="r")
 
-    def logits(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def logits(self, split: str, level: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(store rows, [seeds, rows, classes] float16 logits) of the val or test split — whole;
-        at scale read them with `iter_logits`."""
+        at scale read them with `iter_logits`. `level` reads a multi-level run's `<level>/<split>`."""
         group = self._logits_group()
-        return group[f"{split}_rows"][:], group[split][:]
+        return group[f"{split}_rows"][:], group[f"{level}/{split}" if level else split][:]
 
     def rows(self, split: str) -> np.ndarray:
         return self._logits_group()[f"{split}_rows"][:]
@@ -212,7 +249,11 @@ class Run:
         return load_projection(self.path)
 
     def load_heads(self, device: str = "cpu") -> list:
-        """The kept head of every seed, rebuilt from its saved state dict."""
+        """The kept head of every seed, rebuilt from its saved state dict (a multi-level run's:
+        its `hierarchy` module, whose forward gives one logit tensor per level)."""
+        if self.config.head.levels:
+            from .level_runs import load_modules
+            return load_modules(self, device)
         dims, n_classes = self.meta["dims"], self.meta["n_classes"]
         template = self.config.make_head(dims, device)
         input_dim = self.metrics["input_dim"]
@@ -273,14 +314,16 @@ def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device
         view = view or build_view(store, config.view, progress=False)
         return _train(store, config, view, identity, path, device, tick)
     view = view or build_view(store, config.view, progress=progress)
-    epochs = config.head.epochs + (SECOND_STAGE_EPOCHS if config.head.balance == "second-stage" else 0)
-    with progress_bar(epochs, config.label, enabled=progress, unit="epoch") as own:
+    with progress_bar(config.head.total_epochs, config.label, enabled=progress, unit="epoch") as own:
         return _train(store, config, view, identity, path, device, own)
 
 
 def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, path: Path, device: str,
            on_epoch: Callable[..., None]) -> Run:
     h, level = config.head, config.head.level
+    if h.levels:  # one multi-level model per seed (fgembed.hierarchy); written by level_runs
+        from .level_runs import train_levels
+        return train_levels(store, config, view, identity, path, device, on_epoch)
     y_train, y_val, y_test = (view.labels(s, level) for s in ("train", "val", "test"))
     n_classes = view.n_classes(level)
     started = time.perf_counter()
@@ -318,7 +361,9 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     train_counts = view.class_counts("train", level)
     for k, metrics_k in enumerate(per_seed):  # argmax of the stored float16 test logits, seen rows only
         pred = np.asarray(group["test"][k]).astype(np.float32).argmax(1)[seen]
-        metrics_k["by_frequency"] = by_frequency(y_test[seen], pred, train_counts, h.shot_bins)
+        bins = by_frequency(y_test[seen], pred, train_counts, h.shot_bins)
+        # an empty bin has no accuracy: null in JSON (NaN is not JSON, and never equals itself)
+        metrics_k["by_frequency"] = {name: {k: None if np.isnan(v) else v for k, v in b.items()} for name, b in bins.items()}
     for seed, fitted in zip(h.seeds, heads):
         save_torch({k: v.detach().cpu().contiguous() for k, v in fitted.module_.state_dict().items()},
                    str(tmp / f"head-seed{seed}.safetensors"))
@@ -376,7 +421,11 @@ def summarise(per_seed: list[dict[str, float]]) -> dict[str, float]:
         if isinstance(per_seed[0][key], dict):  # nested blocks keep the same flat convention inside
             out[key] = summarise([m[key] for m in per_seed])
             continue
-        values = np.array([m[key] for m in per_seed])
+        # None: no value for that seed (an empty shot bin; mistake severity of a seed with no mistake)
+        values = np.array([m[key] for m in per_seed if m[key] is not None])
+        if not len(values):
+            out[key], out[f"{key}_std"] = None, None
+            continue
         out[key] = float(values.mean())
         out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     return out

@@ -1,0 +1,36 @@
+"""`fgembed novelty`: open-set novelty scores of finished runs with held-out classes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ._common import app, err
+
+RUN_DIRS = typer.Argument(..., metavar="RUN_DIR", help="Run directories (several: a late-fusion ensemble).")
+PLOT = typer.Option(None, help="Write ROC curves to this image.")
+
+
+@app.command()
+def novelty(
+    run_dirs: list[Path] = RUN_DIRS,
+    scores: str = typer.Option("msp,maxlogit,energy,knn,mahalanobis,gmm", help="Comma-separated novelty scores."),
+    tau: float | None = typer.Option(None, help="MSP threshold for 001's fixed-τ row (default 0.5 at the fine level)."),
+    k: int = typer.Option(10, min=1, help="Neighbours of the knn score."),
+    target_tpr: float = typer.Option(0.95, help="Fraction of seen validation rows kept by calibrated thresholds."),
+    fmt: str = typer.Option("md", "--format", help="md, csv, latex or json."),
+    plot: Path | None = PLOT,
+) -> None:
+    """Score how novel each test row is (held-out classes = positives): AUROC, AUPR, FPR@95 and
+    seed 001's overall / seen / unseen accuracy; per-row scores go to the first run's novelty.zarr."""
+    from fgembed.novelty import format_table, plot_roc
+    from fgembed.novelty_runs import score_runs
+
+    format_table([], fmt)  # refuses an unknown format before any work
+    result = score_runs(run_dirs, [s.strip() for s in scores.split(",") if s.strip()], tau=tau, k=k,
+                        target_tpr=target_tpr)
+    typer.echo(format_table(result.records, fmt), nl=False)  # exact text: json/csv must parse
+    err.print(f"per-row scores → {result.path}", highlight=False, markup=False)
+    if plot is not None:
+        plot_roc({name: (s, result.novel) for name, s in result.scores.items()}, plot)
+        err.print(f"ROC → {plot}", highlight=False, markup=False)

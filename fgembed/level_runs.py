@@ -1,0 +1,123 @@
+"""Multi-level runs: `HeadConfig.levels` trains one taxonomy-aware model per seed
+(`hierarchy.fit_levels`) and writes a run directory in the same layout as a single-level run:
+logits per level at `logits.zarr/<level>/{val,test}` `[seeds, rows, classes]` float16 (rows at
+`logits.zarr/{val,test}_rows`), `head-seed<S>.safetensors`, and metrics.json whose top-level
+flat keys are the fine level's (so tables rank multi-level runs by fine F1 like any other run),
+plus `levels.<level>.*`, `avg_accuracy`, `consistency` and `mistake_severity`, each with its
+`_std` over seeds. Metrics are computed from the stored float16 logits on seen test rows."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import zarr
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
+
+from . import __version__
+from .devices import resolve_device
+from .hierarchy import (
+    Taxonomy,
+    consistency_rate,
+    create_hierarchy,
+    fit_levels,
+    level_metrics,
+    mistake_severity,
+    predict_levels,
+)
+from .metrics import classification_metrics
+from .store import FeatureStore
+from .train import selection
+from .views import View
+
+
+def train_levels(store: FeatureStore, config, view: View, identity: dict, path: Path, device: str,
+                 on_epoch: Callable[..., None]):
+    """Train, write and return the multi-level `Run` of `config` (called by `runs._train`)."""
+    from .runs import (
+        FORMAT_VERSION,
+        LOGIT_ROWS,
+        MASKED,
+        Run,
+        _remove_abandoned,
+        summarise,
+    )
+    h, levels = config.head, config.head.levels
+    ys = {s: [view.labels(s, lv) for lv in levels] for s in ("train", "val", "test")}
+    n_classes = [view.n_classes(lv) for lv in levels]
+    started = time.perf_counter()
+    fits = fit_levels(h.hierarchy, view.X("train"), ys["train"], view.X("val"), ys["val"], n_classes,
+                      seeds=h.seeds, lr=h.lr[0], weight_decay=h.weight_decay[0], epochs=h.epochs,
+                      batch_size=h.batch_size, level_weights=h.level_weights, hidden=h.hidden,
+                      dropout=h.dropout, device=device,  # seeds train one after another: one bar of `epochs`
+                      on_epoch=lambda n=1: on_epoch(n / len(h.seeds)))
+    seconds = time.perf_counter() - started
+    excluded = {lv: view.excluded_classes(lv) for lv in levels}
+
+    _remove_abandoned(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    group = zarr.open_group(tmp / "logits.zarr", mode="w")
+    for split in ("val", "test"):
+        group.create_array(f"{split}_rows", data=view.rows[split].astype(np.int64))
+        X = view.X(split)
+        for lv, c in zip(levels, n_classes):
+            group.create_array(f"{lv}/{split}", shape=(len(fits), len(X), c), dtype="float16",
+                               chunks=(1, LOGIT_ROWS, c))
+        for k, fit in enumerate(fits):
+            for start in range(0, len(X), LOGIT_ROWS):
+                for lv, z in zip(levels, predict_levels(fit.module, X[start:start + LOGIT_ROWS])):
+                    z[:, excluded[lv]] = MASKED
+                    group[f"{lv}/{split}"][k, start:start + len(z)] = z.astype(np.float16)
+    seen = ~view.novel
+    taxonomy = Taxonomy.from_store(store, levels)
+    per_seed = []
+    for k in range(len(fits)):  # scored from the stored float16 logits: what every reader sees
+        z = [np.asarray(group[f"{lv}/test"][k]).astype(np.float32)[seen] for lv in levels]
+        y = [t[seen] for t in ys["test"]]
+        preds = [zk.argmax(1) for zk in z]
+        severity = mistake_severity(preds[-1], y[-1], taxonomy)
+        per_seed.append(classification_metrics(z[-1], y[-1]) | level_metrics(z, y, levels) | {
+            "consistency": consistency_rate(preds, taxonomy),
+            "mistake_severity": None if np.isnan(severity) else severity})  # NaN is not JSON
+    for fit in fits:
+        save_torch({k: v.detach().cpu().contiguous() for k, v in fit.module.state_dict().items()},
+                   str(tmp / f"head-seed{fit.seed}.safetensors"))
+    (tmp / "history.json").write_text(json.dumps({str(f.seed): f.history for f in fits}))
+    meta = {"format_version": FORMAT_VERSION, "fgembed_version": __version__, "config": config.to_json(),
+            "store": identity, "store_path": str(store.path), "dims": view.dims,
+            "n_classes": n_classes[-1], "level_classes": dict(zip(levels, n_classes)),
+            "holdout_classes": view.holdout_classes, "excluded_classes": excluded[levels[-1]].tolist(),
+            "selection": selection(h.balance)}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+    metrics = summarise(per_seed) | {
+        "seeds": list(h.seeds), "per_seed": per_seed, "hierarchy": h.hierarchy, "level_order": list(levels),
+        "best_epoch": [f.best_epoch for f in fits], "best_val_f1": [f.best_val_f1 for f in fits],
+        "n_train": len(view.rows["train"]), "n_val": len(view.rows["val"]), "n_test": int(seen.sum()),
+        "dropped": view.dropped, "test_rows_dropped": view.dropped["test"], "input_dim": view.input_dim,
+        "train_seconds": seconds,
+    }
+    if view.holdout_classes:
+        metrics |= {"holdout_classes": view.holdout_classes, "n_novel": int(view.novel.sum())}
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return Run(path, config, metrics, identity, meta=meta)
+
+
+def load_modules(run, device: str = "cpu") -> list:
+    """Each seed's multi-level module (eval mode), rebuilt from `head-seed<S>.safetensors`."""
+    h = run.config.head
+    n_classes = [run.meta["level_classes"][lv] for lv in h.levels]
+    modules = []
+    for seed in h.seeds:
+        module = create_hierarchy(h.hierarchy, run.metrics["input_dim"], n_classes, hidden=h.hidden, dropout=h.dropout)
+        module.load_state_dict(load_torch(str(run.path / f"head-seed{seed}.safetensors"), device="cpu"))
+        modules.append(module.to(resolve_device(device)).eval())
+    return modules
