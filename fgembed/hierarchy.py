@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from .devices import resolve_device
 from .errors import FgembedError
 from .metrics import classification_metrics, f1_torch
+from .plots import save_figure
 
 BLOCK_ROWS = 16384          # rows per prediction / decoding block
 LEVEL_ALIASES = {"species": "label"}  # CUB and iNat fine labels are species (CONVENTIONS)
@@ -432,9 +433,4 @@ def plot_selective_curve(curves: dict[str, dict[str, list[float]]], path: str | 
     ax.set_ylabel("accuracy at the answered level (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

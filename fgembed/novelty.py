@@ -41,6 +41,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from .errors import FgembedError
 from .fusion import l2_normalise, late_fusion
+from .plots import save_figure
 
 BLOCK_ROWS = 16384
 MAHALANOBIS_ELEMENTS = 1 << 24             # rows × classes per distance chunk
@@ -365,9 +366,4 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     ax.set_ylabel("true positive rate (novel rows flagged)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FgembedError
+from .plots import save_figure
 
 if TYPE_CHECKING:  # tables only read entries: importing the report stays free of the training stack
     from rich.table import Table
@@ -192,12 +193,7 @@ def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 
     present = dict.fromkeys(r["strategy"] for r in records[::-1])
     ax.legend(handles=[Patch(color=STRATEGY_COLOURS[s], label=STRATEGY_NAMES[s]) for s in present],
               loc="lower right", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compare(records: list[dict], expected: dict[str, dict], rename: dict[str, str] | None = None) -> str:

@@ -19,6 +19,7 @@ import ot
 from .datasets.table import SPLIT_NAMES
 from .errors import FgembedError
 from .images import FAILED
+from .plots import save_figure
 from .progress import progress_bar
 from .store import FeatureStore, _key
 
@@ -263,9 +264,4 @@ def heatmap(results: list[SimilarityResult], path: str | Path, gamma: float = DE
                         color="white" if (value - low) / (high - low) < 0.6 else "black")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("similarity")
     fig.suptitle(f"domain similarity exp(−γ·EMD), γ = {gamma:g}", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
