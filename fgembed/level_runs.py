@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +44,9 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
         MASKED,
         Run,
         _remove_abandoned,
+        publish,
         summarise,
+        view_counts,
     )
     h, levels = config.head, config.head.levels
     ys = {s: [view.labels(s, lv) for lv in levels] for s in ("train", "val", "test")}
@@ -98,16 +99,9 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
     metrics = summarise(per_seed) | {
         "seeds": list(h.seeds), "per_seed": per_seed, "hierarchy": h.hierarchy, "level_order": list(levels),
         "best_epoch": [f.best_epoch for f in fits], "best_val_f1": [f.best_val_f1 for f in fits],
-        "n_train": len(view.rows["train"]), "n_val": len(view.rows["val"]), "n_test": int(seen.sum()),
-        "dropped": view.dropped, "test_rows_dropped": view.dropped["test"], "input_dim": view.input_dim,
-        "train_seconds": seconds,
+        **view_counts(view, seen), "train_seconds": seconds,
     }
-    if view.holdout_classes:
-        metrics |= {"holdout_classes": view.holdout_classes, "n_novel": int(view.novel.sum())}
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    publish(tmp, path, metrics)
     return Run(path, config, metrics, identity, meta=meta)
 
 

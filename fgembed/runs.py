@@ -380,19 +380,29 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
         "best_epoch": [getattr(f, "best_epoch_", None) for f in heads],
         "best_val_f1": [getattr(f, "best_val_f1_", None) for f in heads],
         "chosen": [getattr(f, "chosen_", None) for f in heads],
-        "n_train": len(view.rows["train"]), "n_val": len(view.rows["val"]), "n_test": int(seen.sum()),
-        "dropped": view.dropped, "test_rows_dropped": view.dropped["test"], "input_dim": view.input_dim,
-        "train_seconds": seconds,
+        **view_counts(view, seen), "train_seconds": seconds,
     }
     if len(h.lr) * len(h.weight_decay) > 1:
         metrics["grid"] = [getattr(f, "grid_", None) for f in heads]
+    publish(tmp, path, metrics)
+    return Run(path, config, metrics, identity, meta=meta)
+
+
+def view_counts(view: View, seen: np.ndarray) -> dict:
+    """The rows a run saw, per split, and what the view left out or held out (metrics.json)."""
+    counts = {"n_train": len(view.rows["train"]), "n_val": len(view.rows["val"]), "n_test": int(seen.sum()),
+              "dropped": view.dropped, "test_rows_dropped": view.dropped["test"], "input_dim": view.input_dim}
     if view.holdout_classes:
-        metrics |= {"holdout_classes": view.holdout_classes, "n_novel": int(view.novel.sum())}
+        counts |= {"holdout_classes": view.holdout_classes, "n_novel": int(view.novel.sum())}
+    return counts
+
+
+def publish(tmp: Path, path: Path, metrics: dict) -> None:
+    """Write metrics.json last, then move the finished temp folder into the run's place."""
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
-    return Run(path, config, metrics, identity, meta=meta)
 
 
 def _remove_abandoned(path: Path) -> None:
