@@ -6,14 +6,17 @@ that way (normalisation then happens on the device, see `devices.py`), its whole
 where it does not. Batches never cross a shard boundary and each shard is batched the same way on
 every run, so a resumed or multi-process extraction gives the same numbers as an uninterrupted
 one. A writer thread puts finished shards into the store while the model runs on. Under
-torchrun, ranks take disjoint contiguous slices of the pending shards.
+torchrun, ranks take disjoint contiguous slices of the pending shards; each stage ends with the
+ranks exchanging verdicts, so a failure on one (a bug, Ctrl-C) is one line on the others instead
+of a collective that waits for a rank that is gone. The writer locks are released on every exit.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from .datasets import SampleTable
 from .devices import (
     DeviceModel,
     HostCopies,
+    Precision,
     StageClock,
     backend_flags,
     default_workers,
@@ -38,7 +42,7 @@ from .devices import (
     resolve_precision,
 )
 from .errors import FgembedError
-from .images import TRANSFORM_FAILED, load_rgb
+from .images import OK, STATUS_NAMES, TRANSFORM_FAILED, load_rgb
 from .progress import progress_bar
 from .store import DEFAULT_SHARD_ROWS, FeatureStore
 
@@ -197,39 +201,75 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+@contextlib.contextmanager
+def _failures_shared(stage: str, rank: int, world: int) -> Iterator[None]:
+    """Every rank learns whether any rank failed in the block, so none waits on a collective for
+    a rank that is gone: the failed rank re-raises its own error (traceback and all), the others
+    raise one line naming it. FgembedError is bad input: every rank prints the same line."""
+    failure: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:  # Ctrl-C and bugs too: the other ranks are waiting on the gather below
+        failure = exc
+    verdicts: list[tuple[str, int] | None] = [None] * world
+    if world > 1:
+        try:
+            dist.all_gather_object(verdicts, _verdict(failure, rank, stage))
+        except Exception as exc:  # a rank died without a word (killed): the collective itself fails
+            if failure is None:
+                raise FgembedError(f"another rank stopped while {stage} ({' '.join(str(exc).split())[:200]}); "
+                                   "see its output", exit_code=1) from None
+    if failure is not None:
+        raise failure
+    for verdict in verdicts:
+        if verdict is not None:
+            raise FgembedError(*verdict)
+
+
+def _verdict(failure: BaseException | None, rank: int, stage: str) -> tuple[str, int] | None:
+    """What the other ranks print about this rank's failure: (one line, exit code)."""
+    if failure is None:
+        return None
+    if isinstance(failure, FgembedError):
+        return str(failure), failure.exit_code
+    what = " ".join(str(failure).split())[:500] or "no message"
+    return f"rank {rank} failed while {stage} ({type(failure).__name__}: {what}); see its output above", 1
+
+
 def _prepare_store(path: Path, table: SampleTable, backbones: list[Backbone], options: ExtractOptions,
                    precision: str, rank: int, world: int) -> FeatureStore:
     """Rank 0 takes the job's writer locks and creates or checks the store; others wait for its
-    verdict, errors included, and write their shards lock-free. Rank 0's store holds the locks
-    until `release()` (or until the process ends, however it ends)."""
-    error, store = None, None
-    if rank == 0:
-        from .progress import stderr
-
-        device = resolve_device(options.device)
-        recorded = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                    "cuda": torch.version.cuda, "host": os.uname().nodename, "root": str(Path(table.root).resolve())}
-        try:
-            store = FeatureStore.create(path, table, options.shard_rows, options.overwrite,
-                                        names=[b.name for b in backbones])
-            for b in backbones:
-                store.lock_features(b.name)
-            for b in backbones:
-                hub = getattr(getattr(b.model, "config", None), "_commit_hash", None)
-                for warning in store.prepare(b.name, {**b.fingerprint, "precision": precision}, b.dim,
-                                             options.dtype, options.overwrite, {**recorded, "hub_revision": hub}):
-                    stderr.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
-        except FgembedError as exc:
-            error = str(exc)
-            if store is not None:
-                store.release()
-    if world > 1:
-        verdict = [error]
-        dist.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
-    if error:
-        raise FgembedError(error)
+    verdict, any failure included, and write their shards lock-free. Rank 0's store holds the
+    locks until `release()`; on a failure here they are released before this returns."""
+    store = None
+    try:
+        with _failures_shared("preparing the store", rank, world):
+            if rank == 0:
+                store = FeatureStore.create(path, table, options.shard_rows, options.overwrite,
+                                            names=[b.name for b in backbones])
+                _prepare_groups(store, table, backbones, options, precision)
+    except BaseException:
+        if store is not None:
+            store.release()
+        raise
     return store if store is not None else FeatureStore.open(path, "r+")
+
+
+def _prepare_groups(store: FeatureStore, table: SampleTable, backbones: list[Backbone], options: ExtractOptions,
+                    precision: str) -> None:
+    """Lock, create or check each backbone's group; warn where only the recorded part differs."""
+    from .progress import stderr
+
+    device = resolve_device(options.device)
+    recorded = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                "cuda": torch.version.cuda, "host": os.uname().nodename, "root": str(Path(table.root).resolve())}
+    for b in backbones:
+        store.lock_features(b.name)
+    for b in backbones:
+        hub = getattr(getattr(b.model, "config", None), "_commit_hash", None)
+        for warning in store.prepare(b.name, {**b.fingerprint, "precision": precision}, b.dim,
+                                     options.dtype, options.overwrite, {**recorded, "hub_revision": hub}):
+            stderr.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 def extract(table: SampleTable, store_path: str | Path, backbone_names: list[str],
@@ -259,12 +299,52 @@ def extract(table: SampleTable, store_path: str | Path, backbone_names: list[str
     if not options.load.pretrained:
         announcements.append("random-initialised weights (--no-pretrained): embeddings are not meaningful "
                              "features, only a test of the pipeline")
-    backbones = [load_backbone(name, options.load) for name in backbone_names]
-    kinds, steps = _feed_kinds(backbones, options)
+    with _failures_shared("loading the backbones", rank, world):
+        backbones = [load_backbone(name, options.load) for name in backbone_names]
+        kinds, steps = _feed_kinds(backbones, options)
     for b, kind in zip(backbones, kinds):  # how the numbers were made: strict fingerprint keys
         b.fingerprint = {**b.fingerprint, "precision": precision.name, "compile": options.compile, "feed": kind}
     store = _prepare_store(Path(store_path), table, backbones, options, precision.name, rank, world)
+    with store:  # rank 0's writer locks are released however this ends (an error, Ctrl-C)
+        with _failures_shared("extracting", rank, world):  # also the barrier before groups are marked complete
+            run = _extract_pending(store, table, backbones, kinds, steps, options, device, precision, workers,
+                                   rank, world)
+        seconds = run.end - run.start
+        rate = run.processed / seconds if run.processed else 0.0
+        steady = (run.processed - run.first_rows) / (run.end - run.steady_start) if run.steady_start else 0.0
+        failures: list[tuple[int, str, str]] = []
+        if rank == 0:
+            for b in backbones:
+                store.mark_complete(b.name, round(rate * world, 2) if run.processed else None)
+            failures = _failures(store, [b.name for b in backbones])
+    summary = ExtractSummary(str(store_path), store.n_rows, {b.name: b.dim for b in backbones}, run.processed,
+                             store.n_shards - run.todo, failures, seconds, rate, announcements,
+                             (run.steady_start or run.end) - called, steady, precision.name,
+                             {b.name: k for b, k in zip(backbones, kinds)}, workers, run.stages)
+    if options.strict and failures:
+        first = failures[0]
+        raise FgembedError(f"--strict: {len(failures)} of {store.n_rows} images failed (first: {first[1]}, "
+                           f"{first[2]}); their rows are flagged in {store_path}", exit_code=1)
+    return summary
 
+
+@dataclass
+class _Pass:
+    """What one rank's pass over its pending shards did (timings for the summary)."""
+
+    processed: int
+    todo: int  # shards pending for any backbone, all ranks together
+    first_rows: int
+    steady_start: float | None
+    start: float
+    end: float
+    stages: dict[str, float]
+
+
+def _extract_pending(store: FeatureStore, table: SampleTable, backbones: list[Backbone], kinds: list[str],
+                     steps: dict, options: ExtractOptions, device: torch.device, precision: Precision,
+                     workers: int, rank: int, world: int) -> _Pass:
+    """Decode, embed and write this rank's share of the shards still pending for any backbone."""
     pending = {b.name: set(store.pending_shards(b.name)) for b in backbones}
     todo = sorted(set().union(*pending.values()))
     mine = [int(s) for s in np.array_split(np.array(todo, dtype=int), world)[rank]] if todo else []
@@ -333,27 +413,22 @@ def extract(table: SampleTable, store_path: str | Path, backbone_names: list[str
             collect(result)
         for w in writes:
             w.result()
-    end = time.perf_counter()
-    seconds = end - start
-    rate = processed / seconds if processed else 0.0
-    steady = (processed - first_rows) / (end - steady_start) if steady_start else 0.0
-    if world > 1:
-        dist.barrier()
-    failures: list[tuple[int, str, str]] = []
-    if rank == 0:
-        for b in backbones:
-            store.mark_complete(b.name, round(rate * world, 2) if processed else None)
-        store.release()  # the job's writer locks (rank 0 holds them)
-        failures = store.failures(backbones[0].name)
-    summary = ExtractSummary(str(store_path), store.n_rows, {b.name: b.dim for b in backbones}, processed,
-                             store.n_shards - len(todo), failures, seconds, rate, announcements,
-                             (steady_start or end) - called, steady, precision.name,
-                             {b.name: k for b, k in zip(backbones, kinds)}, workers, clock.totals())
-    if options.strict and failures:
-        first = failures[0]
-        raise FgembedError(f"--strict: {len(failures)} of {store.n_rows} images failed (first: {first[1]}, "
-                           f"{first[2]}); their rows are flagged in {store_path}", exit_code=1)
-    return summary
+    return _Pass(processed, len(todo), first_rows, steady_start, start, time.perf_counter(), clock.totals())
+
+
+def _failures(store: FeatureStore, names: list[str]) -> list[tuple[int, str, str]]:
+    """(image id, path, status) for every row flagged by any of `names`, one entry per image. A
+    decode failure flags the row for all of them; a status only some backbones show (a non-finite
+    embedding) names them, so `--strict` and the summary see every backbone of the run."""
+    status = np.stack([store.status(name) for name in names])
+    ids, paths = store.group["samples/id"][:], store.group["samples/path"][:]
+    out = []
+    for row in np.flatnonzero((status != OK).any(axis=0)):
+        codes = [STATUS_NAMES.get(int(c), str(c)) for c in status[:, row]]
+        text = codes[0] if len(set(codes)) == 1 else \
+            "; ".join(f"{code} ({name})" for name, code, c in zip(names, codes, status[:, row]) if c != OK)
+        out.append((int(ids[row]), str(paths[row]), text))
+    return out
 
 
 def _write_shard(store: FeatureStore, shard: int, parts: list) -> None:

@@ -9,41 +9,40 @@ separate processes can write disjoint shards without locks, and zarr's LocalStor
 writes each chunk atomically (temp file + rename), so a kill leaves whole chunks or none. `done`
 for a shard is written after its `emb` and `status`, so a set bit always covers finished data.
 
-Structure changes are atomic too: samples/ and each backbone group are built whole under
-`.fgembed/staging/` and renamed into place, and the root `zarr.json` (the "ready" mark) is
-written last. A kill at any moment leaves either the old state or the new one, plus debris in
-`.fgembed/` that the next writer clears under the setup lock (see `locks.py`).
+Structure changes are atomic too: samples/ and each backbone group are built whole aside and
+renamed into place, the old ones deleted only after (see `_store_setup.py`).
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Self
 
 import numpy as np
 import zarr
 
-from . import __version__
-from .datasets.identity import FileIdentity, file_identity, identity_differences
+from ._store_setup import (
+    STORE_FORMAT,
+    clear_debris,
+    disk_errors,
+    group_complete,
+    samples_complete,
+    scratch,
+    setup,
+    swap_in,
+)
+from .datasets.identity import file_identity
 from .datasets.table import SPLIT_NAMES, Level, SampleTable
 from .errors import FgembedError
 from .images import FAILED, NONFINITE, OK, STATUS_NAMES, TRUNCATED
 from .locks import HIDDEN, FileLock, features_lock, setup_lock
 
 DEFAULT_SHARD_ROWS = 256
-STORE_FORMAT, STORE_VERSION = "fgembed-store", 2
 # The fingerprint's strict part refuses a mismatch; these keys are the recorded part (warn only).
 FINGERPRINT_SCHEMA = 2
 RECORDED_KEYS = ("versions", "device", "cuda", "host", "root", "hub_revision")
-FEATURE_ARRAYS = ("emb", "done", "status")
 
 
 def _key(name: str) -> str:
@@ -74,26 +73,6 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     return _diff(split_fingerprint(old)[0], split_fingerprint(new)[0])
 
 
-@contextlib.contextmanager
-def _disk(path: Path) -> Iterator[None]:
-    """A full disk is one line that says the store is intact and how to go on."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise FgembedError(f"disk full while writing {path} ({exc.strerror}); the store is intact (finished "
-                           "shards are kept, the interrupted one is redone): free space and rerun the same "
-                           "command to resume") from None
-
-
-def _rows_sha256(ids: np.ndarray, paths: list[str]) -> str:
-    """The rows' identity without labels or splits: what embeddings depend on."""
-    h = hashlib.sha256(np.ascontiguousarray(np.asarray(ids, np.int64)).tobytes())
-    h.update(json.dumps([str(p) for p in paths], ensure_ascii=False).encode())
-    return h.hexdigest()
-
-
 @dataclass
 class BackboneInfo:
     name: str
@@ -117,7 +96,7 @@ class FeatureStore:
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
+    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             if (path / HIDDEN).is_dir():
@@ -127,63 +106,49 @@ class FeatureStore:
         group = zarr.open_group(path, mode=mode)
         if group.attrs.get("format") != STORE_FORMAT and "samples" not in group:
             raise FgembedError(f"{path} is a Zarr group but not a feature store (no samples/)")
-        if not _samples_complete(path):
+        if not samples_complete(path):
             raise FgembedError(f"{path} is a feature store whose setup was interrupted (samples/ incomplete); "
                                "rerun the fgembed extract (or import) command that made it to finish it")
         return cls(path, group)
 
     @classmethod
     def create(cls, path: str | Path, table: SampleTable, shard_rows: int = DEFAULT_SHARD_ROWS,
-               overwrite: bool = False, names: tuple[str, ...] | list[str] = ()) -> "FeatureStore":
+               overwrite: bool = False, names: tuple[str, ...] | list[str] = ()) -> FeatureStore:
         """Open the store for `table`, making or finishing it as needed; refuse a different dataset.
 
         `names` are the backbones this job will write: the returned store holds their writer locks
         (see `lock_features`), and `overwrite` may replace only them. A store
         of the same images with other labels or splits is rewritten (samples/ only, its groups
         kept: their rows are unchanged); a store of other images only when every group in it is
-        named (else the refusal lists the groups that would have to be re-extracted).
+        named (else the refusal lists the groups that would have to be re-extracted). `with
+        FeatureStore.create(…) as store:` releases the locks however the block ends.
         """
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise FgembedError(f"--store {path} is a file, not a feature store folder")
-        stray = [p.name for p in path.iterdir() if p.name not in (HIDDEN, "zarr.json", "samples", "features")] \
-            if path.is_dir() and not (path / "zarr.json").is_file() else []
-        if stray:
-            raise FgembedError(f"{path} exists and is not a feature store (holds {stray[0]}); choose another --store")
-        path.mkdir(parents=True, exist_ok=True)
+        with disk_errors(path):  # an unreadable or read-only --store is one line, not a traceback
+            if path.exists() and not path.is_dir():
+                raise FgembedError(f"--store {path} is a file, not a feature store folder")
+            stray = [p.name for p in path.iterdir() if p.name not in (HIDDEN, "zarr.json", "samples", "features")] \
+                if path.is_dir() and not (path / "zarr.json").is_file() else []
+            if stray:
+                raise FgembedError(f"{path} exists and is not a feature store (holds {stray[0]}); "
+                                   "choose another --store")
+            path.mkdir(parents=True, exist_ok=True)
         identity = file_identity(table)
         # the named groups' writer locks first: an --overwrite may not pull a group from under its writer
         locks: dict[str, FileLock] = {}
         try:
-            for name in names:
-                if _key(name) not in locks:
-                    locks[_key(name)] = features_lock(path, _key(name), name)
-            cls._setup(path, table, shard_rows, overwrite, list(names), identity)
+            with disk_errors(path):
+                for name in names:
+                    if _key(name) not in locks:
+                        locks[_key(name)] = features_lock(path, _key(name), name)
+            setup(path, table, shard_rows, overwrite, list(names), identity)
+            store = cls(path, zarr.open_group(path, mode="r+"))
         except BaseException:
             for lock in locks.values():
                 lock.release()
             raise
-        store = cls(path, zarr.open_group(path, mode="r+"))
         store._locks = locks
         return store
-
-    @staticmethod
-    def _setup(path: Path, table: SampleTable, shard_rows: int, overwrite: bool, names: list[str],
-               identity: FileIdentity) -> None:
-        with setup_lock(path), _disk(path):
-            _clear_debris(path)
-            ready = (path / "zarr.json").is_file()
-            if ready and zarr.open_group(path, mode="r").attrs.get("format") != STORE_FORMAT \
-                    and not (path / "samples").is_dir():
-                raise FgembedError(f"{path} is a Zarr group but not a feature store; choose another --store")
-            if not ready or not _samples_complete(path):
-                _write_samples(path, table, shard_rows, identity)
-            else:
-                _reconcile(path, table, identity, overwrite, names)
-            if not (path / "features" / "zarr.json").is_file():
-                zarr.open_group(path / "features", mode="w")
-            if not ready:  # the ready mark, last
-                zarr.create_group(path, attributes={"format": STORE_FORMAT, "version": STORE_VERSION})
 
     # ---- writer locks ----------------------------------------------------------------------
     def lock_features(self, name: str) -> None:
@@ -201,6 +166,13 @@ class FeatureStore:
         for lock in self._locks.values():
             lock.release()
         self._locks.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """`with store:` releases its writer locks however the block ends (an error, Ctrl-C)."""
+        self.release()
 
     # ---- samples -------------------------------------------------------------------------
     @property
@@ -263,7 +235,7 @@ class FeatureStore:
             return {}
         groups = {}
         for d in sorted(root.iterdir()):
-            if not _group_complete(d):
+            if not group_complete(d):
                 continue
             group = self.group["features"][d.name]
             groups[dict(group.attrs)["name"]] = group
@@ -281,30 +253,33 @@ class FeatureStore:
 
     def prepare(self, name: str, fingerprint: dict, dim: int, dtype: str = "float16",
                 overwrite: bool = False, recorded: dict | None = None) -> list[str]:
-        """Create features/<name>, or check the existing one's strict fingerprint; returns warnings
+        """Create features/<name>, or check the existing one's strict fingerprint and its array's
+        width and dtype (rows of another width would be written shifted into it); returns warnings
         about the recorded part (library versions, device, host…) where it differs."""
         strict, in_fp = split_fingerprint(fingerprint)
         recorded = {**in_fp, **(recorded or {})}
-        key = _key(name)
-        with setup_lock(self.path), _disk(self.path):
-            _clear_debris(self.path)
+        key, shape = _key(name), {"dim": int(dim), "dtype": dtype}
+        with setup_lock(self.path), disk_errors(self.path):
+            clear_debris(self.path)
             final = self.path / "features" / key
-            if _group_complete(final):
-                old = dict(self.group["features"][key].attrs)
+            if group_complete(final):
+                group = self.group["features"][key]
+                old = dict(group.attrs)
+                old_shape = {"dim": int(group["emb"].shape[1]), "dtype": old.get("dtype", str(group["emb"].dtype))}
                 old_strict, old_recorded = split_fingerprint(old.get("fingerprint", {}))
                 old_recorded.update(old.get("recorded", {}))
-                if old_strict == strict and old.get("dtype") == dtype:
+                if old_strict == strict and old_shape == shape:
                     return [f"features {name!r} were extracted with {c} (recorded, not refused)"
                             for c in _diff(old_recorded, recorded) if "null" not in c]  # unrecorded: no news
                 if not overwrite:
-                    raise FgembedError(_mismatch(self.path, name, old, old_strict, strict, dtype))
-            self._build_group(key, name, strict, recorded, dim, dtype)
+                    raise FgembedError(_mismatch(self.path, name, old_strict, strict, old_shape, shape))
+            self._build_group(key, name, strict, recorded, int(dim), dtype)
         return []
 
     def _build_group(self, key: str, name: str, strict: dict, recorded: dict, dim: int, dtype: str) -> None:
         """Build the group whole under staging, then rename it into place (replacing any old one)."""
         n, rows = self.n_rows, self.shard_rows
-        staging = _scratch(self.path, "staging", key)
+        staging = scratch(self.path, "staging", key)
         group = zarr.open_group(staging, mode="w")
         group.create_array("emb", shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=np.nan)
         group.create_array("done", shape=(n,), chunks=(rows,), dtype="bool", fill_value=False)
@@ -312,7 +287,7 @@ class FeatureStore:
         group.attrs.update({"name": name, "dim": dim, "dtype": dtype, "fingerprint": strict, "recorded": recorded,
                             "fingerprint_schema": FINGERPRINT_SCHEMA, "complete": False,
                             "status_codes": STATUS_NAMES})
-        _swap_in(self.path, staging, self.path / "features" / key)
+        swap_in(self.path, (staging, self.path / "features" / key))
         self.group = zarr.open_group(self.path, mode="r+")
 
     def pending_shards(self, name: str) -> list[int]:
@@ -329,7 +304,7 @@ class FeatureStore:
         overflow = np.isin(status, (OK, TRUNCATED)) & ~np.isfinite(emb).all(axis=1)
         status[overflow] = NONFINITE
         emb[np.isin(status, FAILED)] = np.nan
-        with _disk(self.path):
+        with disk_errors(self.path):
             group["emb"][rows] = emb
             group["status"][rows] = status
             group["done"][rows] = True
@@ -337,7 +312,7 @@ class FeatureStore:
     def mark_complete(self, name: str, throughput: float | None) -> bool:
         group = self._features(name)
         complete = bool(group["done"][:].all())
-        with _disk(self.path):
+        with disk_errors(self.path):
             group.attrs.update({"complete": complete, "throughput_images_per_s": throughput})
         return complete
 
@@ -348,7 +323,7 @@ class FeatureStore:
         embeddings = np.asarray(embeddings, np.float32)
         if embeddings.shape[0] != len(self.class_names):
             raise FgembedError(f"{len(embeddings)} text rows for {len(self.class_names)} classes of {self.path}")
-        with _disk(self.path):
+        with disk_errors(self.path):
             group.create_array("text", data=embeddings, overwrite=True)
             group.attrs.update({"text": {"logit_scale": float(logit_scale), "templates": list(templates)}})
 
@@ -388,127 +363,8 @@ class FeatureStore:
         return [(int(ids[i]), str(paths[i]), STATUS_NAMES.get(int(status[i]), str(status[i]))) for i in bad]
 
 
-# ---- setup plumbing (always under the setup lock) ----------------------------------------------
-def _scratch(path: Path, kind: str, label: str) -> Path:
-    folder = path / HIDDEN / kind
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _clear_debris(path: Path) -> None:
-    """Staging and trash left by a killed setup, and zarr temp files of the root and features/
-    metadata: nothing live writes any of them outside the setup lock."""
-    for kind in ("staging", "trash"):
-        for d in (path / HIDDEN / kind).glob("*"):
-            shutil.rmtree(d, ignore_errors=True)
-    for stray in (*path.glob("*.partial"), *(path / "features").glob("*.partial")):
-        stray.unlink(missing_ok=True)
-
-
-def _swap_in(path: Path, staging: Path, final: Path) -> None:
-    """Rename a whole staged node into place; an old one goes to trash first, then away."""
-    if final.exists():
-        trash = _scratch(path, "trash", final.name)
-        os.rename(final, trash)
-        os.rename(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, final)
-
-
-def _group_complete(d: Path) -> bool:
-    if not all((d / a / "zarr.json").is_file() for a in ("", *FEATURE_ARRAYS)):
-        return False
-    try:
-        return "name" in json.loads((d / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-
-
-def _samples_complete(path: Path) -> bool:
-    s = path / "samples"
-    try:
-        attrs = json.loads((s / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    arrays = ("id", "label", "split", "path", *attrs.get("levels", {}))
-    return "manifest_sha256" in attrs and all((s / a / "zarr.json").is_file() for a in arrays)
-
-
-def _write_samples(path: Path, table: SampleTable, shard_rows: int, identity: FileIdentity) -> None:
-    staging = _scratch(path, "staging", "samples")
-    samples = zarr.open_group(staging, mode="w")
-    n = len(table)
-
-    def put(name: str, values, dtype) -> None:
-        arr = samples.create_array(name, shape=(n,), chunks=(shard_rows,), dtype=dtype)
-        arr[:] = values
-
-    put("id", table.ids, "int64")
-    put("label", table.labels, "int32")
-    put("split", table.split, "uint8")
-    put("path", np.array(table.paths, dtype=object), str)
-    for level, data in table.levels.items():
-        put(level, data.codes, "int32")
-    put("file_size", identity.sizes, "int64")
-    put("file_mtime_ns", identity.mtimes_ns, "int64")
-    samples.attrs.update({
-        "kind": table.kind, "root": table.root, "class_names": table.class_names,
-        "levels": {k: v.names for k, v in table.levels.items()}, "split_codes": SPLIT_NAMES,
-        "split_recipe": table.split_recipe, "provenance": table.provenance,
-        "manifest_sha256": table.sha256(), "rows_sha256": _rows_sha256(table.ids, table.paths),
-        "identity": identity.attrs(), "shard_rows": shard_rows, "fgembed_version": __version__,
-    })
-    _swap_in(path, staging, path / "samples")
-
-
-def _reconcile(path: Path, table: SampleTable, identity: FileIdentity, overwrite: bool, names: list[str]) -> None:
-    """An existing store meets `table`: accept it, rewrite samples/, or refuse in one line."""
-    samples = zarr.open_group(path / "samples", mode="r")
-    attrs = dict(samples.attrs)
-    old_rows = attrs.get("rows_sha256") or _rows_sha256(samples["id"][:], list(samples["path"][:]))
-    has = "file_size" in samples and "file_mtime_ns" in samples
-    listed = old_rows == _rows_sha256(table.ids, table.paths)  # the same ids and paths, in order
-    moved = identity_differences(attrs.get("identity", {}), samples["file_size"][:] if has else None,
-                                 samples["file_mtime_ns"][:] if has else None, table.paths, identity) if listed else []
-    same_rows = listed and not moved
-    if same_rows and attrs["manifest_sha256"] == table.sha256():
-        return
-    shard_rows = int(attrs["shard_rows"])
-    root = path / "features"
-    groups = sorted(json.loads((d / "zarr.json").read_text())["attributes"]["name"]
-                    for d in (root.iterdir() if root.is_dir() else ()) if _group_complete(d))
-    if same_rows:  # same images, other labels / splits / classes: embeddings stay valid
-        what = (f"split recipe {json.dumps(attrs.get('split_recipe'))} → {json.dumps(table.split_recipe)}"
-                if attrs.get("split_recipe") != table.split_recipe else "labels, classes or splits differ")
-        if not overwrite:
-            raise FgembedError(f"store {path} holds the same images with other labels or splits ({what}); "
-                               f"--overwrite rewrites samples/ and keeps its backbone groups (their rows are "
-                               "unchanged), or use another --store")
-        _write_samples(path, table, shard_rows, identity)
-        return
-    what = "; ".join(moved) or (f"{attrs.get('kind')} at {attrs.get('root')}, {samples['id'].shape[0]} rows → "
-                                f"{table.kind} at {table.root}, {len(table)} rows")
-    others = [g for g in groups if g not in names]
-    if not overwrite:
-        raise FgembedError(f"store {path} holds another dataset or other files ({what}); use another --store, or "
-                           "--overwrite naming every backbone in it" + (f" ({', '.join(groups)})" if groups else ""))
-    if others:
-        raise FgembedError(f"store {path} holds another dataset or other files ({what}); --overwrite replaces only "
-                           f"the backbones it names, and {', '.join(others)} would have to be re-extracted: name "
-                           "them too, or use another --store")
-    for d in list(root.iterdir()) if root.is_dir() else ():  # every group is named: all are rebuilt
-        if d.is_dir():
-            os.rename(d, _scratch(path, "trash", d.name))
-    _write_samples(path, table, shard_rows, identity)
-    _clear_debris(path)
-
-
-def _mismatch(path: Path, name: str, old: dict, old_strict: dict, strict: dict, dtype: str) -> str:
-    changes = _diff(old_strict, strict)
-    if old.get("dtype") != dtype:
-        changes.append(f"dtype: {old.get('dtype')} → {dtype}")
+def _mismatch(path: Path, name: str, old_strict: dict, strict: dict, old_shape: dict, shape: dict) -> str:
+    changes = _diff(old_strict, strict) + [f"{k}: {old_shape[k]} → {shape[k]}" for k in shape if old_shape[k] != shape[k]]
     unknown = sorted(k for k in strict if k not in old_strict)
     if unknown and all(c.split(":")[0].split(".")[0] in unknown for c in changes):
         return (f"features {name!r} in {path} were written by an older fgembed that did not record "

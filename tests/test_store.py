@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +316,94 @@ def test_overwrite_refuses_while_a_named_group_is_being_written(data, tmp_path):
     assert FeatureStore.open(path).backbones() == ["a"]
     writer.release()
     assert FeatureStore.create(path, _table(other), overwrite=True, names=["a"]).backbones() == []
+
+
+# ---- review fixes: group width, --overwrite of other images on failure, unreadable --store ------------
+
+
+def test_a_group_of_another_width_is_refused_naming_both_dims(data, tmp_path):
+    """Same name and fingerprint, another width: rows would land shifted in the old array."""
+    store = FeatureStore.create(tmp_path / "s.zarr", _table(data), shard_rows=4)
+    emb = _fill(store, "a", dim=3)
+    fp = {"source": "test", "member": "a"}
+    with pytest.raises(FgembedError) as refused:
+        store.prepare("a", fp, 5, "float32")
+    message = str(refused.value)
+    assert "\n" not in message and "features 'a'" in message and "dim: 3 → 5" in message and "--overwrite" in message
+    np.testing.assert_array_equal(store.features("a"), emb)  # refused: nothing touched
+    # a group whose dtype attribute was never recorded is checked against its array's own dtype
+    del store.group["features/a"].attrs["dtype"]
+    assert store.prepare("a", fp, 3, "float32") == []
+    with pytest.raises(FgembedError, match="dtype: float32 → float16"):
+        store.prepare("a", fp, 3, "float16")
+    store.prepare("a", fp, 5, "float32", overwrite=True)
+    assert store.backbone_info("a").dim == 5 and store.group["features/a/emb"].shape == (16, 5)
+    assert store.pending_shards("a") == list(range(store.n_shards))
+
+
+def _other_images(tmp_path):
+    other = tmp_path / "other"
+    write_manifest(other, generate(other, groups=1, classes_per_group=2, per_class=5, size=(24, 24)))
+    return _table(other)
+
+
+def test_overwrite_with_other_images_that_fails_leaves_the_old_store(data, tmp_path, monkeypatch):
+    """--overwrite of another dataset builds the new samples/ aside: a full disk while writing it,
+    or Ctrl-C while swapping it in, leaves the old store opening with its old rows and groups."""
+    path = tmp_path / "s.zarr"
+    store = FeatureStore.create(path, _table(data), shard_rows=4)
+    a, b = _fill(store, "a"), _fill(store, "b", seed=1)
+    other = _other_images(tmp_path)
+
+    def old_store_intact():
+        old = FeatureStore.open(path)
+        assert old.n_rows == 16 and old.backbones() == ["a", "b"]
+        np.testing.assert_array_equal(old.features("a"), a)
+        np.testing.assert_array_equal(old.features("b"), b)
+        assert old.table().sha256() == _table(data).sha256()
+
+    async def full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(zarr.storage.LocalStore, "set", full)
+        with pytest.raises(FgembedError, match="disk full .*the store is intact"):
+            FeatureStore.create(path, other, overwrite=True, names=["a", "b"])
+    old_store_intact()
+
+    real_rename, staged = os.rename, []
+
+    def interrupted(src, dst):  # Ctrl-C just before the new samples/ takes the old one's place (once)
+        if not staged and os.path.basename(dst) == "samples" and "staging" in str(src):
+            staged.append(src)
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            FeatureStore.create(path, other, overwrite=True, names=["a", "b"])
+    assert staged  # the interrupt came after the old features/ was moved out and the new one in
+    old_store_intact()
+    store = FeatureStore.create(path, other, overwrite=True, names=["a", "b"])
+    assert store.n_rows == 10 and store.backbones() == []
+    assert not list((path / ".fgembed" / "trash").iterdir()) and not list((path / ".fgembed" / "staging").iterdir())
+
+
+def test_an_unreadable_store_folder_is_one_line(data, tmp_path, monkeypatch):
+    """Listing a --store folder without read permission (injected: these tests may run as root,
+    for whom chmod denies nothing) is one line naming the folder, not a PermissionError."""
+    path = tmp_path / "locked.zarr"
+    path.mkdir()
+    real_iterdir = Path.iterdir
+
+    def denied(self):
+        if self == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        yield from real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(FgembedError) as refused:
+        FeatureStore.create(path, _table(data))
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message and "permission denied" in message
