@@ -2,7 +2,7 @@
 trained on one view of a store.
 
     runs/<label>-<key>/
-      config.json            format_version, the RunConfig (view + head), the store identity,
+      config.json            format_version, fgembed_version, the RunConfig (view + head), the store identity,
                              holdout_classes and excluded_classes (store class ids)
       head-seed<S>.safetensors   the kept head's weights per seed (a state dict, never a pickle)
       projection.safetensors     PCA means/components of a `sum` view (when it has one)
@@ -12,10 +12,12 @@ trained on one view of a store.
       logits.zarr/           {val,test}: [seeds, rows, classes] float16, chunked by rows;
                              {val,test}_rows: int64 store rows
 
-`key` hashes the config, fgembed's version and the store's identity (its rows' manifest and
-every member's extraction fingerprint), so the same request is reused and a re-extraction or a
-new release is not. A run is written to a temporary folder and renamed into place, so a killed
-fit leaves either a whole run or none; a run of an older format is retrained.
+`key` hashes the config and the store's identity (its rows' manifest and every member's
+extraction fingerprint), so the same request is reused and a re-extraction is not. Neither
+fgembed's version (recorded in config.json) nor the format version is in the key: a new release
+or format reuses every run it can read (`READERS`) and retrains the rest in the same place. A run
+is written to a temporary folder and swapped into place (the old one set aside first), so a
+killed fit leaves either a whole run or none, and the next fit recovers a run left aside.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
@@ -49,7 +52,7 @@ from .store import FeatureStore
 from .train import BALANCES, SECOND_STAGE_EPOCHS, selection
 from .views import View, ViewConfig, build_view, level_key
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # bump when what a run directory holds changes; add its reader to READERS
 LOGIT_ROWS = 4096          # rows per logits chunk and per written block
 MASKED = float(np.finfo(np.float16).min)  # logit of a class the head cannot know (finite: fusion-safe)
 
@@ -123,8 +126,6 @@ class HeadConfig:
         if self.head != "mlp" or self.balance != "none" or self.level is not None:
             raise FgembedError("--levels trains the MLP head on every level; "
                                "it takes no other --head, --balance or --level")
-        if len(self.lr) * len(self.weight_decay) > 1:
-            raise FgembedError("--levels trains at one learning rate and weight decay; give one of each")
         if self.level_weights is not None:
             weights = tuple(float(w) for w in as_tuple(self.level_weights))
             if len(weights) != len(levels) or min(weights) < 0:
@@ -182,8 +183,9 @@ def store_identity(store: FeatureStore, features: tuple[str, ...]) -> dict:
 
 
 def run_key(config: RunConfig, identity: dict) -> str:
-    blob = json.dumps({"config": config.to_json(), "store": identity, "fgembed": __version__,
-                       "format_version": FORMAT_VERSION}, sort_keys=True)
+    """What was asked (config) of which data (store identity) — not how or by which release it is
+    stored: a format change reads old runs through `READERS` or retrains them at the same path."""
+    blob = json.dumps({"config": config.to_json(), "store": identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -200,20 +202,24 @@ class Run:
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
-        """A finished run of this format; anything else is one line (`fit_run` retrains it)."""
+        """A finished run of a format in `READERS` (older ones upgraded in memory, the directory
+        untouched); anything else is one line naming it (`finished`: unfinished, so retrained)."""
         path = Path(path)
         if not (path / "metrics.json").is_file():
             raise FgembedError(f"{path} is not a finished run (no metrics.json)")
         try:
             meta = json.loads((path / "config.json").read_text())
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format {meta.get('format_version')}")
+            version = meta.get("format_version", 1)  # format 1 did not record its version
+            if version not in READERS:
+                raise ValueError(f"format {version!r}; this fgembed reads formats {sorted(READERS)}")
+            meta = READERS[version](path, meta)
             config = RunConfig.from_json(meta["config"])
             metrics = json.loads((path / "metrics.json").read_text())
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise FgembedError(f"{path} is a run of another fgembed format ({exc}); refit it "
-                               "(fgembed fit retrains it)") from None
-        return cls(path, config, metrics, meta["store"], meta=meta)
+            store = meta["store"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, FgembedError) as exc:
+            raise FgembedError(f"{path} cannot be read as a run ({type(exc).__name__}: {exc}); "
+                               "fgembed fit retrains it") from None
+        return cls(path, config, metrics, store, meta=meta)
 
     @property
     def store_path(self) -> Path:
@@ -282,13 +288,35 @@ def load_projection(run_dir: str | Path) -> PCASum | None:
     return PCASum.from_arrays(load_numpy(str(path))) if path.is_file() else None
 
 
+def _read_format1(path: Path, meta: dict) -> dict:
+    """Format 1: a flat RunConfig (no view options beyond fusion), float32 logits (read as they
+    are), no class selection or hold-out. Same numbers, stored otherwise: upgraded to today's meta."""
+    flat = meta["config"]
+    view = {k: flat[k] for k in ("features", "fusion", "project", "project_dim", "l2")}
+    head = {k: flat[k] for k in ("head", "level", "epochs", "lr", "weight_decay", "batch_size", "dropout",
+                                 "hidden", "seeds")}
+    dims = None  # not recorded; only a learned projection needs them, and its weights hold them
+    if view["fusion"] == "sum" and view["project"] == "linear":
+        with safe_open(str(path / f"head-seed{head['seeds'][0]}.safetensors"), framework="np") as f:
+            dims = [f.get_slice(f"0.projections.{i}.weight").get_shape()[1] for i in range(len(view["features"]))]
+    n_classes = zarr.open_group(path / "logits.zarr", mode="r")["test"].shape[2]
+    return meta | {"format_version": 1, "config": {"view": view, "head": head}, "dims": dims, "n_classes": n_classes}
+
+
+# format version → how a run directory of that format is read (its meta upgraded to today's).
+# A format whose runs mean something else (not just stored otherwise) has no reader: retrained.
+READERS: dict[int, Callable[[Path, dict], dict]] = {1: _read_format1, FORMAT_VERSION: lambda path, meta: meta}
+
+
 def run_path(store: FeatureStore, config: RunConfig, runs_dir: str | Path) -> tuple[Path, dict]:
     identity = store_identity(store, config.view.features)
     return Path(runs_dir) / f"{config.label}-{run_key(config, identity)}", identity
 
 
 def finished(path: Path) -> Run | None:
-    """The finished run at `path`, or None (absent, unfinished, or of an older format)."""
+    """The finished run at `path`, or None (absent, unfinished, or of a format this fgembed cannot
+    read: retrained, never a crash). A run a killed `publish` left aside is put back first."""
+    _remove_abandoned(path)
     if not (path / "metrics.json").is_file():
         return None
     try:
@@ -398,26 +426,42 @@ def view_counts(view: View, seen: np.ndarray) -> dict:
 
 
 def publish(tmp: Path, path: Path, metrics: dict) -> None:
-    """Write metrics.json last, then move the finished temp folder into the run's place."""
+    """Write metrics.json last, then swap the finished temp folder into the run's place: a run
+    already there is renamed aside first and removed last, so a crash at any step leaves a whole
+    run in place or aside (`_remove_abandoned` puts it back) — never none."""
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.rename(path, aside)
+    os.rename(tmp, path)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_abandoned(path: Path) -> None:
-    """Temp folders of fits that were killed or interrupted (their process is gone) are never runs."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = int(tmp.name.rsplit("-", 1)[1])
+    """Leftovers of fits killed or interrupted (their process is gone): temp folders are never
+    runs and go; a run `publish` set aside goes back into place when nothing finished replaced
+    it, else away. A name not ending in a pid is not one fgembed writes: left alone."""
+    ours = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)")
+    for leftover in sorted(path.parent.glob(f".{path.name}.*")):
+        match = ours.fullmatch(leftover.name)
+        if match is None:
+            continue
+        pid = int(match[2])
         if pid != os.getpid() and _alive(pid):
-            continue  # another process is fitting the same configuration right now
-        shutil.rmtree(tmp, ignore_errors=True)
+            continue  # another process is fitting (or publishing) the same configuration right now
+        if match[1] == "old" and not (path / "metrics.json").is_file() and (leftover / "metrics.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)  # an unfinished folder in the run's place, if any
+            os.rename(leftover, path)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no pid can be
         return False
     except PermissionError:
         return True

@@ -5,6 +5,10 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ import zarr
 from safetensors.torch import load_file
 from sklearn import metrics as skm
 
+import fgembed
 from fgembed.ensemble import Combination, late_entries, plan, score
 from fgembed.errors import FgembedError
 from fgembed.fusion import SumProjection
@@ -22,7 +27,7 @@ from fgembed.views import ViewConfig, design_rows
 
 from .formats import write_feature_store
 
-FAST = dict(epochs=15, batch_size=64)
+FAST = {"epochs": 15, "batch_size": 64}
 
 
 def config(*features: str, fusion: str = "single", view: dict | None = None, **head) -> RunConfig:
@@ -89,20 +94,124 @@ def test_same_config_is_reused_force_retrains_identically(store, tmp_path):
     assert ViewConfig(features=("b",), holdout_seed=3, draw=2) == ViewConfig(features=("b",))
 
 
-def test_new_fgembed_version_and_old_format_retrain(store, tmp_path, monkeypatch):
+def test_a_new_release_reuses_runs_and_unreadable_ones_retrain(store, tmp_path, monkeypatch):
     cfg = config("a")
     first = fit_run(store, cfg, tmp_path)
-    # a run directory of an older format (here: a flat pre-view config) is retrained, never a crash
+    # a run written by another fgembed release is reused: the version is recorded, not keyed
     meta = json.loads((first.path / "config.json").read_text())
-    meta.pop("format_version")
-    meta["config"] = {"features": ["a"], "fusion": "single", "lr": 1e-3}
-    (first.path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(FgembedError, match="another fgembed format"):
-        Run.load(first.path)
-    again = fit_run(store, cfg, tmp_path)
-    assert not again.reused and again.path == first.path and Run.load(again.path).config == cfg
+    assert meta["fgembed_version"] == fgembed.__version__
+    (first.path / "config.json").write_text(json.dumps(meta | {"fgembed_version": "0.0.1"}))
     monkeypatch.setattr("fgembed.runs.__version__", "99.0")
-    assert fit_run(store, cfg, tmp_path).path != first.path  # the key includes fgembed's version
+    again = fit_run(store, cfg, tmp_path)
+    assert again.reused and again.path == first.path and again.metrics == first.metrics
+    # a format this fgembed cannot read, or a config.json that is no run's: one line, and retrained
+    for broken in (meta | {"format_version": 99}, meta | {"format_version": "garbage"}, [meta], "text"):
+        (first.path / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(FgembedError, match=f"{re.escape(first.path.name)} cannot be read as a run"):
+            Run.load(first.path)
+        retrained = fit_run(store, cfg, tmp_path)
+        assert not retrained.reused and retrained.path == first.path
+        written = json.loads((first.path / "config.json").read_text())
+        assert written["format_version"] == FORMAT_VERSION and written["fgembed_version"] == "99.0"
+        assert Run.load(first.path).config == cfg
+    (first.path / "config.json").write_text("{not json")
+    assert not fit_run(store, cfg, tmp_path).reused
+
+
+def test_a_config_json_without_the_store_is_one_line_and_retrained(store, tmp_path):
+    cfg = config("a")
+    run = fit_run(store, cfg, tmp_path)
+    meta = json.loads((run.path / "config.json").read_text())
+    del meta["store"]
+    (run.path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(FgembedError, match=f"{re.escape(run.path.name)} cannot be read as a run .*store"):
+        Run.load(run.path)
+    again = fit_run(store, cfg, tmp_path)
+    assert not again.reused and Run.load(again.path).store == run.store
+
+
+def _as_format1(run: Run) -> None:
+    """Rewrite a run directory as format 1 wrote it (git 3c12463): no format_version, a flat
+    RunConfig, no dims / n_classes / excluded classes, float32 logits."""
+    view, head = run.config.to_json()["view"], run.config.to_json()["head"]
+    flat = {k: view[k] for k in ("features", "fusion", "project", "project_dim", "l2")} | {
+        k: head[k] for k in ("head", "level", "epochs", "batch_size", "dropout", "hidden", "seeds")} | {
+        "lr": head["lr"][0], "weight_decay": head["weight_decay"][0]}
+    (run.path / "config.json").write_text(json.dumps({"config": flat, "store": run.store,
+                                                      "store_path": run.meta["store_path"]}))
+    group = zarr.open_group(run.path / "logits.zarr", mode="a")
+    for split in ("val", "test"):
+        values = group[split][:].astype(np.float32)
+        del group[split]
+        group.create_array(split, data=values)
+
+
+@pytest.mark.parametrize("fusion, view", [("single", {}), ("sum", {"project": "linear", "project_dim": 8})])
+def test_a_format1_run_is_read_and_reused(store, tmp_path, fusion, view):
+    features = ("a",) if fusion == "single" else ("a", "c")
+    cfg = config(*features, fusion=fusion, view=view, epochs=3)
+    run = fit_run(store, cfg, tmp_path)
+    rows, z16 = run.logits("test")
+    _as_format1(run)
+    old = Run.load(run.path)
+    assert old.config == cfg and old.meta["format_version"] == 1 and old.meta["n_classes"] == 6
+    old_rows, z32 = old.logits("test")
+    assert z32.dtype == np.float32 and np.array_equal(old_rows, rows) and np.array_equal(z32, z16.astype(np.float32))
+    X = design_rows(cfg.view, [store.features(n)[rows] for n in features], None)
+    np.testing.assert_allclose(old.load_heads()[0].predict_logits(X), z32[0], rtol=2e-3, atol=2e-2)
+    reused = fit_run(store, cfg, tmp_path)  # at the path today's key gives: reused as it is
+    assert reused.reused and reused.metrics == run.metrics
+
+
+def test_a_publish_killed_between_its_renames_loses_no_run(store, tmp_path, monkeypatch):
+    cfg = config("a")
+    run = fit_run(store, cfg, tmp_path)
+    rename, rmtree = os.rename, shutil.rmtree
+
+    class Killed(Exception):
+        pass
+
+    def rename_tmp_dies(src, dst):
+        if ".tmp-" in Path(src).name:
+            raise Killed
+        rename(src, dst)
+
+    with monkeypatch.context() as m:  # killed after the old run went aside, before the new one came in
+        m.setattr("fgembed.runs.os.rename", rename_tmp_dies)
+        with pytest.raises(Killed):
+            fit_run(store, cfg, tmp_path, force=True)
+    assert not run.path.exists() and any(".old-" in p.name for p in tmp_path.iterdir())
+    recovered = fit_run(store, cfg, tmp_path)
+    assert recovered.reused and recovered.path == run.path and recovered.metrics == run.metrics
+    assert [p.name for p in tmp_path.iterdir()] == [run.path.name]  # the aside and the temp folder are gone
+
+    def rmtree_aside_dies(path, *args, **kwargs):
+        if ".old-" in Path(path).name:
+            raise Killed
+        rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:  # killed after the new run came in, before the old one was removed
+        m.setattr("fgembed.runs.shutil.rmtree", rmtree_aside_dies)
+        with pytest.raises(Killed):
+            fit_run(store, cfg, tmp_path, force=True)
+    assert (run.path / "metrics.json").is_file() and len(list(tmp_path.iterdir())) == 2
+    assert fit_run(store, cfg, tmp_path).reused
+    assert [p.name for p in tmp_path.iterdir()] == [run.path.name]
+
+
+def test_stray_temp_names_are_left_alone_dead_ones_go(store, tmp_path):
+    cfg = config("a")
+    run = fit_run(store, cfg, tmp_path)
+    stray = run.path.with_name(f".{run.path.name}.tmp-notapid")  # not a name fgembed writes
+    dead = run.path.with_name(f".{run.path.name}.tmp-999999999")  # a pid no process has
+    huge = run.path.with_name(f".{run.path.name}.tmp-{10 ** 30}")  # a number no pid can be
+    for d in (stray, dead, huge):
+        d.mkdir()
+    forced = fit_run(store, cfg, tmp_path, force=True)
+    assert not forced.reused and stray.is_dir() and not dead.exists() and not huge.exists()
+    dead.mkdir()
+    assert fit_run(store, cfg, tmp_path).reused  # reusing a run clears dead leftovers too
+    assert stray.is_dir() and not dead.exists()
 
 
 def test_an_interrupted_fit_leaves_no_run_and_its_leftovers_go(store, tmp_path):
