@@ -179,6 +179,7 @@ def ensemble(
     name: str = typer.Option("ensemble", help="Output name: writes RUNS/NAME.{md,csv,tex,json,png}."),
     title: str = typer.Option("weighted F1 on the test split", help="Bar chart title."),
     balance: str = BALANCE, shot_bins: str = SHOT_BINS,
+    levels: str = LEVELS, hierarchy: str = HIERARCHY, level_weights: str | None = LEVEL_WEIGHTS,
     by_frequency: bool = typer.Option(False, help="Add many/medium/few-shot accuracy columns (--shot-bins)."),
     cost: bool = typer.Option(False, help="Add each row's inference GMACs per image (sum over members, from "
                               "`fgembed bench`) and plot F1 against cost with the Pareto front (NAME-pareto.png)."),
@@ -187,8 +188,13 @@ def ensemble(
     """Score single backbones and their fusions, ranked by weighted F1.
 
     Trains whatever runs are missing (finished runs are reused), then writes the table in
-    every format and a bar chart of the ranking next to the runs.
+    every format and a bar chart of the ranking next to the runs. With --levels every run is
+    multi-level and late fusion is scored level by level (a per-level accuracy column each, and
+    their mean); a member@head among them predicts the finest level only, so late fusion with it
+    scores that level alone (one warning).
     """
+    from rich.markup import escape
+
     from fgembed.ensemble import plan, score
     from fgembed.report import extra_columns, format_table, write_report
     from fgembed.store import FeatureStore
@@ -201,16 +207,21 @@ def ensemble(
     opened = FeatureStore.open(store)
     # a `sum` base view carries l2 / projection settings to every fused run (its members are replaced)
     base = _configs(opened, tuple(names), "sum" if len(names) > 1 else "single", head, project, project_dim, l2,
-                    level, epochs, lr, weight_decay, batch_size, seeds, balance=balance, shot_bins=shot_bins)
+                    level, epochs, lr, weight_decay, batch_size, seeds, balance=balance, shot_bins=shot_bins,
+                    levels=levels, hierarchy=hierarchy, level_weights=level_weights)
     err.print(f"ensemble: {len(combos)} rows from {len(names)} members", highlight=False)
-    entries = score(opened, runs, combos, base, device=device, force=force,
-                    late_mode=late_mode, late_weights=late_weights, progress=not quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        entries = score(opened, runs, combos, base, device=device, force=force,
+                        late_mode=late_mode, late_weights=late_weights, progress=not quiet)
+    for warning in caught:
+        err.print(f"[yellow]warning: {escape(str(warning.message))}[/yellow]", highlight=False)
     if cost:
         _add_costs(opened, entries, store)
     extra = extra_columns(by_frequency, cost)
     table = format_table(entries, fmt, extra)
     written = write_report(entries, runs, name, title, extra)
-    if fmt == "md" and out.is_terminal and not extra:
+    if fmt == "md" and out.is_terminal and not extra and not base.head.levels:  # levels: the full table
         print_ranking(entries)
     else:
         out.file.write(table)

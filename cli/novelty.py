@@ -31,6 +31,10 @@ def novelty(
                         target_tpr=target_tpr)
     typer.echo(format_table(result.records, fmt), nl=False)  # exact text: json/csv must parse
     err.print(f"per-row scores → {result.path}", highlight=False, markup=False)
+    if not result.novel.any():  # e.g. every test image of the held-out classes failed: nothing to detect
+        err.print("warning: no novel rows among the test rows: AUROC, AUPR and FPR@95 are undefined (null)"
+                  + ("; no ROC plot" if plot is not None else ""), highlight=False, markup=False)
+        return
     if plot is not None:
         plot_roc({name: (s, result.novel) for name, s in result.scores.items()}, plot)
         err.print(f"ROC → {plot}", highlight=False, markup=False)

@@ -11,6 +11,13 @@ test split — each member's float16 logits read once per seed per block, widene
 that block only, and each subset's per-class counts accumulated (`metrics.MetricCounts`). Peak
 memory depends on the block and the number of classes, not on the rows or the subsets.
 `late_weights="val"` fits each subset's weights on a bounded, seeded sample of validation rows.
+
+Multi-level runs (`--levels order,family,species`) are fused level by level, each level streamed
+the same way from its own logits (`logits.zarr/<level>/{val,test}`, weights fitted per level), so
+a late-fusion row carries `levels.<level>.*` and `avg_accuracy` like a multi-level run's
+metrics.json; its top-level keys are the finest level's. Members must share their levels; a mix
+of single-level members (e.g. `member@knn`, which predicts the finest level only) and multi-level
+ones fuses that finest level alone, with one warning — no member is refused for lacking levels.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from .metrics import MetricCounts
 from .progress import progress_bar
 from .runs import Run, RunConfig, finished, fit_run, run_path, summarise
 from .store import FeatureStore
-from .views import build_view
+from .views import build_view, level_key
 
 LATE_WEIGHTS = ("equal", "val")
 BLOCK_ELEMENTS = 2 ** 25      # float32 logits held per block, over all members (128 MB)
@@ -108,7 +115,9 @@ def run_config(base: RunConfig, strategy: str, members: tuple[str, ...]) -> RunC
         if len(members) > 1:
             raise FgembedError(f"{strategy} fusion trains one head on all its members: member@head goes with "
                                f"late fusion only (--strategies late), got {' + '.join(members)}")
-        config = dataclasses.replace(base, head=dataclasses.replace(base.head, head=heads[0]))
+        # a named head predicts one level: with --levels, the finest (late fusion then scores that level)
+        one_level = {"levels": (), "level": base.head.levels[-1]} if base.head.levels else {}
+        config = dataclasses.replace(base, head=dataclasses.replace(base.head, head=heads[0], **one_level))
     view = dataclasses.replace(base.view, features=names, fusion=fusion if len(members) > 1 else "single")
     return dataclasses.replace(config, view=view)
 
@@ -184,10 +193,12 @@ class LogitSource:
     array: Any
 
     @classmethod
-    def of(cls, run: Run, split: str) -> LogitSource:
+    def of(cls, run: Run, split: str, group_name: str | None = None) -> LogitSource:
+        """The split's logits at the root of `logits.zarr`, or in its `group_name` (a level of a
+        multi-level run)."""
         import zarr
         group = zarr.open_group(run.path / "logits.zarr", mode="r")
-        return cls(group[f"{split}_rows"][:], group[split])
+        return cls(group[f"{split}_rows"][:], group[f"{group_name}/{split}" if group_name else split])
 
     @property
     def n_seeds(self) -> int:
@@ -199,34 +210,88 @@ class LogitSource:
         return np.asarray(self.array[seed][positions])
 
 
+@dataclass(frozen=True)
+class FusedLevel:
+    """A level late fusion scores: its name (a taxonomy level, `label` for the fine one) and, per
+    member, the `logits.zarr` group that holds its logits (None: the root, a single-level run)."""
+
+    name: str
+    groups: tuple[str | None, ...]
+
+
+def fused_levels(singles: dict[str, Run], level: str | None) -> tuple[list[FusedLevel], bool]:
+    """The levels to fuse, coarse → fine, and whether rows get per-level metrics.
+
+    Single-level members: their one level (`level`, None = fine). Multi-level members must share
+    --levels: every level is fused. A mix fuses the multi-level members' finest level only, with a
+    warning (a single-level member predicts no coarser level); it must be the level the
+    single-level members were trained on."""
+    names = list(singles)
+    levels = {m: singles[m].config.head.levels for m in names}
+    distinct = list(dict.fromkeys(lv for lv in levels.values() if lv))
+    if not distinct:
+        return [FusedLevel(level or "label", (None,) * len(names))], False
+    if len(distinct) > 1:
+        raise FgembedError("late fusion members must share their --levels: " + "; ".join(
+            f"{m} {','.join(lv)}" for m, lv in levels.items() if lv))
+    shared = distinct[0]
+    plain = [m for m in names if not levels[m]]
+    if not plain:
+        return [FusedLevel(lv, (lv,) * len(names)) for lv in shared], True
+    finest = shared[-1]
+    other = [m for m in plain if level_key(singles[m].config.head.level) != level_key(finest)]
+    if other:
+        raise FgembedError(f"late fusion of single- and multi-level members needs the single-level ones trained on "
+                           f"the finest level {finest!r}; {', '.join(other)} is not")
+    warnings.warn(f"late fusion of single-level ({', '.join(plain)}) and multi-level members scores the finest "
+                  f"level ({finest}) only")
+    return [FusedLevel(finest, tuple(finest if levels[m] else None for m in names))], False
+
+
 def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Combination], level: str | None,
                  mode: str, weights_from: str) -> list[Entry]:
-    """Late fusion of every combination in `combos` from the single runs, one streamed pass."""
+    """Late fusion of every combination in `combos` from the single runs, one streamed pass per
+    level (`fused_levels`): metrics of the finest level at the top, per-level ones under `levels`."""
     manifests = {r.store["manifest_sha256"] for r in singles.values()}
     if len(manifests) != 1:
         raise FgembedError("late fusion members were trained on different stores (different rows): "
                            + ", ".join(str(r.path) for r in singles.values()))
     names = list(singles)
     subsets = [tuple(names.index(m) for m in c.members) for c in combos]
-    labels = store.labels(level=level).astype(np.int64)
     held = sorted({c for r in singles.values() for c in r.meta.get("holdout_classes", [])})
     novel = np.isin(store.labels(), held) if held else None  # novel test rows are not scored
-    weights, sample_rows = None, []
-    if weights_from == "val":
-        val = [LogitSource.of(singles[m], "val") for m in names]
-        weights, sample_rows = fit_subset_weights(val, subsets, labels, mode)
-    test = [LogitSource.of(singles[m], "test") for m in names]
-    results = stream_late(test, subsets, labels, mode, weights, skip=novel)
+    levels, per_level = fused_levels(singles, level)
+    results, weights, sample_rows = [], None, []
+    for lv in levels:  # the finest last: its weights are the ones reported
+        labels = store.labels(level=level_key(lv.name)).astype(np.int64)
+        weights, sample_rows = None, []
+        if weights_from == "val":
+            val = [LogitSource.of(singles[m], "val", g) for m, g in zip(names, lv.groups)]
+            weights, sample_rows = fit_subset_weights(val, subsets, labels, mode)
+        test = [LogitSource.of(singles[m], "test", g) for m, g in zip(names, lv.groups)]
+        results.append(stream_late(test, subsets, labels, mode, weights, skip=novel))
     entries = []
-    for i, (combo, (per_seed, n_rows)) in enumerate(zip(combos, results)):
+    for i, combo in enumerate(combos):
+        per_seed, n_rows = results[-1][i]
+        if per_level:
+            per_seed = [fine | level_block({lv.name: results[j][i][0][k] for j, lv in enumerate(levels)})
+                        for k, fine in enumerate(per_seed)]
         seeds = singles[combo.members[0]].metrics["seeds"][:len(per_seed)]
         metrics = summarise(per_seed) | {"per_seed": per_seed, "n_test": n_rows, "seeds": seeds}
+        if per_level:
+            metrics["level_order"] = [lv.name for lv in levels]
         mean_weights = None
         if weights is not None:
             metrics["late_weight_rows"] = sample_rows[i]
             mean_weights = np.mean(weights[i], axis=0).round(4).tolist()
         entries.append(Entry(combo, metrics, [singles[m].path for m in combo.members], mean_weights))
     return entries
+
+
+def level_block(per_level: dict[str, dict]) -> dict:
+    """One seed's `levels` block and `avg_accuracy` (the mean accuracy over levels), as a
+    multi-level run's metrics.json holds them."""
+    return {"levels": per_level, "avg_accuracy": float(np.mean([m["accuracy"] for m in per_level.values()]))}
 
 
 def _block_rows(n_members: int, n_classes: int) -> int:

@@ -20,6 +20,10 @@ Metrics: AUROC, AUPR and the FPR at 95 % TPR (novel = positive: the fraction of 
 when 95 % of the novel rows are caught) via scikit-learn. Thresholds calibrated on validation use
 SEEN rows only: the threshold that keeps a target fraction of known rows (`calibrate_threshold`).
 Per-row scores go to `<dir>/novelty.zarr/[<level>/]<score>` with `rows` (store row ids) and `novel`.
+
+An undefined number — AUROC, AUPR and FPR@95 of a split without novel (or without seen) rows, an
+accuracy over zero rows — is NaN in a row and null in JSON / an empty CSV cell / – in a table:
+the JSON stays valid (`allow_nan=False`) and says "undefined", not a made-up 0.
 """
 from __future__ import annotations
 
@@ -247,8 +251,12 @@ def novel_at_level(y_level: np.ndarray, train_level: np.ndarray) -> np.ndarray:
 
 def score_row(score: str, level: str, test_scores: np.ndarray, novel: np.ndarray, pred: np.ndarray, y: np.ndarray,
               threshold: float, rule: str) -> dict:
-    """One table row: detection metrics and 001's accuracies at `threshold` (flagged: score > t)."""
-    return {"score": score, "level": level, **detection_metrics(test_scores, novel), "threshold": float(threshold),
+    """One table row: detection metrics and 001's accuracies at `threshold` (flagged: score > t).
+    Without both novel and seen rows the detection metrics are undefined (NaN), the accuracies kept."""
+    novel = np.asarray(novel, bool)
+    detection = detection_metrics(test_scores, novel) if novel.any() and not novel.all() else \
+        dict.fromkeys(("auroc", "aupr", "fpr95"), math.nan)
+    return {"score": score, "level": level, **detection, "threshold": float(threshold),
             "rule": rule, **open_set_accuracy(pred, y, np.asarray(test_scores) > threshold, novel)}
 
 
@@ -316,25 +324,37 @@ FORMATS = ("md", "csv", "latex", "json")
 
 def _cell(record: dict, key: str) -> str:
     value = record[key]
-    if value is None or math.isnan(value):
+    if value is None or not math.isfinite(value):
         return "–"
     std = record.get(f"{key}_std")
-    return f"{100 * value:.2f} ± {100 * std:.2f}" if std else f"{100 * value:.2f}"
+    return f"{100 * value:.2f} ± {100 * std:.2f}" if std and math.isfinite(std) else f"{100 * value:.2f}"
+
+
+def defined(value):
+    """`value` with every NaN or infinite number (an undefined metric) replaced by None, numpy
+    numbers made plain, at any depth: what JSON can hold (`json.dumps(..., allow_nan=False)`)."""
+    if isinstance(value, dict):
+        return {k: defined(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [defined(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def format_table(records: list[dict], fmt: str) -> str:
     """Rows from `score_row` (optionally with `<key>_std`) as md / csv / latex / json; numbers in
-    percent except json and csv, which keep fractions."""
+    percent except json and csv, which keep fractions; undefined numbers are null / empty / –."""
     if fmt not in FORMATS:
         raise FgembedError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "json":
-        return json.dumps(records, indent=2)
+        return json.dumps(defined(records), indent=2, allow_nan=False) + "\n"
     if fmt == "csv":
         buffer = io.StringIO()
         keys = list(dict.fromkeys(k for r in records for k in r))
         writer = csv.DictWriter(buffer, keys)
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(defined(records))
         return buffer.getvalue()
     header = ["Score", "Level", *(title for _, title in TABLE_METRICS), "Threshold"]
     rows = [[r["score"], r["level"], *(_cell(r, k) for k, _ in TABLE_METRICS), f"{r['threshold']:.4g} ({r['rule']})"]

@@ -2,13 +2,17 @@
 
 Precision, recall and F1 are weighted averages, as in the reference paper (whose recall equals
 accuracy in every row); the headers say so, and macro F1 stands beside them. Numbers are
-percentages; with several seeds a cell reads `mean ± std`.
+percentages; with several seeds a cell reads `mean ± std`. Rows of multi-level runs add an
+accuracy column per taxonomy level and their mean (`Acc order`, …, `Avg acc`, seed 004's table),
+read from the nested `levels.<level>.accuracy` keys (a dotted column key walks nested blocks).
 """
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import math
 import string
 import textwrap
 from pathlib import Path
@@ -41,7 +45,22 @@ def entry_record(entry: Entry) -> dict:
                                                             for k, _ in METRICS},
             "late_weights": entry.weights, "runs": [str(p) for p in entry.runs],
             **_frequency_record(entry.metrics.get("by_frequency")),
-            "gmacs": entry.metrics.get("gmacs"), "throughput": entry.metrics.get("throughput")}
+            "gmacs": entry.metrics.get("gmacs"), "throughput": entry.metrics.get("throughput"),
+            **{k: entry.metrics.get(k) for k in ("level_order", "levels", "avg_accuracy", "avg_accuracy_std")}}
+
+
+def value(record: dict, key: str):
+    """`record[key]`, where a dotted key (`levels.order.accuracy`) walks nested blocks; None when absent."""
+    return functools.reduce(lambda block, part: (block or {}).get(part), key.split("."), record)
+
+
+def level_columns(records: list[dict]) -> list[tuple[str, str]]:
+    """(record key, header) of per-level accuracy and their mean, when a row is of a multi-level run
+    (late fusion of multi-level runs included); [] otherwise."""
+    order = next((r["level_order"] for r in records if r.get("level_order")), None)
+    if not order:
+        return []
+    return [(f"levels.{lv}.accuracy", f"Acc {lv}") for lv in order] + [("avg_accuracy", "Avg acc")]
 
 
 def _frequency_record(block: dict | None) -> dict:
@@ -89,22 +108,24 @@ def row_key(strategy: str, members: list[str] | tuple[str, ...]) -> str:
 def cell(record: dict, key: str) -> str:
     """A metric as a percentage, `mean ± std` when the row has several seeds; GMACs as a number;
     – where the row has no value."""
-    if record.get(key) is None or record[key] != record[key]:  # missing, or NaN (an empty bin)
+    number = value(record, key)
+    if number is None or (isinstance(number, float) and math.isnan(number)):  # missing, or NaN (an empty bin)
         return "–"
     if key == "gmacs":
-        return f"{record[key]:.2f}"
-    value, std = 100 * record[key], 100 * record[f"{key}_std"]
-    return f"{value:.2f} ± {std:.2f}" if record.get("seeds") and len(record["seeds"]) > 1 else f"{value:.2f}"
+        return f"{number:.2f}"
+    mean, std = 100 * number, 100 * (value(record, f"{key}_std") or 0.0)
+    return f"{mean:.2f} ± {std:.2f}" if record.get("seeds") and len(record["seeds"]) > 1 else f"{mean:.2f}"
 
 
 def format_table(entries: list[Entry], fmt: str, extra: list[tuple[str, str]] = ()) -> str:
-    """The ranked table; `extra` adds optional columns (`extra_columns`: by-frequency accuracy, GMACs)."""
+    """The ranked table; `extra` adds optional columns (`extra_columns`: by-frequency accuracy, GMACs).
+    Per-level accuracy columns come with rows of multi-level runs (`level_columns`)."""
     if fmt not in FORMATS:
         raise FgembedError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     records = [entry_record(e) for e in entries]
     if fmt == "json":
         return json.dumps(records, indent=2)
-    columns = [*METRICS, *extra]
+    columns = [*METRICS, *level_columns(records), *extra]
     header = ["#", "Method", "Members", *(title for _, title in columns)]
     rows = [[str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(cell(r, k) for k, _ in columns)]
             for i, r in enumerate(records, 1)]
@@ -115,7 +136,8 @@ def format_table(entries: list[Entry], fmt: str, extra: list[tuple[str, str]] = 
         writer = csv.writer(buffer)
         writer.writerow(["rank", "strategy", "members", *keys, *stds])
         for i, r in enumerate(records, 1):
-            writer.writerow([i, r["strategy"], "+".join(r["members"]), *(r[k] for k in keys), *(r[k] for k in stds)])
+            writer.writerow([i, r["strategy"], "+".join(r["members"]), *(value(r, k) for k in keys),
+                             *(value(r, k) for k in stds)])
         return buffer.getvalue()
     if fmt == "latex":
         escape = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("#", r"\#")  # noqa: E731

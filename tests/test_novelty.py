@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from fgembed.cli.main import app
 from scipy.special import logsumexp, softmax
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
 
 from fgembed import novelty
 from fgembed.errors import FgembedError
+from fgembed.images import UNREADABLE
 from fgembed.novelty import (
     calibrate_threshold,
     create_scorer,
@@ -32,7 +35,9 @@ from fgembed.novelty import (
     read_scores,
     write_scores,
 )
+from fgembed.views import ViewConfig, build_view
 
+from .formats import write_feature_store
 from .test_hierarchy import make_features
 
 HELD_OUT_FAMILY = 5
@@ -211,3 +216,57 @@ def test_ensembles_average_logits_or_standardised_scores():
     # a score and the same score at another scale and offset fuse to the standardised score
     fused = fuse_scores([s, 100 * s + 7], [s, 100 * s + 7])
     np.testing.assert_allclose(fused, (s - s.mean()) / s.std(), rtol=1e-5, atol=1e-6)
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (Python's parser accepts them; JSON does not)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_undefined_metrics_are_null_in_json(open_set):
+    """A split without novel rows: AUROC, AUPR, FPR@95 and unseen accuracy are undefined."""
+    _, _, Xt, yt, _ = open_set
+    no_novel = np.zeros(len(Xt), bool)
+    msp = -np.linspace(0.2, 0.9, len(Xt))
+    records = level_rows("species", {"msp": msp}, {"msp": msp}, no_novel, yt, yt, tau=0.5)
+    assert np.isnan(records[0]["auroc"]) and np.isnan(records[0]["unseen"])
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        json.dumps(records, allow_nan=False)  # what the table must not print
+    rows = _strict_json(format_table(records, "json"))
+    assert [(r["auroc"], r["aupr"], r["fpr95"], r["unseen"]) for r in rows] == [(None,) * 4] * 2
+    assert rows[0]["seen"] == pytest.approx(((msp <= -0.5)).mean()) and rows[0]["overall"] == rows[0]["seen"]
+    parsed = list(csv.DictReader(io.StringIO(format_table(records, "csv"))))
+    assert parsed[0]["auroc"] == "" and parsed[0]["unseen"] == "" and float(parsed[0]["seen"]) == rows[0]["seen"]
+    md = format_table([{**records[0], "auroc_std": float("nan")}], "md")
+    assert md.splitlines()[2].count("–") == 4  # AUROC, AUPR, FPR@95, unseen
+    assert novelty.defined({"a": [np.float32(np.inf), np.int64(3)], "b": (np.float64(0.5),)}) == \
+        {"a": [None, 3], "b": [0.5]}
+
+
+def test_cli_json_stays_valid_when_the_test_split_has_no_novel_rows(tmp_path):
+    """Every test image of the held-out classes failed to decode: the run has held-out classes but
+    no novel test rows; `fgembed novelty --format json` prints null, warns once, draws no ROC."""
+    path = tmp_path / "f.zarr"
+    store = write_feature_store(path)
+    held = build_view(store, ViewConfig(features=("a",), holdout=0.34)).holdout_classes
+    lost = np.flatnonzero(np.isin(store.labels(), held) & (store.group["samples/split"][:] == 2))
+    member = zarr.open_group(path / "features" / "a", mode="r+")  # as extraction flags a failed image
+    member["status"][lost] = UNREADABLE
+    member["emb"].set_orthogonal_selection((lost, slice(None)), np.nan)
+    runner = CliRunner()
+    fit = runner.invoke(app, ["fit", "--store", str(path), "--runs", str(tmp_path / "runs"), "--features", "a",
+                              "--epochs", "2", "--holdout", "0.34", "--quiet", "--json"])
+    assert fit.exit_code == 0, fit.output
+    run = json.loads(fit.stdout)
+    assert run["holdout_classes"] == held and run["n_novel"] == 0 and run["dropped"]["test"] == len(lost)
+    plot = tmp_path / "roc.png"
+    result = runner.invoke(app, ["novelty", run["run"], "--scores", "msp,knn", "--format", "json",
+                                 "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    rows = _strict_json(result.stdout)
+    assert {r["score"] for r in rows} == {"msp", "knn"} and all(r["auroc"] is None and r["unseen"] is None
+                                                                for r in rows)
+    assert all(0 <= r["seen"] <= 1 for r in rows)
+    assert "no novel rows among the test rows" in result.stderr and not plot.exists()
