@@ -13,6 +13,9 @@ Three multi-level heads over a view's design rows, each returning one logit tens
   splitting a frozen input would stop nothing. The earlier trunk layers stay shared, as 004's
   backbone F is.
 
+Training: `fit_levels` trains one model per seed; `fit_levels_grid` trains an lr × weight-decay grid
+setting by setting and keeps per seed the setting whose best epoch validates best.
+
 Metrics: per-level classification metrics and their mean (004's "avg acc"); the consistency rate;
 two consistent decoders (top-down, and the product of level probabilities along each root-to-leaf
 path); mistake severity (mean depth of the lowest common ancestor over mistakes, root at depth 0 —
@@ -217,6 +220,14 @@ class LevelsFit:
     best_epoch: int
     best_val_f1: list[float]            # per level, at the best epoch
     history: list[dict] = field(default_factory=list)
+    lr: float = 0.0
+    weight_decay: float = 0.0
+    best_val_score: float = -1.0        # what selects the epoch and the setting (`select`)
+    grid: list[dict] = field(default_factory=list)  # every setting's best score and epoch (fit_levels_grid)
+
+    @property
+    def chosen(self) -> dict[str, float]:
+        return {"lr": self.lr, "weight_decay": self.weight_decay}
 
 
 SELECTIONS = ("mean", "fine")
@@ -271,6 +282,37 @@ def fit_levels(name: str, X, ys: Sequence[np.ndarray], X_val, ys_val: Sequence[n
     return fits
 
 
+def fit_levels_grid(name: str, X, ys: Sequence[np.ndarray], X_val, ys_val: Sequence[np.ndarray],
+                    n_classes: Sequence[int], *, seeds: Sequence[int] = (0,), lrs: Sequence[float] = (1e-3,),
+                    weight_decays: Sequence[float] = (0.01,), select: str = "mean",
+                    on_epoch: Callable[[float], None] | None = None, **params) -> list[LevelsFit]:
+    """`fit_levels` at every (lr, weight decay), lr-major; per seed the setting with the best
+    validation score — the same score that picks the best epoch (`select`: by default the mean over
+    levels of the weighted validation F1, 004's "avg"; ties go to the first setting), so a setting
+    is chosen the way an epoch is. Each fit's `grid` lists every setting's score and best epoch.
+
+    Settings train one after another, not batched like `train.train_grid`: its stacked model runs
+    a chain of layers with one output, and these heads branch per level. Every setting of a seed
+    starts from the same initial weights and batch order, so the kept fit equals the same setting
+    trained alone. `on_epoch(1 / settings)` after every epoch of every setting."""
+    settings = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
+    if not settings or len(set(settings)) != len(settings):
+        raise FgembedError(f"need distinct learning rates and weight decays; got {list(lrs)}, {list(weight_decays)}")
+    best: list[LevelsFit | None] = [None] * len(seeds)
+    grids: list[list[dict]] = [[] for _ in seeds]
+    tick = None if on_epoch is None else (lambda n=1: on_epoch(n / len(settings)))
+    for lr, wd in settings:
+        for s, fit in enumerate(fit_levels(name, X, ys, X_val, ys_val, n_classes, seeds=seeds, lr=lr,
+                                           weight_decay=wd, select=select, on_epoch=tick, **params)):
+            grids[s].append({"lr": lr, "weight_decay": wd, "best_val_score": fit.best_val_score,
+                             "best_val_f1": fit.best_val_f1, "best_epoch": fit.best_epoch})
+            if best[s] is None or fit.best_val_score > best[s].best_val_score:
+                best[s] = fit
+    for fit, grid in zip(best, grids):
+        fit.grid = grid
+    return best
+
+
 def _train_one(module: nn.Module, X: torch.Tensor, Y: torch.Tensor, X_val: torch.Tensor, Y_val: torch.Tensor,
                n_classes: Sequence[int], seed: int, lr: float, weight_decay: float, epochs: int, batch_size: int,
                level_weights: Sequence[float] | None, select: str,
@@ -301,7 +343,7 @@ def _train_one(module: nn.Module, X: torch.Tensor, Y: torch.Tensor, X_val: torch
         if on_epoch:
             on_epoch(1)
     module.load_state_dict(best_state)
-    return LevelsFit(module.eval(), seed, best_epoch, best_f1, history)
+    return LevelsFit(module.eval(), seed, best_epoch, best_f1, history, lr, weight_decay, best)
 
 
 # ---- metrics and consistent decoding -------------------------------------------------------
@@ -354,6 +396,26 @@ def decode_path_product(logits: Sequence[np.ndarray], taxonomy: Taxonomy) -> lis
         out.append(score.masked_fill(~used[None, :], -torch.inf).argmax(1))
     fine = torch.cat(out).numpy()
     return [taxonomy.ancestors(fine, name) for name in taxonomy.order]
+
+
+DECODERS: dict[str, Callable[[Sequence[np.ndarray], Taxonomy], list[np.ndarray]]] = {
+    "top_down": decode_top_down, "path_product": decode_path_product}
+
+
+def decoded_metrics(preds: Sequence[np.ndarray], ys: Sequence[np.ndarray], taxonomy: Taxonomy) -> dict:
+    """One seed's metrics of per-level predictions (coarse → fine, e.g. a decoder's), laid out as a
+    run's: the fine level's accuracy / f1 / f1_macro at the top, `levels.<level>.*`, avg_accuracy,
+    consistency and mistake_severity (None without a mistake: NaN is not JSON)."""
+    levels = {}
+    for name, pred, y in zip(taxonomy.order, preds, ys):
+        y_t, p_t = torch.as_tensor(np.asarray(y), dtype=torch.long), torch.as_tensor(np.asarray(pred), dtype=torch.long)
+        n = max(taxonomy.n_classes.get(name, 0), int(y_t.max()) + 1, int(p_t.max()) + 1)
+        levels[name] = {"accuracy": float((p_t == y_t).double().mean()), "f1": f1_torch(y_t, p_t, n),
+                        "f1_macro": f1_torch(y_t, p_t, n, "macro")}
+    severity = mistake_severity(preds[-1], ys[-1], taxonomy)
+    return levels[taxonomy.fine] | {
+        "levels": levels, "avg_accuracy": float(np.mean([m["accuracy"] for m in levels.values()])),
+        "consistency": consistency_rate(preds, taxonomy), "mistake_severity": None if np.isnan(severity) else severity}
 
 
 def lca_depth(pred_fine: np.ndarray, true_fine: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
@@ -414,6 +476,33 @@ def selective_curve(logits: Sequence[np.ndarray], ys: Sequence[np.ndarray],
         curve["specificity"].append(float(((level + 1) / len(ys)).mean()))
         curve["fine_fraction"].append(float((level == len(ys) - 1).mean()))
     return curve
+
+
+SELECTIVE_TAUS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # a run's fixed points (001's τ 0.5, 0.7 among them)
+SELECTIVE_KEYS = ("accuracy", "specificity", "fine_fraction")
+
+
+def tau_key(tau: float) -> str:
+    """A selective point's key: τ in hundredths, "tau70" for 0.7 (no dot, so report.py's dotted
+    paths such as `selective.tau70.accuracy` reach it)."""
+    return f"tau{round(100 * tau):02d}"
+
+
+def selective_points(logits: Sequence[np.ndarray], ys: Sequence[np.ndarray],
+                     taus: Sequence[float] = SELECTIVE_TAUS) -> dict[str, dict[str, float]]:
+    """`selective_curve` at fixed τ, keyed by `tau_key` ("tau70": {accuracy, specificity,
+    fine_fraction}): keys, not a list, so each point gets its mean ± std over seeds like every
+    metric (metrics.json's `selective`)."""
+    curve = selective_curve(logits, ys, taus)
+    return {tau_key(tau): {k: curve[k][i] for k in SELECTIVE_KEYS} for i, tau in enumerate(curve["tau"])}
+
+
+def curve_of_points(points: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """`selective_points` (or metrics.json's `selective` block) back as a curve, τ ascending, for
+    `plot_selective_curve`."""
+    taus = sorted(points, key=lambda key: int(key.removeprefix("tau")))
+    return {"tau": [int(t.removeprefix("tau")) / 100 for t in taus],
+            **{k: [points[t][k] for t in taus] for k in SELECTIVE_KEYS}}
 
 
 def plot_selective_curve(curves: dict[str, dict[str, list[float]]], path: str | Path,

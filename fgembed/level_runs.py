@@ -4,7 +4,17 @@ logits per level at `logits.zarr/<level>/{val,test}` `[seeds, rows, classes]` fl
 `logits.zarr/{val,test}_rows`), `head-seed<S>.safetensors`, and metrics.json whose top-level
 flat keys are the fine level's (so tables rank multi-level runs by fine F1 like any other run),
 plus `levels.<level>.*`, `avg_accuracy`, `consistency` and `mistake_severity`, each with its
-`_std` over seeds. Metrics are computed from the stored float16 logits on seen test rows."""
+`_std` over seeds. Metrics are computed from the stored float16 logits on seen test rows:
+
+- `decoder.<name>` (`hierarchy.DECODERS`: `top_down`, `path_product`): the same metrics of a
+  consistent decoding of those logits (its `consistency` is 1 by construction);
+- `selective.tau<NN>` (τ in hundredths: "tau70" …, `hierarchy.SELECTIVE_TAUS`): the "deepest
+  confident level" answer's accuracy, specificity and fine_fraction at each τ (004's "flamingo or
+  bird" curve, as points).
+
+An lr × weight-decay grid trains every setting (`hierarchy.fit_levels_grid`) and keeps per seed
+the one with the best mean over levels of the weighted validation F1 — the score that picks the
+epoch; `chosen` and `grid` record it per seed as in a single-level run."""
 from __future__ import annotations
 
 import json
@@ -21,13 +31,14 @@ from safetensors.torch import save_file as save_torch
 from . import __version__
 from .devices import resolve_device
 from .hierarchy import (
+    DECODERS,
     Taxonomy,
-    consistency_rate,
     create_hierarchy,
-    fit_levels,
+    decoded_metrics,
+    fit_levels_grid,
     level_metrics,
-    mistake_severity,
     predict_levels,
+    selective_points,
 )
 from .metrics import classification_metrics
 from .store import FeatureStore
@@ -52,11 +63,11 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
     ys = {s: [view.labels(s, lv) for lv in levels] for s in ("train", "val", "test")}
     n_classes = [view.n_classes(lv) for lv in levels]
     started = time.perf_counter()
-    fits = fit_levels(h.hierarchy, view.X("train"), ys["train"], view.X("val"), ys["val"], n_classes,
-                      seeds=h.seeds, lr=h.lr[0], weight_decay=h.weight_decay[0], epochs=h.epochs,
-                      batch_size=h.batch_size, level_weights=h.level_weights, hidden=h.hidden,
-                      dropout=h.dropout, device=device,  # seeds train one after another: one bar of `epochs`
-                      on_epoch=lambda n=1: on_epoch(n / len(h.seeds)))
+    fits = fit_levels_grid(h.hierarchy, view.X("train"), ys["train"], view.X("val"), ys["val"], n_classes,
+                           seeds=h.seeds, lrs=h.lr, weight_decays=h.weight_decay, epochs=h.epochs,
+                           batch_size=h.batch_size, level_weights=h.level_weights, hidden=h.hidden,
+                           dropout=h.dropout, device=device,  # fits train one after another: one bar of `epochs`
+                           on_epoch=lambda n=1: on_epoch(n / len(h.seeds)))
     seconds = time.perf_counter() - started
     excluded = {lv: view.excluded_classes(lv) for lv in levels}
 
@@ -81,11 +92,11 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
     for k in range(len(fits)):  # scored from the stored float16 logits: what every reader sees
         z = [np.asarray(group[f"{lv}/test"][k]).astype(np.float32)[seen] for lv in levels]
         y = [t[seen] for t in ys["test"]]
-        preds = [zk.argmax(1) for zk in z]
-        severity = mistake_severity(preds[-1], y[-1], taxonomy)
+        argmax = decoded_metrics([zk.argmax(1) for zk in z], y, taxonomy)
         per_seed.append(classification_metrics(z[-1], y[-1]) | level_metrics(z, y, levels) | {
-            "consistency": consistency_rate(preds, taxonomy),
-            "mistake_severity": None if np.isnan(severity) else severity})  # NaN is not JSON
+            "consistency": argmax["consistency"], "mistake_severity": argmax["mistake_severity"],
+            "decoder": {name: decoded_metrics(decode(z, taxonomy), y, taxonomy) for name, decode in DECODERS.items()},
+            "selective": selective_points(z, y)})
     for fit in fits:
         save_torch({k: v.detach().cpu().contiguous() for k, v in fit.module.state_dict().items()},
                    str(tmp / f"head-seed{fit.seed}.safetensors"))
@@ -94,13 +105,15 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
             "store": identity, "store_path": str(store.path), "dims": view.dims,
             "n_classes": n_classes[-1], "level_classes": dict(zip(levels, n_classes)),
             "holdout_classes": view.holdout_classes, "excluded_classes": excluded[levels[-1]].tolist(),
-            "selection": selection(h.balance)}
+            "selection": f"{selection(h.balance)} (mean over levels)"}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     metrics = summarise(per_seed) | {
         "seeds": list(h.seeds), "per_seed": per_seed, "hierarchy": h.hierarchy, "level_order": list(levels),
         "best_epoch": [f.best_epoch for f in fits], "best_val_f1": [f.best_val_f1 for f in fits],
-        **view_counts(view, seen), "train_seconds": seconds,
+        "chosen": [f.chosen for f in fits], **view_counts(view, seen), "train_seconds": seconds,
     }
+    if len(h.lr) * len(h.weight_decay) > 1:
+        metrics["grid"] = [f.grid for f in fits]
     publish(tmp, path, metrics)
     return Run(path, config, metrics, identity, meta=meta)
 

@@ -11,15 +11,19 @@ from sklearn.metrics import accuracy_score, f1_score
 from fgembed.errors import FgembedError
 from fgembed.hierarchy import (
     HIERARCHIES,
+    SELECTIVE_TAUS,
     DisentangledHeads,
     SharedTrunkHeads,
     Taxonomy,
     consistency_rate,
     create_hierarchy,
+    curve_of_points,
     decode_path_product,
     decode_top_down,
+    decoded_metrics,
     deepest_confident,
     fit_levels,
+    fit_levels_grid,
     hierarchical_loss,
     lca_depth,
     level_metrics,
@@ -28,6 +32,7 @@ from fgembed.hierarchy import (
     plot_selective_curve,
     predict_levels,
     selective_curve,
+    selective_points,
 )
 
 ORDERS, FAMILIES_PER_ORDER, SPECIES_PER_FAMILY = 3, 2, 3
@@ -184,6 +189,27 @@ def test_fit_levels_seed_alone_equals_seed_in_a_list():
     assert not torch.equal(pair[0].module.trunk[0].weight, pair[1].module.trunk[0].weight)
 
 
+def test_grid_keeps_per_seed_the_setting_that_wins_alone():
+    X, codes = make_features(n_per_class=6, noise=NOISE)
+    Xv, cv = make_features(n_per_class=3, noise=NOISE, seed=5)
+    ys, ys_val = [codes["order"], codes["species"]], [cv["order"], cv["species"]]
+    kw = {"epochs": 3, "batch_size": 16, "hidden": (16, 12), "device": "cpu", "seeds": [0, 1, 2]}
+    grid = fit_levels_grid("shared", X, ys, Xv, ys_val, [3, 18], lrs=[1e-3, 3e-2], weight_decays=[0.0, 0.1], **kw)
+    settings = [(lr, wd) for lr in (1e-3, 3e-2) for wd in (0.0, 0.1)]
+    alone = {s: fit_levels("shared", X, ys, Xv, ys_val, [3, 18], lr=s[0], weight_decay=s[1], **kw) for s in settings}
+    for k, fit in enumerate(grid):
+        scores = [alone[s][k].best_val_score for s in settings]
+        assert [g["best_val_score"] for g in fit.grid] == scores
+        assert scores[0] != scores[-1]  # the grid has a choice to make
+        winner = settings[int(np.argmax(scores))]  # ties: the first in lr-major order
+        assert (fit.lr, fit.weight_decay) == winner and fit.chosen == {"lr": winner[0], "weight_decay": winner[1]}
+        assert fit.best_val_score == pytest.approx(np.mean(fit.best_val_f1))  # select="mean"
+        for a, b in zip(fit.module.state_dict().values(), alone[winner][k].module.state_dict().values()):
+            assert torch.equal(a, b)
+    with pytest.raises(FgembedError, match="distinct learning rates"):
+        fit_levels_grid("shared", X, ys, Xv, ys_val, [3, 18], lrs=[1e-3, 1e-3], **kw)
+
+
 def _random_logits(n: int = 200, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.normal(0, 2, (n, c)).astype(np.float32) for c in (3, 6, 18)]
@@ -205,6 +231,22 @@ def test_decoders_are_consistent_and_match_brute_force():
         f = max((c for c in range(6) if tax.parents(1)[c] == o), key=lambda c: logp[1][i, c])
         expected.append(max((c for c in range(18) if tax.parents(2)[c] == f), key=lambda c: logp[2][i, c]))
     assert decode_top_down(logits, tax)[2].tolist() == expected
+
+
+def test_decoded_metrics_match_sklearn():
+    tax, logits = taxonomy(), _random_logits(seed=1)
+    fine = np.random.default_rng(2).integers(0, 18, 200)
+    ys = [tax.ancestors(fine, "order"), tax.ancestors(fine, "family"), fine]
+    preds = decode_path_product(logits, tax)
+    m = decoded_metrics(preds, ys, tax)
+    for level, pred, y in zip(tax.order, preds, ys):
+        assert m["levels"][level]["accuracy"] == pytest.approx(accuracy_score(y, pred))
+        assert m["levels"][level]["f1"] == pytest.approx(f1_score(y, pred, average="weighted"))
+        assert m["levels"][level]["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["accuracy"] == m["levels"]["species"]["accuracy"] and m["consistency"] == 1.0
+    assert m["avg_accuracy"] == pytest.approx(np.mean([accuracy_score(y, p) for y, p in zip(ys, preds)]))
+    assert m["mistake_severity"] == pytest.approx(mistake_severity(preds[2], fine, tax))
+    assert decoded_metrics([fine // 6, fine // 3, fine], ys, tax)["mistake_severity"] is None  # no mistake
 
 
 def test_mistake_severity_is_mean_lca_depth_over_mistakes():
@@ -235,6 +277,10 @@ def test_deepest_confident_level_and_its_curve(tmp_path):
         k = next((k for k in (2, 1) if probs[k][i].max() >= 0.3), 0)
         assert (level[i], pred[i]) == (k, probs[k][i].argmax())
     assert curve["fine_fraction"][1] == pytest.approx(np.mean(level == 2))
+    points = selective_points(logits, ys)
+    assert list(points)[:3] == ["tau00", "tau30", "tau50"] and len(points) == len(SELECTIVE_TAUS)
+    assert curve_of_points(points) == {"tau": list(SELECTIVE_TAUS), **{
+        k: v for k, v in selective_curve(logits, ys, SELECTIVE_TAUS).items() if k != "tau"}}
     png = plot_selective_curve({"random": curve}, tmp_path / "curve.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -8,11 +8,22 @@ import json
 import numpy as np
 import pytest
 from fgembed.cli.main import app, main
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from typer.testing import CliRunner
 
-from fgembed.hierarchy import predict_levels
+from fgembed.hierarchy import (
+    DECODERS,
+    SELECTIVE_TAUS,
+    Taxonomy,
+    consistency_rate,
+    decode_path_product,
+    mistake_severity,
+    predict_levels,
+    selective_curve,
+    tau_key,
+)
 from fgembed.novelty import read_scores
+from fgembed.report import value
 from fgembed.runs import HeadConfig, Run, summarise
 
 from .formats import write_feature_store
@@ -52,6 +63,87 @@ def test_level_metrics_equal_sklearn_on_stored_logits(store_path, tmp_path, hier
     stored = [run.logits("test", level)[1][1].astype(np.float32) for level in ("group", "label")]
     for z, ref in zip(predict_levels(run.load_heads()[1], store.features("a")[rows]), stored):  # weights reload
         np.testing.assert_allclose(z, ref, rtol=2e-3, atol=2e-3)
+
+
+def test_consistent_decoders_and_selective_points_in_metrics_equal_hierarchy_on_stored_logits(store_path, tmp_path):
+    run = _fit(store_path, tmp_path, "--levels", "group,species", "--hierarchy", "independent", "--seeds", "0,1,2")
+    m = run.metrics
+    from fgembed.store import FeatureStore
+    store = FeatureStore.open(store_path)
+    tax = Taxonomy.from_store(store, ["group", "label"])
+    rows = run.rows("test")
+    ys = [store.labels(level="group")[rows], store.labels()[rows]]
+    logits = [[run.logits("test", lv)[1][s].astype(np.float32) for lv in ("group", "label")] for s in range(3)]
+    decoded = [decode_path_product(z, tax) for z in logits]
+    pp = m["decoder"]["path_product"]
+    assert pp["consistency"] == 1.0 and pp["consistency_std"] == 0.0  # consistent by construction
+    for k, level in enumerate(("group", "label")):
+        accs = [accuracy_score(ys[k], d[k]) for d in decoded]
+        f1s = [f1_score(ys[k], d[k], average="weighted") for d in decoded]
+        assert pp["levels"][level]["accuracy"] == pytest.approx(np.mean(accs), abs=1e-9)
+        assert pp["levels"][level]["accuracy_std"] == pytest.approx(np.std(accs, ddof=1), abs=1e-9)
+        assert pp["levels"][level]["f1"] == pytest.approx(np.mean(f1s), abs=1e-9)
+    assert pp["accuracy"] == pp["levels"]["label"]["accuracy"]
+    severities = [mistake_severity(d[1], ys[1], tax) for d in decoded]
+    assert pp["mistake_severity"] == pytest.approx(np.nanmean(severities), abs=1e-9)
+    assert set(m["decoder"]) == set(DECODERS) and m["decoder"]["top_down"]["consistency"] == 1.0
+    argmax = [consistency_rate([zk.argmax(1) for zk in z], tax) for z in logits]
+    assert m["consistency"] == pytest.approx(np.mean(argmax), abs=1e-9)  # independent heads: not forced
+    curves = [selective_curve(z, ys, SELECTIVE_TAUS) for z in logits]
+    assert list(m["selective"]) == [tau_key(t) for t in SELECTIVE_TAUS]
+    assert value(m, "selective.tau70.accuracy") == m["selective"]["tau70"]["accuracy"]  # report.py's dotted path
+    for i, point in enumerate(m["selective"].values()):
+        for key in ("accuracy", "specificity", "fine_fraction"):
+            values = [c[key][i] for c in curves]
+            assert point[key] == pytest.approx(np.mean(values), abs=1e-9)
+            assert point[f"{key}_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-9)
+
+
+def test_level_grid_keeps_per_seed_the_setting_whose_own_run_validates_best(store_path, tmp_path):
+    lrs, levels = ("1e-2", "3e-2"), ["--levels", "group,species", "--seeds", "0,1,2", "--weight-decay", "0.01"]
+    grid = _fit(store_path, tmp_path, *levels, "--lr", ",".join(lrs))
+    alone = {float(lr): _fit(store_path, tmp_path, *levels, "--lr", lr) for lr in lrs}
+    for k, chosen in enumerate(grid.metrics["chosen"]):
+        scores = {lr: np.mean(run.metrics["best_val_f1"][k]) for lr, run in alone.items()}  # mean over levels
+        assert chosen == {"lr": max(scores, key=scores.get), "weight_decay": 0.01}
+        assert [g["best_val_score"] for g in grid.metrics["grid"][k]] == pytest.approx(list(scores.values()))
+        for level in ("group", "label"):  # the kept model is the chosen setting's own
+            np.testing.assert_array_equal(grid.logits("test", level)[1][k],
+                                          alone[chosen["lr"]].logits("test", level)[1][k])
+    assert len({c["lr"] for c in grid.metrics["chosen"]}) == 2  # the seeds chose differently: a real choice
+
+
+def test_hierarchy_cub_example_prints_both_tables(cub_root, tmp_path, capsys, monkeypatch):
+    """examples/hierarchy_cub.py (what `make hierarchy-cub` runs after extraction) on a CUB-format
+    store whose features are written through the store's API, as extraction writes them."""
+    import importlib.util
+    from pathlib import Path
+
+    from fgembed.datasets import load_dataset
+    from fgembed.store import FeatureStore
+
+    store = FeatureStore.create(tmp_path / "cub.zarr", load_dataset("cub", cub_root), shard_rows=64)
+    labels = store.labels()
+    emb = np.eye(8)[labels] * 3 + np.random.default_rng(0).normal(size=(len(labels), 8))
+    store.prepare("toy", {"source": "test"}, 8, dtype="float32")
+    for shard in range(store.n_shards):
+        rows = store.shard_slice(shard)
+        store.write_shard("toy", shard, emb[rows], np.zeros(len(emb[rows]), np.uint8))
+    store.mark_complete("toy", None)
+    path = Path(__file__).resolve().parent.parent / "examples" / "hierarchy_cub.py"
+    spec = importlib.util.spec_from_file_location("hierarchy_cub", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr("sys.argv", ["hierarchy_cub.py", "--store", str(tmp_path / "cub.zarr"), "--runs",
+                                     str(tmp_path / "runs"), "--backbone", "toy", "--seeds", "0,1", "--epochs", "2",
+                                     "--scores", "msp,knn", "--quiet", "--plots", str(tmp_path)])
+    example.main()
+    out = capsys.readouterr().out
+    table = next(line for line in out.splitlines() if line.startswith("| independent |"))
+    run = Run.load(next((tmp_path / "runs").glob("toy_independent-*")))
+    assert f"{100 * run.metrics['levels']['family']['accuracy']:.2f}" in table
+    assert "| knn | family |" in out and "| msp | label |" in out  # 001's table at both levels
+    assert (tmp_path / "hierarchy-cub-selective.png").is_file() and (tmp_path / "hierarchy-cub-roc.png").is_file()
 
 
 def test_single_level_key_is_unchanged_by_the_new_fields():
