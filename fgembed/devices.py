@@ -35,16 +35,18 @@ PRECISIONS: dict[str, tuple[str, torch.dtype, torch.dtype | None]] = {
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` → this rank's GPU if there is one, else the CPU. A bare `cuda` gets an index too
+    (this rank's, under torchrun): `torch.cuda.set_device` and per-device streams need one."""
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except RuntimeError:
         raise FgembedError(f"unknown device {device!r} (try cpu, cuda, cuda:1)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FgembedError("--device cuda asked for, but torch sees no CUDA device")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return resolved
 
 
@@ -52,7 +54,7 @@ def available_cores() -> int:
     """The cores this process may use, its share under torchrun. `sched_getaffinity` sees
     taskset/cgroup limits; `cpu_count` does not."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def default_workers() -> int:

@@ -172,3 +172,16 @@ def test_profile_reports_every_stage(manifest_csv, tmp_path):
                   "write", "waiting for workers"):
         assert stages[stage] > 0, stage
     assert summary["steady_images_per_s"] > 0 and summary["startup_seconds"] > 0
+
+
+@pytest.mark.parametrize(("asked", "rank", "expected"), [("cuda", None, "cuda:0"), ("cuda", "1", "cuda:1"),
+                                                           ("auto", "1", "cuda:1"), ("cuda:2", "1", "cuda:2")])
+def test_a_bare_cuda_device_gets_this_ranks_index(monkeypatch, asked, rank, expected):
+    """`torch.cuda.set_device(torch.device("cuda"))` raises: extraction on `--device cuda` once did."""
+    from fgembed.devices import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", rank)
+    assert resolve_device(asked) == torch.device(expected)
