@@ -17,7 +17,7 @@ RSS (`resource.getrusage`), so no case inherits another's memory:
 
 The old (c) cannot run at full size on a 24 GB machine (40k × 10k logits × 5 members as float64
 is 16 GB before the copies), so its ratio is taken on a second, smaller store (same 10,000
-classes, 20,000 train, 2,000 val, 8,000 test rows) and the new path is shown at full size too.
+classes, 20,000 train, 3,000 val, 12,000 test rows) and the new path is shown at full size too.
 With CUDA present, (d) times a 150-epoch iNat-shaped head and three seeds in one pass against one.
 
 Targets (CPU): (c) ≥ 5× faster with ≥ 10× less peak memory than the old path. GPU: three seeds
@@ -62,7 +62,7 @@ class Shape:
 
 
 FULL = Shape(10_000, 100_000, 25_000, 40_000, (768, 1024, 1024, 1280, 1536))
-FUSION = Shape(10_000, 20_000, 2_000, 8_000, (768, 1024, 1024, 1280, 1536))  # the old late fusion survives it
+FUSION = Shape(10_000, 20_000, 3_000, 12_000, (768, 1024, 1024, 1280, 1536))  # the old late fusion survives it
 QUICK = Shape(1_000, 10_000, 2_500, 4_000, (96, 128, 128, 160, 192))
 QUICK_FUSION = Shape(1_000, 2_000, 500, 1_600, (96, 128, 128, 160, 192))
 
