@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from fgembed.baselines import KNNHead, minimise_logreg
+from fgembed.classify.baselines import KNNHead, minimise_logreg
 
 
 def features(n: int, d: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,8 +32,14 @@ import torch
 
 from fgembed.backbones import REFERENCE, LoadOptions, load_backbone
 from fgembed.datasets import load_dataset
-from fgembed.devices import DeviceModel, backend_flags, default_workers, resolve_device, resolve_precision
-from fgembed.extract import ExtractOptions, extract
+from fgembed.devices import (
+    DeviceModel,
+    backend_flags,
+    default_workers,
+    resolve_device,
+    resolve_precision,
+)
+from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.images import load_rgb
 from fgembed.synthetic import generate
 

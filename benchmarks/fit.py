@@ -31,14 +31,14 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
+from fgembed.analysis.ensemble import Combination, score
+from fgembed.classify.heads import MLPHead
+from fgembed.classify.runs import HeadConfig, RunConfig
+from fgembed.classify.train import train_grid
+from fgembed.classify.views import ViewConfig
 from fgembed.datasets.table import SampleTable, carve_validation
 from fgembed.devices import resolve_device
-from fgembed.ensemble import Combination, score
-from fgembed.heads import MLPHead
-from fgembed.runs import HeadConfig, RunConfig
 from fgembed.store import FeatureStore
-from fgembed.train import train_grid
-from fgembed.views import ViewConfig
 
 N_TRAIN, N_TEST, DIM, CLASSES = 5994, 5794, 1024, 200
 

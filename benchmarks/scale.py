@@ -1,7 +1,7 @@
 """iNat scale: the classifier stage against the previous approach, wall time and peak memory.
 
 A synthetic iNat-2021-shaped store is generated in a temporary folder and filled through
-`fgembed import` (`fgembed.interchange.import_features`, five `.npy` members of 768–1536 dims):
+`fgembed import` (`fgembed.extraction.interchange.import_features`, five `.npy` members of 768–1536 dims):
 10,000 classes, 100,000 train, 25,000 val and 40,000 test rows. Each case runs in a fresh child process that reports its own wall time and peak
 RSS (`resource.getrusage`), so no case inherits another's memory:
 
@@ -42,11 +42,11 @@ import torch
 import zarr
 from torch import nn
 
+from fgembed.classify.heads import MLPHead
+from fgembed.classify.metrics import classification_metrics
 from fgembed.datasets.table import SPLIT_NAMES, SampleTable, carve_validation
 from fgembed.devices import resolve_device
-from fgembed.heads import MLPHead
-from fgembed.interchange import import_features
-from fgembed.metrics import classification_metrics
+from fgembed.extraction.interchange import import_features
 from fgembed.store import FeatureStore
 
 MEMBERS = ("m1", "m2", "m3", "m4", "m5")
@@ -103,7 +103,7 @@ def previous_train(make_model, X, y, X_val, y_val, n_classes: int, seeds: list[i
                    weight_decay: float, batch_size: int) -> list[dict]:
     """The previous loop: one nn.Module per seed, seeds one after another inside each epoch, the
     global RNG forked per seed for dropout, validation F1 per seed with a host sync."""
-    from fgembed.metrics import f1_torch
+    from fgembed.classify.metrics import f1_torch
     device = X.device
     models, optimizers, generators, states = [], [], [], []
     with torch.random.fork_rng():
@@ -200,14 +200,14 @@ def _common_rows(parts):
 
 # ---- the new path (views → batched heads → runs → streamed fusion) ----------------------------
 def _config(members: tuple[str, ...], epochs: int = 1, seeds: tuple[int, ...] = (0,)):
-    from fgembed.runs import HeadConfig, RunConfig
-    from fgembed.views import ViewConfig
+    from fgembed.classify.runs import HeadConfig, RunConfig
+    from fgembed.classify.views import ViewConfig
     fusion = "single" if len(members) == 1 else "concat"
     return RunConfig(view=ViewConfig(features=members, fusion=fusion), head=HeadConfig(epochs=epochs, seeds=seeds))
 
 
 def _fit(store: FeatureStore, members: tuple[str, ...], runs: Path, device: torch.device, **kw):
-    from fgembed.runs import fit_run
+    from fgembed.classify.runs import fit_run
     return fit_run(store, _config(members, **kw), runs, device=str(device))
 
 
@@ -231,7 +231,7 @@ def run_case(case: str, work: Path, device: torch.device) -> dict:
         (old / "concat").mkdir(parents=True, exist_ok=True)
         previous_fit_run(store, MEMBERS, old / "concat", 1, device)
     elif case.startswith("late-"):
-        from fgembed.ensemble import plan, score
+        from fgembed.analysis.ensemble import plan, score
         singles = {m: _fit(store, (m,), runs, device).path for m in MEMBERS}  # reused, not trained
         combos = [c for c in plan(list(MEMBERS), ["late"], ["all"]) if c.strategy == "late"]
         started = time.perf_counter()

@@ -46,7 +46,13 @@ def similarity(
     a heat map. With --select K, ranks source classes by their similarity to the target alone
     and writes the top K to --out.
     """
-    from fgembed.similarity import domain_similarity, heatmap, select_classes, similarity_matrices, write_class_list
+    from fgembed.analysis.similarity import (
+        domain_similarity,
+        heatmap,
+        select_classes,
+        similarity_matrices,
+        write_class_list,
+    )
     from fgembed.store import FeatureStore
 
     fmt = _format(fmt)
@@ -127,8 +133,8 @@ def bench(
     end-to-end figure runs the real extraction on generated photo-sized JPEGs.
     """
     from fgembed.backbones import LoadOptions
-    from fgembed.bench import BenchOptions
-    from fgembed.bench import bench as run_bench
+    from fgembed.extraction.bench import BenchOptions
+    from fgembed.extraction.bench import bench as run_bench
     from fgembed.store import FeatureStore
 
     fmt = _format(fmt)

@@ -49,9 +49,9 @@ def _configs(store, features: tuple[str, ...], fusion: str, head: str, project: 
              shot_bins: str = "20,100", levels: str = "", hierarchy: str = "shared",
              level_weights: str | None = None):
     """The RunConfig both commands build from their shared options."""
-    from fgembed.longtail import parse_shot_bins
-    from fgembed.runs import HeadConfig, RunConfig
-    from fgembed.views import ViewConfig
+    from fgembed.classify.longtail import parse_shot_bins
+    from fgembed.classify.runs import HeadConfig, RunConfig
+    from fgembed.classify.views import ViewConfig
 
     view = ViewConfig(features=features, fusion=fusion, project=project, project_dim=project_dim, l2=l2,
                       classes=class_ids(classes, store.class_names), holdout=holdout, holdout_level=holdout_level,
@@ -88,7 +88,7 @@ def fit(
     Writes one run directory (config, safetensors weights, history, metrics.json, val/test
     logits in Zarr). The same configuration on the same store is reused unless --force.
     """
-    from fgembed.runs import fit_run
+    from fgembed.classify.runs import fit_run
     from fgembed.store import FeatureStore
 
     opened = FeatureStore.open(store)
@@ -152,7 +152,7 @@ def std_of(block: dict, key: str, m: dict) -> str:
 def _print_draws(runs: list, shots: int) -> None:
     """Few-shot results over several draws of the training rows: mean ± std over draws (each
     draw's own seeds averaged first)."""
-    from fgembed.runs import summarise
+    from fgembed.classify.runs import summarise
 
     summary = summarise([{k: r.metrics[k] for k in ("accuracy", "f1", "f1_macro")} for r in runs])
     out.print(f"{len(runs)} draws of {shots} shots per class: accuracy {100 * summary['accuracy']:.2f} ± "
@@ -195,8 +195,8 @@ def ensemble(
     """
     from rich.markup import escape
 
-    from fgembed.ensemble import plan, score
-    from fgembed.report import extra_columns, format_table, write_report
+    from fgembed.analysis.ensemble import plan, score
+    from fgembed.analysis.report import extra_columns, format_table, write_report
     from fgembed.store import FeatureStore
 
     names = [m.strip() for m in members.split(",") if m.strip()]
@@ -231,9 +231,9 @@ def ensemble(
 def _add_costs(opened, entries, store_path: Path) -> None:
     """Each row's cost (`report.combine_costs` of its members' `fgembed bench` records) into its
     metrics; one warning line names the members never benchmarked and the command that fixes it."""
-    from fgembed.bench import read_cost
-    from fgembed.ensemble import split_member
-    from fgembed.report import combine_costs
+    from fgembed.analysis.ensemble import split_member
+    from fgembed.analysis.report import combine_costs
+    from fgembed.extraction.bench import read_cost
 
     members = {m for e in entries for m in e.combination.members}
     costs = {m: read_cost(opened, split_member(m)[0]) for m in members}
@@ -248,7 +248,7 @@ def _add_costs(opened, entries, store_path: Path) -> None:
 def print_ranking(entries) -> None:
     """The ranked table on a terminal (the demo prints it too): members as short keys with a
     legend under the table, so every row is identifiable at 80 columns."""
-    from fgembed.report import ranking_table
+    from fgembed.analysis.report import ranking_table
 
     table, legend = ranking_table(entries)
     out.print(table)

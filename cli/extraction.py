@@ -66,8 +66,8 @@ def extract(
         os.environ["HF_HUB_OFFLINE"] = "1"
     from fgembed.backbones import LoadOptions
     from fgembed.datasets import load_dataset
-    from fgembed.extract import ExtractOptions
-    from fgembed.extract import extract as run_extract
+    from fgembed.extraction.extract import ExtractOptions
+    from fgembed.extraction.extract import extract as run_extract
 
     table = load_dataset(dataset, root, val_fraction=val_fraction, seed=seed, train_file=train_file)
     err.print(f"{table.kind}: {len(table)} images, {len(table.class_names)} classes, "
@@ -201,7 +201,7 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print as JSON.
     specs = spec_table()
     if feed:
         from fgembed.backbones import LoadOptions, load_backbone
-        from fgembed.extract import device_resize_steps
+        from fgembed.extraction.extract import device_resize_steps
         from fgembed.progress import progress_bar
 
         with progress_bar(len(specs), "building", unit="model") as tick:

@@ -19,7 +19,7 @@ def export(
     features: Optional[str] = typer.Option(None, help="Comma-separated backbones (default: every complete one)."),
 ) -> None:
     """Write a store's features and sample rows (id, label, split, path) to HDF5 or .npy files."""
-    from fgembed.interchange import export_features
+    from fgembed.extraction.interchange import export_features
     from fgembed.store import FeatureStore
 
     fmt = fmt or ("h5" if to.suffix in (".h5", ".hdf5") else "npy")
@@ -49,7 +49,7 @@ def import_(
     Rows are matched by image id when the file has ids, by path with --order, else by row
     order after a count check; store rows the file lacks become flagged NaN rows.
     """
-    from fgembed.interchange import import_features
+    from fgembed.extraction.interchange import import_features
     from fgembed.store import FeatureStore
 
     if dataset and root:  # create, finish an interrupted setup, or check that the store holds this dataset

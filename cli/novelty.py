@@ -23,8 +23,8 @@ def novelty(
 ) -> None:
     """Score how novel each test row is (held-out classes = positives): AUROC, AUPR, FPR@95 and
     seed 001's overall / seen / unseen accuracy; per-row scores go to the first run's novelty.zarr."""
-    from fgembed.novelty import format_table, plot_roc
-    from fgembed.novelty_runs import score_runs
+    from fgembed.analysis.novelty import format_table, plot_roc
+    from fgembed.analysis.novelty_runs import score_runs
 
     format_table([], fmt)  # refuses an unknown format before any work
     result = score_runs(run_dirs, [s.strip() for s in scores.split(",") if s.strip()], tau=tau, k=k,

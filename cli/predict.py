@@ -49,7 +49,8 @@ def predict(
     row with its status, never a crash.
     """
     from fgembed.backbones import LoadOptions
-    from fgembed.predict import format_predictions, predict as run_predict
+    from fgembed.predict import format_predictions
+    from fgembed.predict import predict as run_predict
 
     fmt = fmt or ("json" if to is not None and to.suffix == ".json" else "csv")
     if offline:

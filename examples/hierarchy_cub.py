@@ -18,18 +18,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from fgembed.errors import FgembedError
-from fgembed.hierarchy import (
+from fgembed.analysis.novelty import format_table, plot_roc
+from fgembed.analysis.novelty_runs import score_runs
+from fgembed.classify.hierarchy import (
     SELECTIVE_TAUS,
     curve_of_points,
     plot_selective_curve,
     tau_key,
 )
-from fgembed.novelty import format_table, plot_roc
-from fgembed.novelty_runs import score_runs
-from fgembed.runs import HeadConfig, Run, RunConfig, fit_run
+from fgembed.classify.runs import HeadConfig, Run, RunConfig, fit_run
+from fgembed.classify.views import ViewConfig
+from fgembed.errors import FgembedError
 from fgembed.store import FeatureStore
-from fgembed.views import ViewConfig
 
 LEVELS = ("order", "family", "species")
 HEADS = {"independent": "vanilla multi", "shared": "vanilla single", "disentangled": "ours (split + reinforce)"}

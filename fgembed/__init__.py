@@ -16,39 +16,39 @@ _API = {
     "FgembedError": "fgembed.errors",
     "load_dataset": "fgembed.datasets",
     "load_backbone": "fgembed.backbones",
-    "extract_features": "fgembed.extract",  # the function `extract`: the bare name is the module fgembed.extract
-    "ExtractOptions": "fgembed.extract",
+    "extract_features": "fgembed.extraction.extract",  # the function `extract`, named for what it makes
+    "ExtractOptions": "fgembed.extraction.extract",
     "FeatureStore": "fgembed.store",
-    "ViewConfig": "fgembed.views",
-    "build_view": "fgembed.views",
-    "MLPHead": "fgembed.heads",
-    "LinearHead": "fgembed.heads",
-    "create_head": "fgembed.heads",
-    "list_heads": "fgembed.heads",
-    "HeadConfig": "fgembed.runs",
-    "RunConfig": "fgembed.runs",
-    "Run": "fgembed.runs",
-    "fit_run": "fgembed.runs",
+    "ViewConfig": "fgembed.classify.views",
+    "build_view": "fgembed.classify.views",
+    "MLPHead": "fgembed.classify.heads",
+    "LinearHead": "fgembed.classify.heads",
+    "create_head": "fgembed.classify.heads",
+    "list_heads": "fgembed.classify.heads",
+    "HeadConfig": "fgembed.classify.runs",
+    "RunConfig": "fgembed.classify.runs",
+    "Run": "fgembed.classify.runs",
+    "fit_run": "fgembed.classify.runs",
     "predict_images": "fgembed.predict",  # the function `predict`: the bare name is the module
 }
 
-# `fgembed.extract` is the submodule (Python binds it on the package whenever it is imported), so the
-# extraction entry point is exported under a name of its own
+# top-level names of the two entry points: `fgembed.predict` is the module (Python binds it on the
+# package whenever it is imported), and `extract_features` says what `extract` makes
 _RENAMED = {"extract_features": "extract", "predict_images": "predict"}
 
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports on demand
     from .backbones import load_backbone
+    from .classify.heads import LinearHead, MLPHead, create_head, list_heads
+    from .classify.runs import HeadConfig, Run, RunConfig, fit_run
+    from .classify.views import ViewConfig, build_view
     from .datasets import load_dataset
     from .errors import FgembedError
-    from .extract import ExtractOptions
-    from .extract import extract as extract_features
-    from .heads import LinearHead, MLPHead, create_head, list_heads
+    from .extraction.extract import ExtractOptions
+    from .extraction.extract import extract as extract_features
     from .predict import predict as predict_images
-    from .runs import HeadConfig, Run, RunConfig, fit_run
     from .store import FeatureStore
-    from .views import ViewConfig, build_view
 
 
 def __getattr__(name: str) -> Any:

@@ -10,16 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .analysis.ensemble import Entry, plan, score
+from .analysis.report import write_report
 from .backbones import LoadOptions
+from .classify.fusion import STRATEGIES
+from .classify.runs import HeadConfig, RunConfig
+from .classify.views import ViewConfig
 from .datasets import load_dataset
-from .ensemble import Entry, plan, score
-from .extract import ExtractOptions, ExtractSummary, extract
-from .fusion import STRATEGIES
-from .report import write_report
-from .runs import HeadConfig, RunConfig
+from .extraction.extract import ExtractOptions, ExtractSummary, extract
 from .store import FeatureStore
 from .synthetic import generate, write_folder_layout
-from .views import ViewConfig
 
 DEMO_BACKBONES = ("timm:test_vit", "timm:test_convnext", "timm:test_resnet")
 

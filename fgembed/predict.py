@@ -23,16 +23,16 @@ import numpy as np
 import torch
 
 from .backbones import LoadOptions
+from .classify.fusion import late_fusion
+from .classify.runs import Run
+from .classify.views import design_rows
 from .datasets import SampleTable
 from .datasets.folder import IMAGE_SUFFIXES
 from .datasets.table import TEST
 from .errors import FgembedError
-from .extract import ExtractOptions, extract
-from .fusion import late_fusion
+from .extraction.extract import ExtractOptions, extract
 from .images import FAILED, STATUS_NAMES
-from .runs import Run
 from .store import FeatureStore, fingerprint_changes
-from .views import design_rows
 
 FORMATS = ("csv", "json")
 

@@ -82,8 +82,14 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """Tiny DINOv2 and DINOv3 (4 register tokens) folders, each with its own image processor."""
-    from transformers import (BitImageProcessor, Dinov2Config, Dinov2Model, DINOv3ViTConfig,
-                              DINOv3ViTImageProcessor, DINOv3ViTModel)
+    from transformers import (
+        BitImageProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        DINOv3ViTConfig,
+        DINOv3ViTImageProcessor,
+        DINOv3ViTModel,
+    )
 
     d = tmp_path_factory.mktemp("hf")
     torch.manual_seed(2)

@@ -76,11 +76,11 @@ def write_manifest(root: Path, records: list[SyntheticImage]) -> Path:
 
 
 def write_feature_store(path, n_classes: int = 6, per_class: int = 40, dims=(24, 16, 32), seed: int = 0,
-                        failed_test_rows: int = 1):
+                        failed_test_rows: int = 1, names=("a", "b", "c")):
     """A store with class-structured features for three members (`a`, `b`, `c`) written through
     the store's own API, as extraction writes them. Each member sees the classes through its own
     random projection plus noise, so the members are informative and partly complementary.
-    The first `failed_test_rows` test rows failed in member `c` (NaN, status unreadable)."""
+    The first `failed_test_rows` test rows failed in the third member (NaN, status unreadable)."""
     import numpy as np
 
     from fgembed.datasets.table import Level, SampleTable
@@ -97,10 +97,10 @@ def write_feature_store(path, n_classes: int = 6, per_class: int = 40, dims=(24,
                         {"group": Level((labels // 2).astype(np.int32), [f"group {g}" for g in range(n_classes // 2)])})
     store = FeatureStore.create(path, table, shard_rows=64)
     latent = np.eye(n_classes)[labels] * 2.0 + rng.normal(size=(n, n_classes))
-    for name, d in zip("abc", dims):
+    for i, (name, d) in enumerate(zip(names, dims)):
         emb = latent @ rng.normal(size=(n_classes, d)) + rng.normal(scale=1.5, size=(n, d))
         status = np.zeros(n, np.uint8)
-        if name == "c":
+        if i == 2:
             status[np.flatnonzero(split == 2)[:failed_test_rows]] = UNREADABLE
         store.prepare(name, {"source": "test", "member": name}, d, dtype="float32")
         for shard in range(store.n_shards):

@@ -8,9 +8,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from fgembed.baselines import KNNHead, LogRegHead, ZeroShotHead, minimise_logreg
+from fgembed.classify.baselines import (
+    KNNHead,
+    LogRegHead,
+    ZeroShotHead,
+    minimise_logreg,
+)
+from fgembed.classify.heads import create_head, list_heads
 from fgembed.errors import FgembedError
-from fgembed.heads import create_head, list_heads
 
 
 def _data(n=300, d=16, classes=5, seed=0, spread=1.5):
@@ -107,12 +112,12 @@ def test_baselines_are_runs_tables_and_late_fusion_members(tmp_path):
     import json
     import warnings
 
+    from fgembed.cli.main import app
     from typer.testing import CliRunner
 
-    from fgembed.cli.main import app
-    from fgembed.ensemble import plan, score
-    from fgembed.runs import HeadConfig, RunConfig, fit_run
-    from fgembed.views import ViewConfig, build_view
+    from fgembed.analysis.ensemble import plan, score
+    from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.classify.views import ViewConfig, build_view
 
     from .formats import write_feature_store
 

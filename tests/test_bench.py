@@ -8,13 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from fgembed.cli.main import app
 from typer.testing import CliRunner
 
 from fgembed.backbones import LoadOptions, load_backbone
-from fgembed.bench import BenchOptions, bench, count_macs, count_params, read_cost
-from fgembed.cli.main import app
 from fgembed.datasets.table import SampleTable
 from fgembed.errors import FgembedError
+from fgembed.extraction.bench import (
+    BenchOptions,
+    bench,
+    count_macs,
+    count_params,
+    read_cost,
+)
 from fgembed.store import FeatureStore
 
 FAST = {"batch_size": 2, "warmup": 1, "repeats": 2, "latency_repeats": 3, "images": 4, "workers": 0, "progress": False,

@@ -132,9 +132,9 @@ def test_top_level_api(name):
 
 
 def test_extraction_entry_point_is_not_shadowed_by_its_module():
-    import fgembed.extract
+    import fgembed.extraction.extract
 
-    assert fgembed.extract_features is fgembed.extract.extract and callable(fgembed.extract_features)
+    assert fgembed.extract_features is fgembed.extraction.extract.extract and callable(fgembed.extract_features)
 
 
 def test_import_and_cli_stay_light():

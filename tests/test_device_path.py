@@ -9,15 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fgembed.cli.main import app
 from PIL import Image
 from typer.testing import CliRunner
 
 from fgembed.backbones import LoadOptions, load_backbone
-from fgembed.cli.main import app
 from fgembed.datasets import load_dataset
 from fgembed.devices import DeviceModel, default_workers, resolve_precision
 from fgembed.errors import FgembedError
-from fgembed.extract import ExtractOptions, extract
+from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.store import FeatureStore
 
 COSINE = 0.999  # CONVENTIONS: bf16 / compiled paths against the reference path

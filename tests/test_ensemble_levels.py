@@ -16,11 +16,11 @@ from fgembed.cli.main import app
 from scipy.special import softmax
 from typer.testing import CliRunner
 
-from fgembed.ensemble import Combination, fused_levels, late_entries
+from fgembed.analysis.ensemble import Combination, fused_levels, late_entries
+from fgembed.classify.runs import HeadConfig, Run, RunConfig
+from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
-from fgembed.runs import HeadConfig, Run, RunConfig
 from fgembed.store import FeatureStore
-from fgembed.views import ViewConfig
 
 from .formats import write_feature_store
 

@@ -12,16 +12,16 @@ import time
 import numpy as np
 import pytest
 import zarr
+from fgembed.cli.main import app
 from PIL import Image
 from typer.testing import CliRunner
 
 import fgembed.backbones
-import fgembed.extract as engine
+import fgembed.extraction.extract as engine
 from fgembed.backbones import LoadOptions
-from fgembed.cli.main import app
 from fgembed.datasets import load_dataset
 from fgembed.errors import FgembedError
-from fgembed.extract import ExtractOptions, extract
+from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.images import MISSING, OK, TRANSFORM_FAILED, TRUNCATED, UNREADABLE
 from fgembed.store import FeatureStore
 from fgembed.synthetic import generate

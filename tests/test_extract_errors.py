@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-import fgembed.extract as engine
+import fgembed.extraction.extract as engine
 from fgembed.backbones import LoadOptions
 from fgembed.datasets import load_dataset
 from fgembed.devices import DeviceModel
 from fgembed.errors import FgembedError
-from fgembed.extract import ExtractOptions, extract
+from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.store import FeatureStore
 
 

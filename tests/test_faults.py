@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from fgembed.cli.main import app, main
 from PIL import Image
 from typer.testing import CliRunner
 
-from fgembed.cli.main import app, main
 from fgembed.errors import FgembedError
 from fgembed.images import FAILED, OK, REFUSED_SIZE, TRUNCATED, UNREADABLE, load_rgb
 from fgembed.locks import FileLock, lock_dir
@@ -58,7 +58,7 @@ def _child(argv: list[str], log: str) -> None:
 def ctx():
     context = multiprocessing.get_context("forkserver")
     # this module too: a child then unpickles `_child` from the server's copy, never re-imports it
-    context.set_forkserver_preload(["fgembed.cli.main", "fgembed.interchange", "fgembed.extract", "timm", __name__])
+    context.set_forkserver_preload(["fgembed.cli.main", "fgembed.extraction.interchange", "fgembed.extraction.extract", "timm", __name__])
     warm = context.Process(target=_child, args=(["--help"], os.devnull))  # start the server (imports) now,
     warm.start()                                                          # not inside a timed run
     warm.join()

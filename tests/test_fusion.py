@@ -9,8 +9,7 @@ from safetensors.numpy import load_file, save_file
 from scipy.special import log_softmax, softmax
 from sklearn.decomposition import PCA
 
-from fgembed.errors import FgembedError
-from fgembed.fusion import (
+from fgembed.classify.fusion import (
     FUSIONS,
     PCASum,
     SumProjection,
@@ -18,6 +17,7 @@ from fgembed.fusion import (
     fit_late_weights,
     late_fusion,
 )
+from fgembed.errors import FgembedError
 
 from .formats import write_feature_store
 

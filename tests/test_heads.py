@@ -7,9 +7,9 @@ import torch
 from sklearn import metrics as skm
 from sklearn.base import clone
 
+from fgembed.classify.heads import LinearHead, MLPHead
+from fgembed.classify.metrics import classification_metrics, f1_torch
 from fgembed.errors import FgembedError
-from fgembed.heads import LinearHead, MLPHead
-from fgembed.metrics import classification_metrics, f1_torch
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

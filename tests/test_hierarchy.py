@@ -8,8 +8,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from fgembed.errors import FgembedError
-from fgembed.hierarchy import (
+from fgembed.classify.hierarchy import (
     HIERARCHIES,
     SELECTIVE_TAUS,
     DisentangledHeads,
@@ -34,6 +33,7 @@ from fgembed.hierarchy import (
     selective_curve,
     selective_points,
 )
+from fgembed.errors import FgembedError
 
 ORDERS, FAMILIES_PER_ORDER, SPECIES_PER_FAMILY = 3, 2, 3
 NOISE = 2.5  # hard enough that species accuracy is well below 1 (logistic regression: 0.83)

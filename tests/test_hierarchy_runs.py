@@ -11,7 +11,9 @@ from fgembed.cli.main import app, main
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from typer.testing import CliRunner
 
-from fgembed.hierarchy import (
+from fgembed.analysis.novelty import read_scores
+from fgembed.analysis.report import value
+from fgembed.classify.hierarchy import (
     DECODERS,
     SELECTIVE_TAUS,
     Taxonomy,
@@ -22,9 +24,7 @@ from fgembed.hierarchy import (
     selective_curve,
     tau_key,
 )
-from fgembed.novelty import read_scores
-from fgembed.report import value
-from fgembed.runs import HeadConfig, Run, summarise
+from fgembed.classify.runs import HeadConfig, Run, summarise
 
 from .formats import write_feature_store
 

@@ -3,7 +3,15 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from fgembed.images import IMAGE_POLICY, MISSING, OK, REFUSED_SIZE, TRUNCATED, UNREADABLE, load_rgb
+from fgembed.images import (
+    IMAGE_POLICY,
+    MISSING,
+    OK,
+    REFUSED_SIZE,
+    TRUNCATED,
+    UNREADABLE,
+    load_rgb,
+)
 
 
 def _jpeg(tmp_path, name="a.jpg"):

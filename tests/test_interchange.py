@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fgembed.errors import FgembedError
+from fgembed.extraction.interchange import export_features, import_features
 from fgembed.images import UNREADABLE
-from fgembed.interchange import export_features, import_features
 from fgembed.store import FeatureStore
 
 from .formats import write_feature_store

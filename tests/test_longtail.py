@@ -5,9 +5,15 @@ import numpy as np
 import pytest
 import torch
 
+from fgembed.classify.longtail import (
+    balanced_order,
+    by_frequency,
+    class_balanced_weights,
+    frequency_bins,
+    log_prior,
+    parse_shot_bins,
+)
 from fgembed.errors import FgembedError
-from fgembed.longtail import (balanced_order, by_frequency, class_balanced_weights, frequency_bins, log_prior,
-                              parse_shot_bins)
 
 
 def test_bins_follow_the_issue_edges():

@@ -12,12 +12,12 @@ from fgembed.cli.main import main
 from sklearn.metrics import f1_score
 from torch import nn
 
-from fgembed import train
+from fgembed.classify import train
+from fgembed.classify.longtail import by_frequency, class_balanced_weights, log_prior
+from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+from fgembed.classify.train import BALANCES, train_grid, weighted_f1
+from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
-from fgembed.longtail import by_frequency, class_balanced_weights, log_prior
-from fgembed.runs import HeadConfig, RunConfig, fit_run
-from fgembed.train import BALANCES, train_grid, weighted_f1
-from fgembed.views import ViewConfig
 
 COUNTS = np.array([120, 60, 30, 25, 8, 5, 3])  # train rows per class: many, medium ×3, few ×3 at (20, 100)
 FAST = {"epochs": 3, "batch_size": 32, "hidden": (16,)}
@@ -163,8 +163,8 @@ def test_bad_balance_and_shot_bins_are_one_line_errors(store, capsys):
 def test_ensemble_cost_sums_members_and_marks_the_pareto_front(tmp_path, capsys):
     """`fgembed ensemble --cost --by-frequency`: the GMACs column is the sum of the members' stored
     gmacs (a member never benchmarked: one warning line, –), the front is the non-dominated set."""
-    from fgembed.bench import CostResult, write_cost
-    from fgembed.report import combine_costs, pareto_front
+    from fgembed.analysis.report import combine_costs, pareto_front
+    from fgembed.extraction.bench import CostResult, write_cost
 
     from .formats import write_feature_store
 

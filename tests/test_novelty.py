@@ -16,10 +16,8 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from fgembed import novelty
-from fgembed.errors import FgembedError
-from fgembed.images import UNREADABLE
-from fgembed.novelty import (
+from fgembed.analysis import novelty
+from fgembed.analysis.novelty import (
     calibrate_threshold,
     create_scorer,
     default_tau,
@@ -35,7 +33,9 @@ from fgembed.novelty import (
     read_scores,
     write_scores,
 )
-from fgembed.views import ViewConfig, build_view
+from fgembed.classify.views import ViewConfig, build_view
+from fgembed.errors import FgembedError
+from fgembed.images import UNREADABLE
 
 from .formats import write_feature_store
 from .test_hierarchy import make_features

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fgembed.ensemble import plan
-from fgembed.report import compare, row_key
+from fgembed.analysis.ensemble import plan
+from fgembed.analysis.report import compare, row_key
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = json.loads((REPO / "examples" / "paper" / "expected.json").read_text())

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from fgembed.backbones import LoadOptions
+from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+from fgembed.classify.views import ViewConfig
 from fgembed.datasets import load_dataset
 from fgembed.errors import FgembedError
-from fgembed.extract import ExtractOptions, extract
+from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.predict import format_predictions, image_table, predict
-from fgembed.runs import HeadConfig, RunConfig, fit_run
 from fgembed.store import FeatureStore
-from fgembed.views import ViewConfig
 
 from .conftest import run_cli
 

@@ -7,8 +7,13 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
-from fgembed.ensemble import Combination, Entry
-from fgembed.report import STRATEGY_NAMES, bar_chart, member_keys, ranking_table
+from fgembed.analysis.ensemble import Combination, Entry
+from fgembed.analysis.report import (
+    STRATEGY_NAMES,
+    bar_chart,
+    member_keys,
+    ranking_table,
+)
 
 FIVE = ("dinov3_vitl16", "dinov2_vitl14", "convnextv2_large", "openclip_vitl14", "siglip_vitl16_256")
 METRICS = ("accuracy", "precision", "recall", "f1", "f1_macro", "top5")

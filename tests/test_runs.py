@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from sklearn import metrics as skm
 
 import fgembed
-from fgembed.ensemble import Combination, late_entries, plan, score
+from fgembed.analysis.ensemble import Combination, late_entries, plan, score
+from fgembed.analysis.report import compare, entry_record, format_table, write_report
+from fgembed.classify.fusion import SumProjection
+from fgembed.classify.runs import FORMAT_VERSION, HeadConfig, Run, RunConfig, fit_run
+from fgembed.classify.views import ViewConfig, design_rows
 from fgembed.errors import FgembedError
-from fgembed.fusion import SumProjection
-from fgembed.report import compare, entry_record, format_table, write_report
-from fgembed.runs import FORMAT_VERSION, HeadConfig, Run, RunConfig, fit_run
 from fgembed.store import FeatureStore
-from fgembed.views import ViewConfig, design_rows
 
 from .formats import write_feature_store
 
@@ -101,7 +101,7 @@ def test_a_new_release_reuses_runs_and_unreadable_ones_retrain(store, tmp_path, 
     meta = json.loads((first.path / "config.json").read_text())
     assert meta["fgembed_version"] == fgembed.__version__
     (first.path / "config.json").write_text(json.dumps(meta | {"fgembed_version": "0.0.1"}))
-    monkeypatch.setattr("fgembed.runs.__version__", "99.0")
+    monkeypatch.setattr("fgembed.classify.runs.__version__", "99.0")
     again = fit_run(store, cfg, tmp_path)
     assert again.reused and again.path == first.path and again.metrics == first.metrics
     # a format this fgembed cannot read, or a config.json that is no run's: one line, and retrained
@@ -177,7 +177,7 @@ def test_a_publish_killed_between_its_renames_loses_no_run(store, tmp_path, monk
         rename(src, dst)
 
     with monkeypatch.context() as m:  # killed after the old run went aside, before the new one came in
-        m.setattr("fgembed.runs.os.rename", rename_tmp_dies)
+        m.setattr("fgembed.classify.runs.os.rename", rename_tmp_dies)
         with pytest.raises(Killed):
             fit_run(store, cfg, tmp_path, force=True)
     assert not run.path.exists() and any(".old-" in p.name for p in tmp_path.iterdir())
@@ -191,7 +191,7 @@ def test_a_publish_killed_between_its_renames_loses_no_run(store, tmp_path, monk
         rmtree(path, *args, **kwargs)
 
     with monkeypatch.context() as m:  # killed after the new run came in, before the old one was removed
-        m.setattr("fgembed.runs.shutil.rmtree", rmtree_aside_dies)
+        m.setattr("fgembed.classify.runs.shutil.rmtree", rmtree_aside_dies)
         with pytest.raises(Killed):
             fit_run(store, cfg, tmp_path, force=True)
     assert (run.path / "metrics.json").is_file() and len(list(tmp_path.iterdir())) == 2

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import ot
 import pytest
+from fgembed.cli.main import app
 from typer.testing import CliRunner
 
-from fgembed import similarity
-from fgembed.cli.main import app
+from fgembed.analysis import similarity
+from fgembed.analysis.similarity import class_means, domain_similarity, select_classes
 from fgembed.datasets.table import SampleTable
 from fgembed.errors import FgembedError
 from fgembed.images import OK, TRUNCATED, UNREADABLE
-from fgembed.similarity import class_means, domain_similarity, select_classes
 from fgembed.store import FeatureStore
 
 SHARD = 16

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from fgembed.cli.main import app
 from typer.testing import CliRunner
 
 from fgembed.backbones import LoadOptions
 from fgembed.backbones.base import weights_id
-from fgembed.cli.main import app
 from fgembed.datasets import SPLIT_NAMES, load_dataset
 from fgembed.errors import FgembedError
-from fgembed.extract import ExtractOptions, extract
+from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.images import NONFINITE, OK
 from fgembed.store import FeatureStore
 from fgembed.synthetic import generate

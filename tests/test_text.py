@@ -63,11 +63,11 @@ def test_no_text_tower_is_one_line():
 
 def test_zeroshot_head_from_text_stored_at_extraction(tmp_path, tiny_clip, manifest_csv):
     """`extract --text` stores the class-name embeddings; `--head zeroshot` scores with them."""
+    from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.classify.views import ViewConfig
     from fgembed.datasets import load_dataset
-    from fgembed.extract import ExtractOptions, extract
-    from fgembed.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.extraction.extract import ExtractOptions, extract
     from fgembed.store import FeatureStore
-    from fgembed.views import ViewConfig
 
     name = f"open_clip:{tiny_clip['name']}"
     load = LoadOptions(weights=tiny_clip["weights"])

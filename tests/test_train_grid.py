@@ -8,9 +8,9 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
+from fgembed.classify.heads import HEADS, LinearHead, MLPHead, create_head, list_heads
+from fgembed.classify.train import train_grid, weighted_f1
 from fgembed.errors import FgembedError
-from fgembed.heads import HEADS, LinearHead, MLPHead, create_head, list_heads
-from fgembed.train import train_grid, weighted_f1
 
 D, C = 12, 4
 

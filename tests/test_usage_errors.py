@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 import typer
+from fgembed.cli.main import app, main, run
 
 from fgembed import __version__
-from fgembed.cli.main import app, main, run
 from fgembed.errors import FgembedError
 
 NUMBERS = (int, float)

@@ -11,13 +11,13 @@ import pytest
 from sklearn.decomposition import PCA
 from typer.testing import CliRunner
 
-from fgembed import ensemble
-from fgembed.ensemble import LogitSource, stream_late
+from fgembed.analysis import ensemble
+from fgembed.analysis.ensemble import LogitSource, stream_late
+from fgembed.classify.fusion import l2_normalise, late_fusion
+from fgembed.classify.metrics import classification_metrics
+from fgembed.classify.runs import HeadConfig
+from fgembed.classify.views import ViewConfig, build_view, design_rows
 from fgembed.errors import FgembedError
-from fgembed.fusion import l2_normalise, late_fusion
-from fgembed.metrics import classification_metrics
-from fgembed.runs import HeadConfig
-from fgembed.views import ViewConfig, build_view, design_rows
 
 from .formats import write_feature_store
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fgembed.report import compare
+from fgembed.analysis.report import compare
 
 EXPECTED = Path(__file__).with_name("expected.json")
 

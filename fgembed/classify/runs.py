@@ -41,14 +41,14 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-from . import __version__
-from .errors import FgembedError
+from .. import __version__
+from ..errors import FgembedError
+from ..progress import Tick, progress_bar
+from ..store import FeatureStore
 from .fusion import PCASum
 from .heads import HEADS, create_head
 from .longtail import SHOT_BINS, by_frequency, parse_shot_bins
 from .metrics import MetricCounts
-from .progress import Tick, progress_bar
-from .store import FeatureStore
 from .train import BALANCES, SECOND_STAGE_EPOCHS, selection
 from .views import View, ViewConfig, build_view, level_key
 
@@ -61,7 +61,7 @@ MASKED = float(np.finfo(np.float16).min)  # logit of a class the head cannot kno
 class HeadConfig:
     """What describes the head and its training (the view is described by ViewConfig)."""
 
-    head: str = "mlp"               # a name in fgembed.heads.HEADS
+    head: str = "mlp"               # a name in fgembed.classify.heads.HEADS
     level: str | None = None        # target level; None = fine label ('species' alias)
     epochs: int = 150
     lr: tuple[float, ...] = (1e-3,)
@@ -70,10 +70,10 @@ class HeadConfig:
     dropout: float = 0.5
     hidden: tuple[int, ...] = (512, 256)
     seeds: tuple[int, ...] = (0,)
-    balance: str = "none"           # a name in fgembed.train.BALANCES (trained heads only)
+    balance: str = "none"           # a name in fgembed.classify.train.BALANCES (trained heads only)
     shot_bins: tuple[int, int] = SHOT_BINS  # few < LOW ≤ medium ≤ HIGH < many, for by_frequency
     levels: tuple[str, ...] = ()    # coarse → fine taxonomy levels (multi-level head); () = one level
-    hierarchy: str = "shared"       # a name in fgembed.hierarchy.HIERARCHIES (with levels only)
+    hierarchy: str = "shared"       # a name in fgembed.classify.hierarchy.HIERARCHIES (with levels only)
     level_weights: tuple[float, ...] | None = None  # per-level loss weights (with levels only)
 
     def __post_init__(self) -> None:
@@ -277,7 +277,7 @@ class Run:
 def _to_device(head, device: str):
     module = getattr(head, "module_", None)
     if module is not None:
-        from .devices import resolve_device
+        from ..devices import resolve_device
         module.to(resolve_device(device))
     return head
 
@@ -349,7 +349,7 @@ def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device
 def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, path: Path, device: str,
            on_epoch: Callable[..., None]) -> Run:
     h, level = config.head, config.head.level
-    if h.levels:  # one multi-level model per seed (fgembed.hierarchy); written by level_runs
+    if h.levels:  # one multi-level model per seed (fgembed.classify.hierarchy); written by level_runs
         from .level_runs import train_levels
         return train_levels(store, config, view, identity, path, device, on_epoch)
     y_train, y_val, y_test = (view.labels(s, level) for s in ("train", "val", "test"))

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FgembedError
+from ..classify.runs import Run
+from ..classify.views import build_view
+from ..errors import FgembedError
+from ..store import FeatureStore
 from .novelty import (
     create_scorer,
     default_tau,
@@ -23,9 +26,6 @@ from .novelty import (
     novel_at_level,
     write_scores,
 )
-from .runs import Run
-from .store import FeatureStore
-from .views import build_view
 
 
 @dataclass

@@ -28,9 +28,9 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import default_collate
 
-from .backbones import Backbone, LoadOptions, load_backbone
-from .datasets import SampleTable
-from .devices import (
+from ..backbones import Backbone, LoadOptions, load_backbone
+from ..datasets import SampleTable
+from ..devices import (
     DeviceModel,
     HostCopies,
     Precision,
@@ -41,10 +41,10 @@ from .devices import (
     resolve_device,
     resolve_precision,
 )
-from .errors import FgembedError
-from .images import OK, STATUS_NAMES, TRANSFORM_FAILED, load_rgb
-from .progress import progress_bar
-from .store import DEFAULT_SHARD_ROWS, FeatureStore
+from ..errors import FgembedError
+from ..images import OK, STATUS_NAMES, TRANSFORM_FAILED, load_rgb
+from ..progress import progress_bar
+from ..store import DEFAULT_SHARD_ROWS, FeatureStore
 
 MAX_PENDING_WRITES = 4
 FEEDS = ("uint8", "float", "device-resize")  # what a worker sends for a backbone; recorded as `feed`
@@ -258,7 +258,7 @@ def _prepare_store(path: Path, table: SampleTable, backbones: list[Backbone], op
 def _prepare_groups(store: FeatureStore, table: SampleTable, backbones: list[Backbone], options: ExtractOptions,
                     precision: str) -> None:
     """Lock, create or check each backbone's group; warn where only the recorded part differs."""
-    from .progress import stderr
+    from ..progress import stderr
 
     device = resolve_device(options.device)
     recorded = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
@@ -442,7 +442,7 @@ def _write_shard(store: FeatureStore, shard: int, parts: list) -> None:
 
 def _write_text(store: FeatureStore, table: SampleTable, backbones: list[Backbone]) -> None:
     """Class-name embeddings from each backbone's text tower, in its full precision."""
-    from .backbones import PROMPT_TEMPLATES, text_embeddings
+    from ..backbones import PROMPT_TEMPLATES, text_embeddings
 
     towers = [b for b in backbones if b.has_text]
     if not towers:

@@ -18,7 +18,7 @@ import torch
 from sklearn.decomposition import PCA
 from torch import nn
 
-from .errors import FgembedError
+from ..errors import FgembedError
 
 PROJECTIONS = ("pca", "linear")
 LATE_MODES = ("logits", "proba")

@@ -23,8 +23,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from .devices import resolve_device
-from .errors import FgembedError
+from ..devices import resolve_device
+from ..errors import FgembedError
 from .fusion import SumProjection
 from .train import BLOCK_ROWS, TrainResult, train_grid
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .datasets.table import SPLIT_NAMES
-from .errors import FgembedError
+from ..datasets.table import SPLIT_NAMES
+from ..errors import FgembedError
+from ..images import FAILED
+from ..progress import progress_bar
+from ..store import FeatureStore
 from .fusion import FUSIONS, PROJECTIONS, PCASum, l2_normalise
-from .images import FAILED
-from .progress import progress_bar
-from .store import FeatureStore
 
 SPLITS = ("train", "val", "test")
 FINE = (None, "label", "species")

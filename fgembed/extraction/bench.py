@@ -6,7 +6,7 @@ multiply-add as two, so `gmacs = flops / 2` is what timm's benchmark reports as 
 pooling are not (well under 1% of a ResNet-50 or ViT-B: timm's table lists 4.11 and 17.58 GMACs,
 this counts 4.09 and 17.56). Timings run on random tensors of the backbone's own input shape (its
 library's preprocessing decides it) through extraction's device path and precision; the
-end-to-end figure runs `fgembed.extract` on generated JPEGs, decode included.
+end-to-end figure runs `fgembed.extraction.extract` on generated JPEGs, decode included.
 
 Peak memory: on CUDA, `torch.cuda.max_memory_allocated` over the throughput run (weights and
 activations; the allocator's cache excluded); on CPU, the process's peak resident set during the
@@ -34,13 +34,19 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .backbones import Backbone, LoadOptions, load_backbone
-from .datasets.table import TRAIN, SampleTable
-from .devices import DeviceModel, Precision, backend_flags, resolve_device, resolve_precision
-from .errors import FgembedError
+from ..backbones import Backbone, LoadOptions, load_backbone
+from ..datasets.table import TRAIN, SampleTable
+from ..devices import (
+    DeviceModel,
+    Precision,
+    backend_flags,
+    resolve_device,
+    resolve_precision,
+)
+from ..errors import FgembedError
+from ..progress import progress_bar
+from ..store import FeatureStore, _key
 from .extract import ExtractOptions, extract
-from .progress import progress_bar
-from .store import FeatureStore, _key
 
 E2E_IMAGE_SIZE = (500, 375)  # a typical CUB photo: decode and resize cost like real data
 
@@ -208,7 +214,7 @@ def _measure(backbone: Backbone, device: torch.device, precision: Precision, opt
 
 def _synthetic_table(root: Path, n: int) -> SampleTable:
     """`n` generated JPEGs of photo size (one class), for the end-to-end figure."""
-    from .synthetic import generate
+    from ..synthetic import generate
 
     records = generate(root, groups=1, classes_per_group=1, per_class=n, size=E2E_IMAGE_SIZE, test_fraction=0)
     return SampleTable("synthetic", str(root), np.arange(n), [r.path for r in records], np.zeros(n),

@@ -25,8 +25,8 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
-from .devices import resolve_device
-from .errors import FgembedError
+from ..devices import resolve_device
+from ..errors import FgembedError
 from .heads import register_head
 from .metrics import f1_torch
 

@@ -43,9 +43,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 
-from .errors import FgembedError
-from .fusion import l2_normalise, late_fusion
-from .plots import save_figure
+from ..classify.fusion import l2_normalise, late_fusion
+from ..errors import FgembedError
+from ..plots import save_figure
 
 BLOCK_ROWS = 16384
 MAHALANOBIS_ELEMENTS = 1 << 24             # rows × classes per distance chunk

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import FgembedError
+from ..errors import FgembedError
 
 SHOT_BINS = (20, 100)
 BIN_NAMES = ("many", "medium", "few")

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .devices import resolve_device
-from .errors import FgembedError
+from ..devices import resolve_device
+from ..errors import FgembedError
+from ..plots import save_figure
 from .metrics import classification_metrics, f1_torch
-from .plots import save_figure
 
 BLOCK_ROWS = 16384          # rows per prediction / decoding block
 LEVEL_ALIASES = {"species": "label"}  # CUB and iNat fine labels are species (CONVENTIONS)

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import ot
 
-from .datasets.table import SPLIT_NAMES
-from .errors import FgembedError
-from .images import FAILED
-from .plots import save_figure
-from .progress import progress_bar
-from .store import FeatureStore, _key
+from ..datasets.table import SPLIT_NAMES
+from ..errors import FgembedError
+from ..images import FAILED
+from ..plots import save_figure
+from ..progress import progress_bar
+from ..store import FeatureStore, _key
 
 DEFAULT_GAMMA = 0.01  # the paper's γ, "in all experiments"
 BLOCK_ROWS = 8192  # rows read per step (rounded to whole shards)

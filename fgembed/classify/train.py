@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import FgembedError
+from ..errors import FgembedError
 from .fusion import SumProjection
 from .longtail import (
     SECOND_STAGE_EPOCHS,

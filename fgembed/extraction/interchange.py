@@ -16,11 +16,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .datasets.table import SPLIT_NAMES
-from .errors import FgembedError
-from .images import OK, UNREADABLE
-from .progress import progress_bar
-from .store import FeatureStore, _key
+from ..datasets.table import SPLIT_NAMES
+from ..errors import FgembedError
+from ..images import OK, UNREADABLE
+from ..progress import progress_bar
+from ..store import FeatureStore, _key
 
 EXPORT_FORMATS = ("h5", "npy")
 

@@ -28,8 +28,9 @@ import zarr
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-from . import __version__
-from .devices import resolve_device
+from .. import __version__
+from ..devices import resolve_device
+from ..store import FeatureStore
 from .hierarchy import (
     DECODERS,
     Taxonomy,
@@ -41,7 +42,6 @@ from .hierarchy import (
     selective_points,
 )
 from .metrics import classification_metrics
-from .store import FeatureStore
 from .train import selection
 from .views import View
 

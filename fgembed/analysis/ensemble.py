@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import FgembedError
-from .fusion import LATE_MODES, STRATEGIES, fit_late_weights
-from .metrics import MetricCounts
-from .progress import progress_bar
-from .runs import Run, RunConfig, finished, fit_run, run_path, summarise
-from .store import FeatureStore
-from .views import build_view, level_key
+from ..classify.fusion import LATE_MODES, STRATEGIES, fit_late_weights
+from ..classify.metrics import MetricCounts
+from ..classify.runs import Run, RunConfig, finished, fit_run, run_path, summarise
+from ..classify.views import build_view, level_key
+from ..errors import FgembedError
+from ..progress import progress_bar
+from ..store import FeatureStore
 
 LATE_WEIGHTS = ("equal", "val")
 BLOCK_ELEMENTS = 2 ** 25      # float32 logits held per block, over all members (128 MB)

@@ -18,8 +18,8 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FgembedError
-from .plots import save_figure
+from ..errors import FgembedError
+from ..plots import save_figure
 
 if TYPE_CHECKING:  # tables only read entries: importing the report stays free of the training stack
     from rich.table import Table
