@@ -110,24 +110,26 @@ resolution-cub: | install
 	  --name resolution --title "CUB: one backbone at several input sizes" $(FIT_FLAGS)
 
 # ---- Taxonomy-aware heads and novelty (issue 9; seeds 001 and 004) -----------------------------
-# make hierarchy-cub CUB_ROOT=/data/CUB_200_2011 [HIERARCHY_BACKBONE=dinov2_vitl14] [FIT_FLAGS="--lr 1e-3,3e-4"]
+# make hierarchy-cub CUB_ROOT=/data/CUB_200_2011 [HIERARCHY_BACKBONE=dinov2_vitl14] [HIERARCHY_FLAGS="--lr 1e-3,3e-4"]
 # 004's per-level table for the three multi-level heads (order → family → species, 3 seeds), then
 # a run with 20 % of the families held out and 001's novelty table on its novel test rows
-# (examples/hierarchy_cub.py; FIT_FLAGS: its --seeds --epochs --lr --weight-decay --holdout …).
+# (examples/hierarchy_cub.py; HIERARCHY_FLAGS: its own --seeds --epochs --lr --weight-decay --holdout …,
+# not FIT_FLAGS, which may hold fit-only options such as --balance for the paper targets).
 # make hierarchy-cub-tiny: the same on a generated CUB-format folder (tools/make_tiny_cub.py) with a
 # random-init timm test ViT, on the CPU in about a minute — a pipeline check, not meaningful numbers.
 HIERARCHY_BACKBONE ?= dinov2_vitl14
 TINY_CUB ?= /tmp/fgembed-tiny-cub
+HIERARCHY_FLAGS ?=
 .PHONY: hierarchy-cub hierarchy-cub-tiny
 hierarchy-cub: | install
 	@test -n "$(CUB_ROOT)" || { echo "error: set CUB_ROOT=/path/to/the/dataset"; exit 2; }
 	$(FGEMBED) extract --dataset cub --root $(CUB_ROOT) --store $(PAPER_DIR)/cub.zarr \
 	  --backbone $(HIERARCHY_BACKBONE) $(EXTRACT_FLAGS)
 	$(BIN)/python examples/hierarchy_cub.py --store $(PAPER_DIR)/cub.zarr --runs $(PAPER_DIR)/runs-cub \
-	  --backbone $(HIERARCHY_BACKBONE) --plots $(PAPER_DIR) $(FIT_FLAGS)
+	  --backbone $(HIERARCHY_BACKBONE) --plots $(PAPER_DIR) $(HIERARCHY_FLAGS)
 
 hierarchy-cub-tiny: | install
 	test -d $(TINY_CUB)/CUB_200_2011 || $(BIN)/python tools/make_tiny_cub.py $(TINY_CUB)
 	$(MAKE) hierarchy-cub CUB_ROOT=$(TINY_CUB)/CUB_200_2011 PAPER_DIR=$(TINY_CUB)/output \
 	  HIERARCHY_BACKBONE=timm:test_vit EXTRACT_FLAGS="--no-pretrained --device cpu --quiet" \
-	  FIT_FLAGS="--epochs 20 --device cpu --quiet $(FIT_FLAGS)"
+	  HIERARCHY_FLAGS="--epochs 20 --device cpu --quiet $(HIERARCHY_FLAGS)"

@@ -81,16 +81,17 @@ def build_store(path: Path, shape: Shape, seed: int = 0, members: tuple[str, ...
                                          [f"class {c}" for c in range(shape.classes)], split))  # keeps the given val
     store = FeatureStore.create(path, table)
     latent = rng.normal(size=(shape.classes, 32)).astype(np.float32)
-    for name, dim in zip(MEMBERS, shape.dims):
+    for index, (name, dim) in enumerate(zip(MEMBERS, shape.dims)):
         if name not in members:
             continue
+        member_rng = np.random.default_rng((seed, index))  # own stream: m3 alone equals m3 of all five
         source = path.parent / f"{name}.npy"
         out = np.lib.format.open_memmap(source, mode="w+", dtype=np.float16, shape=(n, dim))
-        projection = rng.normal(size=(32, dim)).astype(np.float32)
+        projection = member_rng.normal(size=(32, dim)).astype(np.float32)
         for start in range(0, n, 16384):
             rows = slice(start, min(start + 16384, n))
             block = latent[labels[rows]] @ projection
-            out[rows] = block + rng.normal(scale=6.0, size=block.shape).astype(np.float32)
+            out[rows] = block + member_rng.normal(scale=6.0, size=block.shape).astype(np.float32)
         out.flush()
         del out
         import_features(store, name, source)
@@ -149,8 +150,8 @@ def previous_fit_run(store: FeatureStore, members: tuple[str, ...], out: Path, e
     X_train, X_val = X[rows["train"]], X[rows["val"]]
     assert np.isfinite(X_train).all()
     n_classes, d = len(store.class_names), X.shape[1]
-    make = lambda: MLPHead()._network(d, n_classes)  # noqa: E731
-    t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+    make = lambda: MLPHead()._network(d, n_classes)
+    t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)
     best = previous_train(make, t(X_train), t(y[rows["train"]], torch.long), t(X_val), t(y[rows["val"]], torch.long),
                           n_classes, [0], epochs=epochs, lr=1e-3, weight_decay=0.01, batch_size=128)
     modules = []
@@ -276,7 +277,7 @@ def fmt(result: dict) -> str:
 def ratio(new: dict, old: dict) -> str:
     if "failed" in new or "failed" in old:
         return "n/a"
-    grown = lambda r: max(r["peak_rss_mb"] - r["base_rss_mb"], 1.0)  # noqa: E731
+    grown = lambda r: max(r["peak_rss_mb"] - r["base_rss_mb"], 1.0)
     return (f"old/new: {old['seconds'] / new['seconds']:.1f}× time, {old['peak_rss_mb'] / new['peak_rss_mb']:.1f}× peak "
             f"memory, {grown(old) / grown(new):.1f}× memory grown")
 

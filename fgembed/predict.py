@@ -202,7 +202,11 @@ def _run_scores(run: Run, store: FeatureStore, late_mode: str) -> np.ndarray:
     failed member image get zeros (they are reported by status, never predicted)."""
     embeddings = [np.nan_to_num(store.features(name)) for name in run.config.view.features]
     X = design_rows(run.config.view, embeddings, run.load_projection())
-    per_seed = [head.predict_logits(X).astype(np.float32) for head in run.load_heads()]
+    if run.config.head.levels:  # a multi-level run: its finest level (coarser names follow from the taxonomy)
+        from .classify.hierarchy import predict_levels
+        per_seed = [predict_levels(module, X)[-1] for module in run.load_heads()]
+    else:
+        per_seed = [head.predict_logits(X).astype(np.float32) for head in run.load_heads()]
     scores = late_fusion(per_seed, late_mode) if len(per_seed) > 1 else per_seed[0]
     excluded = run.excluded_classes()
     if len(excluded):

@@ -18,7 +18,6 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 import zarr
@@ -98,6 +97,11 @@ class FeatureStore:
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
         path = Path(path)
+        with disk_errors(path):  # an unreadable folder is one line, as in create
+            return cls._open(path, mode)
+
+    @classmethod
+    def _open(cls, path: Path, mode: str) -> FeatureStore:
         if not (path / "zarr.json").is_file():
             if (path / HIDDEN).is_dir():
                 raise FgembedError(f"{path} is a feature store whose setup was interrupted; rerun the fgembed "
@@ -167,7 +171,7 @@ class FeatureStore:
             lock.release()
         self._locks.clear()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,9 +12,13 @@ import open_clip
 import pytest
 import torch
 
-from fgembed.synthetic import generate, write_folder_layout
-
-from .formats import write_cub, write_inat21, write_manifest
+from fgembed.synthetic import (
+    generate,
+    write_cub,
+    write_folder_layout,
+    write_inat21,
+    write_manifest,
+)
 
 TINY_CLIP = "fgembed-test-clip"
 TINY_CLIP_CFG = {

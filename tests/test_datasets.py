@@ -11,8 +11,7 @@ import pytest
 from fgembed.datasets import TEST, TRAIN, VAL, load_dataset
 from fgembed.datasets.taxonomy import cub_taxonomy
 from fgembed.errors import FgembedError
-
-from .formats import CUB_CLASS_IDS
+from fgembed.synthetic import CUB_CLASS_IDS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub_hierarchy"
 

@@ -24,10 +24,9 @@ from fgembed.errors import FgembedError
 from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.images import MISSING, OK, TRANSFORM_FAILED, TRUNCATED, UNREADABLE
 from fgembed.store import FeatureStore
-from fgembed.synthetic import generate
+from fgembed.synthetic import generate, write_manifest
 
 from .conftest import TIMM_TINY, run_cli
-from .formats import write_manifest
 
 
 def _opts(**kw):
@@ -115,7 +114,7 @@ def test_bad_images_are_flagged_rows_never_shifted(manifest_csv, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(table.root, root)
     damaged = load_dataset("manifest", root / "manifest.csv")
-    path = lambda row: root / damaged.paths[row]  # noqa: E731
+    path = lambda row: root / damaged.paths[row]
     data = path(3).read_bytes()
     path(3).write_bytes(data[: len(data) // 2])  # truncated
     path(10).write_bytes(b"")  # empty

@@ -31,9 +31,7 @@ from typer.testing import CliRunner
 from fgembed.errors import FgembedError
 from fgembed.images import FAILED, OK, REFUSED_SIZE, TRUNCATED, UNREADABLE, load_rgb
 from fgembed.locks import FileLock, lock_dir
-from fgembed.synthetic import generate
-
-from .formats import write_manifest
+from fgembed.synthetic import generate, write_manifest
 
 KILLS = int(os.environ.get("FGEMBED_STRESS_KILLS", "4"))  # per kill test; `make stress` sets hundreds
 FIGURES: Counter = Counter()

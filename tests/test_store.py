@@ -19,9 +19,7 @@ from fgembed.errors import FgembedError
 from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.images import NONFINITE, OK
 from fgembed.store import FeatureStore
-from fgembed.synthetic import generate
-
-from .formats import write_manifest
+from fgembed.synthetic import generate, write_manifest
 
 
 def _opts(**kw):
@@ -405,5 +403,23 @@ def test_an_unreadable_store_folder_is_one_line(data, tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "iterdir", denied)
     with pytest.raises(FgembedError) as refused:
         FeatureStore.create(path, _table(data))
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message and "permission denied" in message
+
+
+def test_an_unreadable_store_is_one_line_on_open(data, tmp_path, monkeypatch):
+    """Opening a store whose folder denies access (fit, ensemble, info…) is one line, as creating it is."""
+    path = tmp_path / "locked.zarr"
+    FeatureStore.create(path, _table(data))
+    real_stat = Path.stat
+
+    def denied(self, *args, **kwargs):
+        if self == path / "zarr.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    with pytest.raises(FgembedError) as refused:
+        FeatureStore.open(path)
     message = str(refused.value)
     assert "\n" not in message and str(path) in message and "permission denied" in message

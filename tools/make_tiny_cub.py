@@ -1,20 +1,16 @@
 """Write a small generated dataset in CUB_200_2011's on-disk format, to run `make hierarchy-cub`
 end to end without the real images: `python tools/make_tiny_cub.py DIR [--per-class N]`.
 
-It reuses the test suite's generators (fgembed.synthetic's images, tests/formats.py's CUB
-writer), so the folder is the one the tests read: six real CUB class ids, hence real orders and
-families from the packaged taxonomy. Prints the dataset root to pass as CUB_ROOT.
+It uses the test suite's generators (fgembed.synthetic's images and CUB writer), so the folder is
+the one the tests read: six real CUB class ids, hence real orders and families from the packaged
+taxonomy. Prints the dataset root to pass as CUB_ROOT.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.formats
-
-from fgembed.synthetic import generate
-from tests.formats import write_cub
+from fgembed.synthetic import generate, write_cub
 
 
 def main() -> None:
