@@ -121,8 +121,7 @@ def fit(
     if len(config.head.lr) * len(config.head.weight_decay) > 1:
         chosen = ", ".join(f"seed {s}: lr {c['lr']:g} wd {c['weight_decay']:g}"
                            for s, c in zip(m["seeds"], m["chosen"]) if c)
-        selected = "macro" if config.head.balance != "none" else "weighted"
-        out.print(f"chosen on validation F1 ({selected}): {chosen}", highlight=False)
+        out.print(f"chosen on validation {selection_of(run)}: {chosen}", highlight=False, markup=False)
     if "by_frequency" in m:
         out.print("by training frequency: " + "  ".join(
             f"{b} ({m['by_frequency'][b]['n_classes']:.0f} classes) "
@@ -142,6 +141,15 @@ def fit(
     if dropped:
         err.print("[yellow]rows left out (an image failed in a member): "
                   + ", ".join(f"{k} {v}" for k, v in dropped.items()) + "[/yellow]")
+
+
+def selection_of(run) -> str:
+    """What picked the run's epoch and setting, as its config.json records it (`selection`:
+    `f1_weighted`, `f1_macro` with --balance, `… (mean over levels)` with --levels). Format-1 runs
+    recorded none: they all chose by weighted F1."""
+    from fgembed.classify.train import selection
+
+    return run.meta.get("selection") or selection(run.config.head.balance)
 
 
 def std_of(block: dict, key: str, m: dict) -> str:
@@ -189,9 +197,9 @@ def ensemble(
 
     Trains whatever runs are missing (finished runs are reused), then writes the table in
     every format and a bar chart of the ranking next to the runs. With --levels every run is
-    multi-level and late fusion is scored level by level (a per-level accuracy column each, and
-    their mean); a member@head among them predicts the finest level only, so late fusion with it
-    scores that level alone (one warning).
+    multi-level and late fusion is scored level by level (a per-level accuracy column each, their
+    mean, the consistency rate and the mistake severity); a member@head among them predicts the
+    finest level only, so late fusion with it scores that level alone (one warning).
     """
     from rich.markup import escape
 

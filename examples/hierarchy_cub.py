@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fgembed.analysis.novelty import format_table, plot_roc
 from fgembed.analysis.novelty_runs import score_runs
-from fgembed.classify.hierarchy import (
+from fgembed.classify.hierarchy_metrics import (
     SELECTIVE_TAUS,
     curve_of_points,
     plot_selective_curve,

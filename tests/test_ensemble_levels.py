@@ -16,7 +16,9 @@ from fgembed.cli.main import app
 from scipy.special import softmax
 from typer.testing import CliRunner
 
+from fgembed.analysis import ensemble
 from fgembed.analysis.ensemble import Combination, fused_levels, late_entries
+from fgembed.classify.longtail import by_frequency
 from fgembed.classify.runs import HeadConfig, Run, RunConfig
 from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
@@ -113,15 +115,76 @@ def test_tables_carry_per_level_columns(fused):
     md = runner.invoke(app, [*ENSEMBLE, "--store", str(store_path), "--runs", str(runs_dir), "--late-mode", "proba"])
     assert md.exit_code == 0, md.output  # every run is reused: only the tables are written again
     header = md.stdout.splitlines()[0]
-    assert header.endswith("| Acc group | Acc label | Avg acc |"), header
+    assert header.endswith("| Acc group | Acc label | Avg acc | Consistency | Mistake depth |"), header
     rows = [line for line in md.stdout.splitlines()[2:] if line.startswith("|")]
     assert len(rows) == 7 and all(line.count("–") == 0 for line in rows)
     table = list(csv.DictReader(io.StringIO((runs_dir / "ensemble.csv").read_text())))
     records = json.loads((runs_dir / "ensemble.json").read_text())
-    for row, record in zip(table, records):
+    for row, record, line in zip(table, records, rows, strict=True):
         assert float(row["levels.group.accuracy"]) == pytest.approx(record["levels"]["group"]["accuracy"])
         assert float(row["avg_accuracy_std"]) == pytest.approx(record["avg_accuracy_std"])
-    assert r"Acc group & Acc label & Avg acc \\" in (runs_dir / "ensemble.tex").read_text()
+        assert float(row["consistency"]) == pytest.approx(record["consistency"])
+        severity = f"{record['mistake_severity']:.2f} ± {record['mistake_severity_std']:.2f}"  # a depth, not %
+        assert line.split(" | ")[-1] == severity + " |", line
+    assert r"Acc group & Acc label & Avg acc & Consistency & Mistake depth \\" in (runs_dir / "ensemble.tex").read_text()
+
+
+def hierarchy_reference(runs: list[Run], store: FeatureStore) -> list[dict]:
+    """Per seed, from the members' stored float16 logits (softmax average → argmax per level, on
+    the test rows every member has): consistency, mistake severity (mean LCA depth over mistakes:
+    1 when the wrong class is in the right group, else 0) and `longtail.by_frequency` of the fine
+    level (training rows per class counted from the store: no member lost a training image)."""
+    parts = {lv: [run.logits("test", lv) for run in runs] for lv in LEVELS}
+    common = functools.reduce(np.intersect1d, [rows for rows, _ in parts["label"]])
+    fine, group = store.labels(), store.labels(level="group")
+    parent = np.zeros(fine.max() + 1, np.int64)
+    parent[fine] = group  # each fine class's group, read from the rows
+    train = fine[store.group["samples/split"][:] == 0]
+    y = fine[common]
+    out = []
+    for k in range(parts["label"][0][1].shape[0]):
+        pred = {}
+        for lv, members in parts.items():
+            probs = [softmax(z[k][np.searchsorted(rows, common)].astype(np.float32), 1) for rows, z in members]
+            pred[lv] = np.mean(probs, 0).argmax(1)
+        wrong = pred["label"] != y
+        out.append({"consistency": float((parent[pred["label"]] == pred["group"]).mean()),
+                    "mistake_severity": float((parent[pred["label"]][wrong] == parent[y][wrong]).mean()),
+                    "n_mistakes": int(wrong.sum()),
+                    "by_frequency": by_frequency(y, pred["label"], np.bincount(train, minlength=len(parent)))})
+    return out
+
+
+def test_late_fusion_consistency_severity_and_by_frequency_equal_numpy(fused, monkeypatch):
+    store_path, _, result = fused
+    store = FeatureStore.open(store_path)
+    late = [r for r in json.loads(result.stdout) if r["strategy"] == "late"]
+    for record in late:
+        runs = [Run.load(p) for p in record["runs"]]
+        per_seed = late_per_seed(runs, record)
+        n = record["n_test"]
+        for ours, ref in zip(per_seed, hierarchy_reference(runs, store), strict=True):
+            # float16 ties may flip an argmax: a couple of rows of tolerance
+            assert ours["consistency"] == pytest.approx(ref["consistency"], abs=2.5 / n)
+            assert ours["mistake_severity"] == pytest.approx(ref["mistake_severity"], abs=2.5 / ref["n_mistakes"])
+            for name, bin_ in ref["by_frequency"].items():
+                got = ours["by_frequency"][name]
+                assert (got["n_classes"], got["n_test"]) == (bin_["n_classes"], bin_["n_test"])
+                if bin_["n_test"]:
+                    assert got["accuracy"] == pytest.approx(bin_["accuracy"], abs=2.5 / bin_["n_test"])
+                else:
+                    assert got["accuracy"] is None
+        assert record["consistency"] == pytest.approx(np.mean([m["consistency"] for m in per_seed]), abs=1e-12)
+        assert record["consistency_std"] == pytest.approx(np.std([m["consistency"] for m in per_seed], ddof=1))
+        assert record["mistake_severity"] is not None and record["acc_medium"] is not None
+    # streamed: 64-row blocks (the smallest) give the very same counts and sums as one block
+    trio = next(r for r in late if len(r["members"]) == 3)
+    singles = {m: Run.load(p) for m, p in zip(trio["members"], trio["runs"])}
+    combo = [Combination("late", tuple(trio["members"]))]
+    whole = late_entries(store, singles, combo, None, "proba", "equal")[0].metrics["per_seed"]
+    monkeypatch.setattr(ensemble, "BLOCK_ELEMENTS", 1)
+    assert ensemble._block_rows(3, 8) < trio["n_test"]
+    assert late_entries(store, singles, combo, None, "proba", "equal")[0].metrics["per_seed"] == whole
 
 
 def test_single_level_member_fuses_the_finest_level_only(fused):

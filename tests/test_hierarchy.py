@@ -10,26 +10,29 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from fgembed.classify.hierarchy import (
     HIERARCHIES,
-    SELECTIVE_TAUS,
     DisentangledHeads,
     SharedTrunkHeads,
+    create_hierarchy,
+    fit_levels,
+    fit_levels_grid,
+    hierarchical_loss,
+    list_hierarchies,
+    predict_levels,
+)
+from fgembed.classify.hierarchy_metrics import (
+    SELECTIVE_TAUS,
     Taxonomy,
     consistency_rate,
-    create_hierarchy,
+    consistent_rows,
     curve_of_points,
     decode_path_product,
     decode_top_down,
     decoded_metrics,
     deepest_confident,
-    fit_levels,
-    fit_levels_grid,
-    hierarchical_loss,
     lca_depth,
     level_metrics,
-    list_hierarchies,
     mistake_severity,
     plot_selective_curve,
-    predict_levels,
     selective_curve,
     selective_points,
 )
@@ -297,3 +300,45 @@ def test_taxonomy_from_store(cub_root, tmp_path):
     assert tax.n_classes["family"] == len(store.samples_attrs["levels"]["family"])
     with pytest.raises(FgembedError, match="no taxonomy level 'genus'"):
         Taxonomy.from_store(store, ["genus", "species"])
+
+
+def test_consistent_rows_mark_each_row():
+    tax = taxonomy()
+    rng = np.random.default_rng(3)
+    fine = rng.integers(0, 18, 200)
+    preds = [rng.integers(0, 3, 200), rng.integers(0, 6, 200), fine]
+    preds[1][:100] = fine[:100] // SPECIES_PER_FAMILY  # half the rows: the right family
+    preds[0][:50] = preds[1][:50] // FAMILIES_PER_ORDER
+    brute = [p1 == f // SPECIES_PER_FAMILY and p0 == f // (SPECIES_PER_FAMILY * FAMILIES_PER_ORDER)
+             for p0, p1, f in zip(*preds)]
+    assert consistent_rows(preds, tax).tolist() == brute and sum(brute) >= 50
+    assert consistency_rate(preds, tax) == pytest.approx(np.mean(brute))
+
+
+@pytest.mark.parametrize("args, selection", [(["--levels", "group,species"], "f1_weighted (mean over levels)"),
+                                             (["--balance", "loss"], "f1_macro"),
+                                             ([], "f1_weighted")])
+def test_grid_fit_prints_the_selection_its_config_records(tmp_path, args, selection):
+    """`fgembed fit --lr a,b` says what chose each seed's setting as config.json records it: a
+    multi-level run chooses by the mean over levels of weighted F1, --balance by macro F1."""
+    import json
+
+    from fgembed.cli.main import app
+    from typer.testing import CliRunner
+
+    from fgembed.classify.runs import Run
+
+    from .formats import write_feature_store
+
+    store = write_feature_store(tmp_path / "f.zarr")
+    argv = ["fit", "--store", str(store.path), "--features", "a", "--epochs", "2", "--lr", "1e-3,3e-3",
+            "--seeds", "0,1", "--runs", str(tmp_path / "runs"), "--quiet", *args]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    run, = (Run.load(p) for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").is_file())
+    assert json.loads((run.path / "config.json").read_text())["selection"] == selection
+    chosen = [line for line in result.stdout.splitlines() if line.startswith("chosen on validation")]
+    assert len(chosen) == 1 and chosen[0].startswith(f"chosen on validation {selection}: seed 0: lr "), chosen
+    assert "F1 (weighted)" not in chosen[0]
+    again = CliRunner().invoke(app, argv)  # a reused run prints what it recorded, too
+    assert "reused" in again.stdout and chosen[0] in again.stdout.splitlines()

@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 
 from fgembed.analysis.novelty import read_scores
 from fgembed.analysis.report import value
-from fgembed.classify.hierarchy import (
+from fgembed.classify.hierarchy import predict_levels
+from fgembed.classify.hierarchy_metrics import (
     DECODERS,
     SELECTIVE_TAUS,
     Taxonomy,
     consistency_rate,
     decode_path_product,
     mistake_severity,
-    predict_levels,
     selective_curve,
     tau_key,
 )

@@ -196,3 +196,74 @@ def test_ensemble_cost_sums_members_and_marks_the_pareto_front(tmp_path, capsys)
     brute = [all(not (cost[j] <= cost[i] and score[j] >= score[i] and (cost[j], score[j]) != (cost[i], score[i]))
                  for j in range(40)) for i in range(40)]
     assert pareto_front(cost, score) == brute and any(brute) and not all(brute)
+
+
+def add_member(store, name: str, d: int, seed: int, failed=()) -> None:
+    """Another member of the long-tailed store: the same classes through its own projection;
+    `failed` rows are NaN with status unreadable, as extraction writes a failed image."""
+    from fgembed.images import UNREADABLE
+
+    rng = np.random.default_rng(seed)
+    labels = store.labels()
+    emb = rng.normal(size=(labels.max() + 1, d))[labels] * 1.5 + rng.normal(size=(len(labels), d))
+    status = np.zeros(len(labels), np.uint8)
+    emb[list(failed)], status[list(failed)] = np.nan, UNREADABLE
+    store.prepare(name, {"source": "test", "member": name}, d, dtype="float32")
+    for shard in range(store.n_shards):
+        rows = store.shard_slice(shard)
+        store.write_shard(name, shard, emb[rows], status[rows])
+    store.mark_complete(name, None)
+
+
+def test_late_fusion_by_frequency_equals_numpy_on_stored_logits(tmp_path):
+    """`fgembed ensemble --strategies late --by-frequency`: each late row's many/medium/few
+    accuracy equals `by_frequency` of the argmax of the members' averaged probabilities (from
+    their stored float16 logits), binned by the training rows all its members have: member c lost
+    a training row of class 3 (25 → 24 rows), so under --shot-bins 25,50 class 3 is medium
+    without c and few with it."""
+    from fgembed.cli.main import app
+    from scipy.special import softmax
+    from typer.testing import CliRunner
+
+    from fgembed.analysis.ensemble import Combination, late_entries
+    from fgembed.classify.runs import Run
+
+    store = write_long_tail_store(tmp_path / "lt.zarr")
+    labels, split = store.labels(), store.group["samples/split"][:]
+    lost_train = np.flatnonzero((labels == 3) & (split == 0))[0]
+    add_member(store, "b", 10, seed=1)
+    add_member(store, "c", 8, seed=2, failed=[lost_train, np.flatnonzero(split == 2)[0]])
+    result = CliRunner().invoke(app, ["ensemble", "--store", str(store.path), "--members", "a,b,c", "--strategies",
+                                      "late", "--late-mode", "proba", "--by-frequency", "--shot-bins", "25,50",
+                                      "--epochs", "3", "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
+                                      "--format", "json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    late = [r for r in json.loads(result.stdout) if r["strategy"] == "late"]
+    assert len(late) == 4
+    for record in late:
+        runs = [Run.load(p) for p in record["runs"]]
+        ok = split == 0
+        for run in runs:
+            ok &= store.status(run.config.view.features[0]) == 0
+        counts = np.bincount(labels[ok], minlength=len(COUNTS))
+        assert counts[3] == (24 if "c" in record["members"] else 25)
+        parts = [run.logits("test") for run in runs]
+        common = parts[0][0]
+        for rows, _ in parts[1:]:
+            common = np.intersect1d(common, rows)
+        y = labels[common]
+        entry, = late_entries(store, dict(zip(record["members"], runs)), [Combination("late", tuple(record["members"]))],
+                              None, "proba", "equal")
+        for k, ours in enumerate(entry.metrics["per_seed"]):
+            fused = np.mean([softmax(z[k][np.searchsorted(rows, common)].astype(np.float32), 1) for rows, z in parts], 0)
+            for name, ref in by_frequency(y, fused.argmax(1), counts, (25, 50)).items():
+                got = ours["by_frequency"][name]
+                assert (got["n_classes"], got["n_test"]) == (ref["n_classes"], ref["n_test"])
+                # float16 ties may flip an argmax: a couple of rows of tolerance
+                assert got["accuracy"] == pytest.approx(ref["accuracy"], abs=2.5 / ref["n_test"])
+        few = 4 if "c" in record["members"] else 3
+        assert (record["n_classes_many"], record["n_classes_medium"], record["n_classes_few"]) == (2, 5 - few, few)
+        assert record["acc_few"] == pytest.approx(np.mean([m["by_frequency"]["few"]["accuracy"]
+                                                           for m in entry.metrics["per_seed"]]))
+    single_c = json.loads((tmp_path / "runs" / "ensemble.json").read_text())
+    assert next(r for r in single_c if r["key"] == "single:c")["n_classes_few"] == 4  # as c's own run bins it

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from safetensors.torch import load_file
 from sklearn import metrics as skm
@@ -20,7 +21,18 @@ import fgembed
 from fgembed.analysis.ensemble import Combination, late_entries, plan, score
 from fgembed.analysis.report import compare, entry_record, format_table, write_report
 from fgembed.classify.fusion import SumProjection
-from fgembed.classify.runs import FORMAT_VERSION, HeadConfig, Run, RunConfig, fit_run
+from fgembed.classify.runs import (
+    ALWAYS_KEYED,
+    FORMAT_VERSION,
+    HeadConfig,
+    Run,
+    RunConfig,
+    create_logits,
+    fit_run,
+    keyed_fields,
+    run_key,
+    write_logits,
+)
 from fgembed.classify.views import ViewConfig, design_rows
 from fgembed.errors import FgembedError
 from fgembed.store import FeatureStore
@@ -348,3 +360,103 @@ def test_reports_in_every_format(store, tmp_path):
     assert "| sum:a+b | sum:a+b | – | 1.0 | – |" in table  # a row we did not run
     with pytest.raises(FgembedError, match="unknown format"):
         format_table(entries, "xlsx")
+
+
+# ---- logits writing and run keys ------------------------------------------------------------------
+
+class _TwoLevels(torch.nn.Module):
+    """A multi-output module (one logit tensor per level), as a hierarchy head's forward gives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.coarse, self.fine = torch.nn.Linear(8, 3), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return [self.coarse(x) * 5, self.fine(x) * 5]
+
+
+def test_write_logits_stores_masked_float16_per_output_in_whole_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr("fgembed.classify.runs.LOGIT_ROWS", 16)  # 50 rows: three whole blocks and a part
+    torch.manual_seed(0)
+    modules = [_TwoLevels(), _TwoLevels()]
+    X = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float16)
+    group = zarr.open_group(tmp_path / "l.zarr", mode="w")
+    arrays = [create_logits(group, "coarse/test", 2, 50, 3), create_logits(group, "fine/test", 2, 50, 5)]
+    given = []
+    write_logits(arrays, modules, X, [np.array([1]), np.array([], np.int64)],
+                 on_block=lambda k, start, blocks: given.append((k, start, [b.copy() for b in blocks])))
+    stored = zarr.open_group(tmp_path / "l.zarr", mode="r")  # plain zarr reads them back
+    for k, module in enumerate(modules):
+        # the previous path per block: float32 forward on the host, masked, numpy's float16 cast
+        with torch.no_grad():
+            ref = [np.concatenate(z) for z in zip(*[[o.numpy() for o in module(torch.from_numpy(X[i:i + 16]).float())]
+                                                    for i in range(0, 50, 16)])]
+        ref[0][:, 1] = np.finfo(np.float16).min
+        for name, r in zip(("coarse/test", "fine/test"), ref):
+            np.testing.assert_array_equal(stored[name][k], r.astype(np.float16))
+    assert stored["fine/test"].dtype == np.float16 and stored["fine/test"].chunks == (1, 16, 5)
+    assert stored["fine/test"].compressors == ()
+    # on_block saw every block once, in order, holding the values as stored
+    assert [(k, s) for k, s, _ in given] == [(k, s) for k in range(2) for s in (0, 16, 32, 48)]
+    for k, start, blocks in given:
+        np.testing.assert_array_equal(blocks[1], stored["fine/test"][k, start:start + 16])
+
+
+def test_a_failed_logits_write_raises_in_the_caller(tmp_path, monkeypatch):
+    monkeypatch.setattr("fgembed.classify.runs.LOGIT_ROWS", 16)
+    group = zarr.open_group(tmp_path / "l.zarr", mode="w")
+    arrays = [create_logits(group, "coarse/test", 1, 50, 3), create_logits(group, "fine/test", 1, 50, 5)]
+
+    def disk_full(k, start, blocks):
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_logits(arrays, [_TwoLevels()], np.zeros((50, 8), np.float16), [np.array([], np.int64)] * 2,
+                     on_block=disk_full)
+
+
+KEY_IDENTITY = {"manifest_sha256": "0" * 64,
+                "features": {m: {"fingerprint": f"{m}-fingerprint", "dtype": "float16"} for m in ("a", "b")}}
+
+
+def test_run_keys_of_existing_runs_stay_and_a_new_default_field_keeps_them():
+    """Keys as git 389c567 computed them (it hashed every field): runs written before are found."""
+    plain = RunConfig(ViewConfig(features=("a",)), HeadConfig())
+    fused = RunConfig(ViewConfig(features=("a", "b"), fusion="concat", l2=True, holdout=0.2, shots=5),
+                      HeadConfig(seeds=(0, 1), lr=(1e-3, 3e-3), balance="loss"))
+    levels = RunConfig(ViewConfig(features=("a",)), HeadConfig(levels=("group", "species"), hierarchy="disentangled"))
+    assert [run_key(c, KEY_IDENTITY) for c in (plain, fused, levels)] == PINNED_KEYS
+    # a release that adds a field with a neutral default keeps every key; another value splits it
+    NewView = dataclasses.make_dataclass("ViewConfig", [("new_option", int, 0)], bases=(ViewConfig,), frozen=True)
+    NewHead = dataclasses.make_dataclass("HeadConfig", [("new_option", str, "off")], bases=(HeadConfig,), frozen=True)
+    assert run_key(RunConfig(NewView(features=("a",)), NewHead()), KEY_IDENTITY) == PINNED_KEYS[0]
+    assert run_key(RunConfig(NewView(features=("a",), new_option=1), HeadConfig()), KEY_IDENTITY) != PINNED_KEYS[0]
+    assert run_key(RunConfig(ViewConfig(features=("a",)), NewHead(new_option="on")), KEY_IDENTITY) != PINNED_KEYS[0]
+    # a field keyed from the start is keyed at its default too: its value is in the key
+    assert '"epochs": 150' in json.dumps(keyed_fields(plain.head, ALWAYS_KEYED["head"]))
+
+
+PINNED_KEYS = ["dc8818c374", "67f0f09a0d", "e2c8cc0b6b"]  # computed by git 389c567
+REQUIRED = "<required>"
+PINNED_DEFAULTS = {
+    ViewConfig: {"features": REQUIRED, "fusion": "single", "project": "pca", "project_dim": None, "l2": False,
+                 "classes": None, "holdout": 0.0, "holdout_level": None, "holdout_seed": 0, "shots": None, "draw": 0},
+    HeadConfig: {"head": "mlp", "level": None, "epochs": 150, "lr": (1e-3,), "weight_decay": (0.01,),
+                 "batch_size": 128, "dropout": 0.5, "hidden": (512, 256), "seeds": (0,), "balance": "none",
+                 "shot_bins": (20, 100), "levels": (), "hierarchy": "shared", "level_weights": None},
+}
+
+
+@pytest.mark.parametrize("cls", [ViewConfig, HeadConfig], ids=lambda c: c.__name__)
+def test_config_defaults_are_pinned(cls):
+    declared = {f.name: REQUIRED if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(cls)}
+    assert declared == PINNED_DEFAULTS[cls], (
+        f"{cls.__name__}'s fields or defaults changed. A run key leaves out a field while it holds its default "
+        "(fgembed.classify.runs.run_key), so changing a default would silently reuse runs trained under the old "
+        "default as if trained under the new one. A changed default must come with a key change or migration "
+        "(e.g. add the field to runs.ALWAYS_KEYED, or keep the old default and add an option); a new field needs "
+        "a default that reproduces the old behaviour. Then update this pin.")
+    # a default-constructed config holds its declared defaults (else its key would not be neutral)
+    built = cls(features=("a",)) if cls is ViewConfig else cls()
+    assert {k: getattr(built, k) for k, v in declared.items() if v is not REQUIRED} == \
+        {k: v for k, v in declared.items() if v is not REQUIRED}

@@ -12,12 +12,17 @@ that block only, and each subset's per-class counts accumulated (`metrics.Metric
 memory depends on the block and the number of classes, not on the rows or the subsets.
 `late_weights="val"` fits each subset's weights on a bounded, seeded sample of validation rows.
 
-Multi-level runs (`--levels order,family,species`) are fused level by level, each level streamed
-the same way from its own logits (`logits.zarr/<level>/{val,test}`, weights fitted per level), so
-a late-fusion row carries `levels.<level>.*` and `avg_accuracy` like a multi-level run's
-metrics.json; its top-level keys are the finest level's. Members must share their levels; a mix
-of single-level members (e.g. `member@knn`, which predicts the finest level only) and multi-level
-ones fuses that finest level alone, with one warning — no member is refused for lacking levels.
+A late-fusion row carries what a trained run's metrics.json does. `by_frequency` (many / medium /
+few-shot accuracy, `longtail`) comes from the same per-class counts, binned by the training rows
+the subset's members share (as a concat run of them would train on). Multi-level runs
+(`--levels order,family,species`) are fused level by level in the same pass — every level's
+logits of a block (`logits.zarr/<level>/{val,test}`, weights fitted per level) fused together —
+so each row's fused predictions at all levels are at hand at once: besides `levels.<level>.*` and
+`avg_accuracy`, the row gets `consistency` and `mistake_severity` (`hierarchy_metrics`), summed
+row by row block by block; its top-level keys are the finest level's. Members must share their
+levels; a mix of single-level members (e.g. `member@knn`, which predicts the finest level only)
+and multi-level ones fuses that finest level alone, with one warning — no member is refused for
+lacking levels.
 """
 from __future__ import annotations
 
@@ -33,10 +38,14 @@ import numpy as np
 import torch
 
 from ..classify.fusion import LATE_MODES, STRATEGIES, fit_late_weights
+from ..classify.hierarchy_metrics import Taxonomy, consistent_rows, lca_depth
+from ..classify.longtail import SHOT_BINS, frequency_bins
 from ..classify.metrics import MetricCounts
 from ..classify.runs import Run, RunConfig, finished, fit_run, run_path, summarise
 from ..classify.views import build_view, level_key
+from ..datasets.table import SPLIT_NAMES
 from ..errors import FgembedError
+from ..images import FAILED
 from ..progress import progress_bar
 from ..store import FeatureStore
 
@@ -250,8 +259,10 @@ def fused_levels(singles: dict[str, Run], level: str | None) -> tuple[list[Fused
 
 def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Combination], level: str | None,
                  mode: str, weights_from: str) -> list[Entry]:
-    """Late fusion of every combination in `combos` from the single runs, one streamed pass per
-    level (`fused_levels`): metrics of the finest level at the top, per-level ones under `levels`."""
+    """Late fusion of every combination in `combos` from the single runs, all levels
+    (`fused_levels`) in one streamed pass: metrics of the finest level at the top, with
+    `by_frequency`; per-level ones under `levels`, `consistency` and `mistake_severity` when the
+    members are multi-level."""
     manifests = {r.store["manifest_sha256"] for r in singles.values()}
     if len(manifests) != 1:
         raise FgembedError("late fusion members were trained on different stores (different rows): "
@@ -261,21 +272,21 @@ def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Comb
     held = sorted({c for r in singles.values() for c in r.meta.get("holdout_classes", [])})
     novel = np.isin(store.labels(), held) if held else None  # novel test rows are not scored
     levels, per_level = fused_levels(singles, level)
-    results, weights, sample_rows = [], None, []
-    for lv in levels:  # the finest last: its weights are the ones reported
-        labels = store.labels(level=level_key(lv.name)).astype(np.int64)
-        weights, sample_rows = None, []
-        if weights_from == "val":
-            val = [LogitSource.of(singles[m], "val", g) for m, g in zip(names, lv.groups)]
-            weights, sample_rows = fit_subset_weights(val, subsets, labels, mode)
-        test = [LogitSource.of(singles[m], "test", g) for m, g in zip(names, lv.groups)]
-        results.append(stream_late(test, subsets, labels, mode, weights, skip=novel))
+    taxonomy = Taxonomy.from_store(store, [lv.name for lv in levels]) if per_level else None
+    labels = [store.labels(level=level_key(lv.name)).astype(np.int64) for lv in levels]
+    weights, sample_rows = None, []
+    if weights_from == "val":  # per level; the finest level's are the ones reported
+        fitted = [fit_subset_weights([LogitSource.of(singles[m], "val", g) for m, g in zip(names, lv.groups)],
+                                     subsets, y, mode) for lv, y in zip(levels, labels)]
+        weights, sample_rows = [w for w, _ in fitted], fitted[-1][1]
+    test = [[LogitSource.of(singles[m], "test", g) for m, g in zip(names, lv.groups)] for lv in levels]
+    counts = shared_train_counts(store, list(singles.values()), subsets, levels[-1].name,
+                                 int(test[-1][0].array.shape[2]))
+    results = stream_late_levels(test, subsets, labels, mode, weights, skip=novel, taxonomy=taxonomy,
+                                 train_counts=counts, bins=singles[names[0]].config.head.shot_bins)
     entries = []
     for i, combo in enumerate(combos):
-        per_seed, n_rows = results[-1][i]
-        if per_level:
-            per_seed = [fine | level_block({lv.name: results[j][i][0][k] for j, lv in enumerate(levels)})
-                        for k, fine in enumerate(per_seed)]
+        per_seed, n_rows = results[i]
         seeds = singles[combo.members[0]].metrics["seeds"][:len(per_seed)]
         metrics = summarise(per_seed) | {"per_seed": per_seed, "n_test": n_rows, "seeds": seeds}
         if per_level:
@@ -283,15 +294,92 @@ def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Comb
         mean_weights = None
         if weights is not None:
             metrics["late_weight_rows"] = sample_rows[i]
-            mean_weights = np.mean(weights[i], axis=0).round(4).tolist()
+            mean_weights = np.mean(weights[-1][i], axis=0).round(4).tolist()
         entries.append(Entry(combo, metrics, [singles[m].path for m in combo.members], mean_weights))
     return entries
+
+
+def shared_train_counts(store: FeatureStore, runs: list[Run], subsets: list[tuple[int, ...]], level: str,
+                        n_classes: int) -> list[np.ndarray]:
+    """Per subset (indices into `runs`): training rows per class at `level` that a fused view of
+    its members trains on — the runs' class selection less their held-out classes, rows whose image
+    failed in any of its members left out, K per fine class with `--shots K` (a view draws
+    min(K, n) rows of each class). What bins the classes for `by_frequency`, as a single or concat
+    run of those members bins them."""
+    view = runs[0].config.view
+    fine = store.labels().astype(np.int64)
+    kept = np.ones(len(store.class_names), bool)
+    if view.classes is not None:
+        kept[:] = False
+        kept[list(view.classes)] = True
+    kept[runs[0].meta.get("holdout_classes", [])] = False
+    train = (store.group["samples/split"][:] == SPLIT_NAMES["train"]) & kept[fine]
+    codes = store.labels(level=level_key(level)).astype(np.int64)
+    failed = [np.isin(store.status(run.config.view.features[0]), FAILED) for run in runs]
+    out = []
+    for subset in subsets:
+        ok = train & ~np.logical_or.reduce([failed[m] for m in subset])
+        if view.shots is None:
+            out.append(np.bincount(codes[ok], minlength=n_classes))
+            continue
+        group = np.zeros(len(kept), np.int64)
+        group[fine[ok]] = codes[ok]  # levels nest: all of a fine class's rows share its group
+        shots = np.minimum(np.bincount(fine[ok], minlength=len(kept)), view.shots)
+        out.append(np.bincount(group, weights=shots, minlength=n_classes).astype(np.int64))
+    return out
 
 
 def level_block(per_level: dict[str, dict]) -> dict:
     """One seed's `levels` block and `avg_accuracy` (the mean accuracy over levels), as a
     multi-level run's metrics.json holds them."""
     return {"levels": per_level, "avg_accuracy": float(np.mean([m["accuracy"] for m in per_level.values()]))}
+
+
+def frequency_block(counts: MetricCounts, train_counts: np.ndarray,
+                    bins: tuple[int, int] = SHOT_BINS) -> dict[str, dict]:
+    """`longtail.by_frequency` from per-class counts (correct and test rows per class), as a
+    run's metrics.json holds it: an empty bin's accuracy is None."""
+    out = {}
+    for name, mask in frequency_bins(train_counts, bins).items():
+        n = int(counts.support[torch.as_tensor(mask)].sum())
+        correct = float(counts.tp[torch.as_tensor(mask)].sum())
+        out[name] = {"accuracy": correct / n if n else None, "n_classes": int(mask.sum()), "n_test": n}
+    return out
+
+
+class LateScores:
+    """One subset's running scores for one seed: per-class counts at every level, and with a
+    taxonomy the row sums behind consistency and mistake severity. O(classes) memory."""
+
+    def __init__(self, widths: list[int]) -> None:
+        self.counts = [MetricCounts(w) for w in widths]
+        self.consistent = self.mistakes = self.lca_sum = 0
+
+    def update(self, fused: list[torch.Tensor], ys: list[torch.Tensor], taxonomy: Taxonomy | None) -> None:
+        for counts, z, y in zip(self.counts, fused, ys):
+            counts.update(z, y)
+        if taxonomy is None:
+            return
+        preds = [z.argmax(1).numpy() for z in fused]
+        truth = ys[-1].numpy()
+        wrong = preds[-1] != truth
+        self.consistent += int(consistent_rows(preds, taxonomy).sum())
+        self.mistakes += int(wrong.sum())
+        self.lca_sum += int(lca_depth(preds[-1][wrong], truth[wrong], taxonomy).sum())
+
+    def metrics(self, taxonomy: Taxonomy | None, train_counts: np.ndarray | None,
+                bins: tuple[int, int]) -> dict:
+        """The finest level's metrics (+ `by_frequency`), and with a taxonomy the `levels` block,
+        `avg_accuracy`, `consistency` and `mistake_severity` (None without a mistake)."""
+        per_level = [c.metrics() for c in self.counts]
+        out = dict(per_level[-1])
+        if taxonomy is not None:
+            out |= level_block(dict(zip(taxonomy.order, per_level))) | {
+                "consistency": self.consistent / max(self.counts[-1].rows, 1),
+                "mistake_severity": self.lca_sum / self.mistakes if self.mistakes else None}
+        if train_counts is not None:
+            out["by_frequency"] = frequency_block(self.counts[-1], train_counts, bins)
+        return out
 
 
 def _block_rows(n_members: int, n_classes: int) -> int:
@@ -301,39 +389,55 @@ def _block_rows(n_members: int, n_classes: int) -> int:
 def stream_late(sources: list[LogitSource], subsets: list[tuple[int, ...]], labels: np.ndarray, mode: str = "logits",
                 weights: list[list[np.ndarray]] | None = None,
                 skip: np.ndarray | None = None) -> list[tuple[list[dict], int]]:
-    """Per subset (member indices into `sources`): (metrics per seed, rows scored). A subset is
-    scored on the rows all its members have (a failed image drops out of its backbone's run
-    only); `labels` and `skip` are indexed by store row. weights[subset][seed]: member weights."""
-    union = functools.reduce(np.union1d, [s.rows for s in sources])
+    """One level's late fusion (`stream_late_levels` of that level alone): per subset, the
+    classification metrics per seed and the rows scored."""
+    return stream_late_levels([sources], subsets, [labels], mode, None if weights is None else [weights], skip)
+
+
+def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int, ...]], labels: list[np.ndarray],
+                       mode: str = "logits", weights: list[list[list[np.ndarray]]] | None = None,
+                       skip: np.ndarray | None = None, *, taxonomy: Taxonomy | None = None,
+                       train_counts: list[np.ndarray] | None = None,
+                       bins: tuple[int, int] = SHOT_BINS) -> list[tuple[list[dict], int]]:
+    """Per subset (member indices): (metrics per seed, `LateScores.metrics`; rows scored).
+
+    sources[level][member], coarse → fine (a member's levels share its rows); labels[level] and
+    `skip` are indexed by store row; weights[level][subset][seed]: member weights (None: equal).
+    A subset is scored on the rows all its members have (a failed image drops out of its
+    backbone's run only). Every level of a block is fused before the next block is read, so
+    consistency and mistake severity see each row's predictions at all levels; `train_counts`
+    (per subset) adds `by_frequency` of the finest level."""
+    union = functools.reduce(np.union1d, [s.rows for s in sources[-1]])
     if skip is not None:
         union = union[~skip[union]]
-    n_classes = int(sources[0].array.shape[2])
-    block = _block_rows(len({m for s in subsets for m in s}), n_classes)
-    n_seeds = [min(sources[m].n_seeds for m in subset) for subset in subsets]
-    counts = [[MetricCounts(n_classes) for _ in range(n)] for n in n_seeds]
+    widths = [int(level[0].array.shape[2]) for level in sources]
+    block = _block_rows(len({m for s in subsets for m in s}), sum(widths))
+    n_seeds = [min(sources[-1][m].n_seeds for m in subset) for subset in subsets]
+    scores = [[LateScores(widths) for _ in range(n)] for n in n_seeds]
     n_rows = [0] * len(subsets)
     for k in range(max(n_seeds)):
         active = [i for i, n in enumerate(n_seeds) if n > k]
         needed = sorted({m for i in active for m in subsets[i]})
         for start in range(0, len(union), block):
             rows = union[start:start + block]
-            present, aligned = {}, {}
-            for m in needed:  # each member's block read once for every subset
-                present[m], aligned[m] = _aligned(sources[m], k, rows, n_classes, mode)
-            y = torch.as_tensor(labels[rows])
+            # each member's block read once per level for every subset
+            aligned = [{m: _aligned(level[m], k, rows, w, mode) for m in needed} for level, w in zip(sources, widths)]
+            ys = [torch.as_tensor(y[rows]) for y in labels]
             for i in active:
-                mask = np.logical_and.reduce([present[m] for m in subsets[i]])
+                mask = np.logical_and.reduce([aligned[-1][m][0] for m in subsets[i]])
                 if not mask.any():
                     continue
-                w = weights[i][k] if weights is not None else np.full(len(subsets[i]), 1 / len(subsets[i]))
                 select = slice(None) if mask.all() else torch.as_tensor(mask)
-                fused = sum(float(wm) * aligned[m][select] for wm, m in zip(w, subsets[i]))
-                if mode == "proba":
-                    fused = fused.clamp_min(1e-30).log()
-                counts[i][k].update(fused, y[select])
+                fused = []
+                for lv, level in enumerate(aligned):
+                    w = weights[lv][i][k] if weights is not None else np.full(len(subsets[i]), 1 / len(subsets[i]))
+                    z = sum(float(wm) * level[m][1][select] for wm, m in zip(w, subsets[i]))
+                    fused.append(z.clamp_min(1e-30).log() if mode == "proba" else z)
+                scores[i][k].update(fused, [y[select] for y in ys], taxonomy)
                 if k == 0:
                     n_rows[i] += int(mask.sum())
-    return [([c.metrics() for c in per_subset], n) for per_subset, n in zip(counts, n_rows)]
+    return [([s.metrics(taxonomy, None if train_counts is None else train_counts[i], bins) for s in per_subset], n)
+            for i, (per_subset, n) in enumerate(zip(scores, n_rows))]
 
 
 def _aligned(source: LogitSource, seed: int, rows: np.ndarray, n_classes: int,

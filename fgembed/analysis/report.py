@@ -4,7 +4,8 @@ Precision, recall and F1 are weighted averages, as in the reference paper (whose
 accuracy in every row); the headers say so, and macro F1 stands beside them. Numbers are
 percentages; with several seeds a cell reads `mean ± std`. Rows of multi-level runs add an
 accuracy column per taxonomy level and their mean (`Acc order`, …, `Avg acc`, seed 004's table),
-read from the nested `levels.<level>.accuracy` keys (a dotted column key walks nested blocks).
+read from the nested `levels.<level>.accuracy` keys (a dotted column key walks nested blocks),
+then the consistency rate (percent) and the mistake severity (a mean LCA depth, not a percentage).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ METRICS = (("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", 
 STRATEGY_NAMES = {"single": "single", "concat": "concat", "sum": "sum", "late": "late fusion"}
 STRATEGY_COLOURS = {"single": "#7f7f7f", "concat": "#1f77b4", "sum": "#2ca02c", "late": "#d62728"}
 FREQUENCY_METRICS = (("many", "Acc many"), ("medium", "Acc medium"), ("few", "Acc few"))  # --by-frequency
+HIERARCHY_METRICS = (("consistency", "Consistency"), ("mistake_severity", "Mistake depth"))  # with levels
+NUMBERS = ("gmacs", "mistake_severity")  # cells printed as numbers, not percentages
 TERMINAL_METRICS = (("accuracy", "Acc"), ("precision", "P (w)"), ("recall", "R (w)"), ("f1", "F1 (w)"),
                     ("f1_macro", "F1 (m)"), ("top5", "Top-5"))
 
@@ -46,7 +49,9 @@ def entry_record(entry: Entry) -> dict:
             "late_weights": entry.weights, "runs": [str(p) for p in entry.runs],
             **_frequency_record(entry.metrics.get("by_frequency")),
             "gmacs": entry.metrics.get("gmacs"), "throughput": entry.metrics.get("throughput"),
-            **{k: entry.metrics.get(k) for k in ("level_order", "levels", "avg_accuracy", "avg_accuracy_std")}}
+            **{k: entry.metrics.get(k) for k in ("level_order", "levels", "avg_accuracy", "avg_accuracy_std",
+                                                 "consistency", "consistency_std", "mistake_severity",
+                                                 "mistake_severity_std")}}
 
 
 def value(record: dict, key: str):
@@ -55,17 +60,19 @@ def value(record: dict, key: str):
 
 
 def level_columns(records: list[dict]) -> list[tuple[str, str]]:
-    """(record key, header) of per-level accuracy and their mean, when a row is of a multi-level run
-    (late fusion of multi-level runs included); [] otherwise."""
+    """(record key, header) of per-level accuracy, their mean, the consistency and the mistake
+    severity, when a row is of a multi-level run (late fusion of multi-level runs included); []
+    otherwise."""
     order = next((r["level_order"] for r in records if r.get("level_order")), None)
     if not order:
         return []
-    return [(f"levels.{lv}.accuracy", f"Acc {lv}") for lv in order] + [("avg_accuracy", "Avg acc")]
+    return [(f"levels.{lv}.accuracy", f"Acc {lv}") for lv in order] + [("avg_accuracy", "Avg acc"),
+                                                                       *HIERARCHY_METRICS]
 
 
 def _frequency_record(block: dict | None) -> dict:
-    """`acc_many`, `acc_many_std`, … from a run's `by_frequency` block (None where a row has
-    none, e.g. late fusion rows)."""
+    """`acc_many`, `acc_many_std`, … from a row's `by_frequency` block (None where a row has
+    none, e.g. a run written before by_frequency was recorded)."""
     out = {}
     for name, _ in FREQUENCY_METRICS:
         entry = (block or {}).get(name, {})
@@ -106,14 +113,15 @@ def row_key(strategy: str, members: list[str] | tuple[str, ...]) -> str:
 
 
 def cell(record: dict, key: str) -> str:
-    """A metric as a percentage, `mean ± std` when the row has several seeds; GMACs as a number;
-    – where the row has no value."""
+    """A metric as a percentage, `mean ± std` when the row has several seeds; GMACs and mistake
+    severity (`NUMBERS`) as numbers; – where the row has no value."""
     number = value(record, key)
     if number is None or (isinstance(number, float) and math.isnan(number)):  # missing, or NaN (an empty bin)
         return "–"
     if key == "gmacs":
         return f"{number:.2f}"
-    mean, std = 100 * number, 100 * (value(record, f"{key}_std") or 0.0)
+    scale = 1 if key in NUMBERS else 100
+    mean, std = scale * number, scale * (value(record, f"{key}_std") or 0.0)
     return f"{mean:.2f} ± {std:.2f}" if record.get("seeds") and len(record["seeds"]) > 1 else f"{mean:.2f}"
 
 

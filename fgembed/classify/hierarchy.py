@@ -1,4 +1,4 @@
-"""Taxonomy-aware heads and metrics: one classifier per level of a coarse → fine label tree.
+"""Taxonomy-aware heads: one classifier per level of a coarse → fine label tree, and their training.
 
 Three multi-level heads over a view's design rows, each returning one logit tensor per level
 (coarse → fine), chosen from the `HIERARCHIES` registry (timm-style):
@@ -14,13 +14,9 @@ Three multi-level heads over a view's design rows, each returning one logit tens
   backbone F is.
 
 Training: `fit_levels` trains one model per seed; `fit_levels_grid` trains an lr × weight-decay grid
-setting by setting and keeps per seed the setting whose best epoch validates best.
-
-Metrics: per-level classification metrics and their mean (004's "avg acc"); the consistency rate;
-two consistent decoders (top-down, and the product of level probabilities along each root-to-leaf
-path); mistake severity (mean depth of the lowest common ancestor over mistakes, root at depth 0 —
-higher means the mistakes stay in a closer group); and the selective "deepest confident level"
-prediction with its accuracy-versus-specificity curve (004's "flamingo or bird").
+setting by setting and keeps per seed the setting whose best epoch validates best. What the
+trained models' logits are scored with (the taxonomy, consistency, consistent decoders, mistake
+severity, the selective curve) is `hierarchy_metrics`: it needs logits, never a model.
 """
 from __future__ import annotations
 
@@ -28,7 +24,6 @@ import fnmatch
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,94 +32,8 @@ from torch.nn import functional as F
 
 from ..devices import resolve_device
 from ..errors import FgembedError
-from ..plots import save_figure
-from .metrics import classification_metrics, f1_torch
-
-BLOCK_ROWS = 16384          # rows per prediction / decoding block
-LEVEL_ALIASES = {"species": "label"}  # CUB and iNat fine labels are species (CONVENTIONS)
-
-
-# ---- the taxonomy --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Taxonomy:
-    """Each fine class's ancestor at every level. `order` is coarse → fine; its last level is
-    the fine one. `ancestor[level][c]` is the code of fine class c at `level` (-1 for a fine code
-    no row carries)."""
-
-    order: tuple[str, ...]
-    ancestor: dict[str, np.ndarray]
-    n_classes: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def from_codes(cls, levels: dict[str, np.ndarray], order: Sequence[str],
-                   n_classes: dict[str, int] | None = None) -> Taxonomy:
-        """Build from per-row codes (`store.labels(level=…)` over all rows), keeping the names of
-        `order` (`species` finds the codes under `label` and back). Refuses levels that do not
-        nest: a class with two parents at the next coarser level."""
-        order = tuple(order)
-        if len(order) < 2 or len(set(order)) != len(order):
-            raise FgembedError(f"a hierarchy needs two or more distinct levels, coarse to fine; got {','.join(order)}")
-        codes = {name: np.asarray(levels[_resolve(name, levels)], np.int64) for name in order}
-        if len({len(c) for c in codes.values()}) != 1:
-            raise FgembedError("taxonomy levels differ in length")
-        given = {name: int(n_classes[key]) for name in order
-                 if n_classes and (key := _resolve(name, n_classes, strict=False))}
-        counts = {name: max(int(codes[name].max()) + 1, given.get(name, 0)) for name in order}
-        for coarse, fine in itertools.pairwise(order):
-            pairs = np.unique(np.stack([codes[fine], codes[coarse]], 1), axis=0)
-            if len(np.unique(pairs[:, 0])) != len(pairs):
-                bad = pairs[np.flatnonzero(np.diff(pairs[:, 0]) == 0)[0]][0]
-                parents = pairs[pairs[:, 0] == bad, 1]
-                raise FgembedError(f"levels do not nest: {fine} class {bad} falls under {coarse} classes "
-                                   f"{parents[0]} and {parents[1]} (give levels coarse to fine)")
-        ancestor = {}
-        for name in order:
-            table = np.full(counts[order[-1]], -1, np.int64)
-            table[codes[order[-1]]] = codes[name]
-            ancestor[name] = table
-        return cls(order, ancestor, counts)
-
-    @classmethod
-    def from_store(cls, store, order: Sequence[str]) -> Taxonomy:
-        """From a FeatureStore's `samples/<level>` arrays (`species` names the fine `label`)."""
-        names = {"label": store.class_names, **store.samples_attrs.get("levels", {})}
-        codes, counts = {}, {}
-        for name in order:
-            key = _resolve(name, names, strict=False) or name
-            codes[name] = store.labels(level=None if key == "label" else key)
-            counts[name] = len(names[key])
-        return cls.from_codes(codes, order, counts)
-
-    @property
-    def fine(self) -> str:
-        return self.order[-1]
-
-    def ancestors(self, fine_ids: np.ndarray, level: str) -> np.ndarray:
-        """Codes at `level` of the given fine classes."""
-        return self.ancestor[_resolve(level, self.ancestor)][np.asarray(fine_ids, np.int64)]
-
-    def parents(self, k: int) -> np.ndarray:
-        """[C_k] the parent code (level k-1) of each class at level k (-1 when unused)."""
-        table = np.full(self.n_classes[self.order[k]], -1, np.int64)
-        used = self.ancestor[self.fine] >= 0
-        table[self.ancestor[self.order[k]][used]] = self.ancestor[self.order[k - 1]][used]
-        return table
-
-    def paths(self) -> np.ndarray:
-        """[C_fine, K] each fine class's codes from the coarsest level to itself."""
-        return np.stack([self.ancestor[name] for name in self.order], 1)
-
-
-def _resolve(name: str, available, strict: bool = True) -> str | None:
-    """`name` itself, or its alias (species ↔ label) when only that is available."""
-    if name in available:
-        return name
-    alias = {**LEVEL_ALIASES, **{v: k for k, v in LEVEL_ALIASES.items()}}.get(name)
-    if alias in available:
-        return alias
-    if strict:
-        raise FgembedError(f"no codes for level {name!r}; have {', '.join(available)}")
-    return None
+from .metrics import f1_torch
+from .train import BLOCK_ROWS
 
 
 # ---- multi-level heads ---------------------------------------------------------------------
@@ -344,182 +253,3 @@ def _train_one(module: nn.Module, X: torch.Tensor, Y: torch.Tensor, X_val: torch
             on_epoch(1)
     module.load_state_dict(best_state)
     return LevelsFit(module.eval(), seed, best_epoch, best_f1, history, lr, weight_decay, best)
-
-
-# ---- metrics and consistent decoding -------------------------------------------------------
-def level_metrics(logits: Sequence[np.ndarray], ys: Sequence[np.ndarray], order: Sequence[str]) -> dict:
-    """`{"levels": {<level>: classification_metrics}, "avg_accuracy": mean accuracy over levels}`
-    for one seed; `runs.summarise`, applied at every depth, gives the mean ± std over seeds."""
-    per_level = {name: classification_metrics(z, y) for name, z, y in zip(order, logits, ys)}
-    return {"levels": per_level, "avg_accuracy": float(np.mean([m["accuracy"] for m in per_level.values()]))}
-
-
-def consistency_rate(preds: Sequence[np.ndarray], taxonomy: Taxonomy) -> float:
-    """Fraction of rows whose predicted fine class has exactly the predicted coarse classes as
-    its ancestors."""
-    fine = np.asarray(preds[-1])
-    ok = np.ones(len(fine), bool)
-    for name, pred in zip(taxonomy.order[:-1], preds[:-1]):
-        ok &= taxonomy.ancestors(fine, name) == np.asarray(pred)
-    return float(ok.mean())
-
-
-def _log_probs(logits: Sequence[np.ndarray], start: int, stop: int) -> list[torch.Tensor]:
-    return [torch.log_softmax(torch.as_tensor(z[start:stop], dtype=torch.float32), 1) for z in logits]
-
-
-def decode_top_down(logits: Sequence[np.ndarray], taxonomy: Taxonomy) -> list[np.ndarray]:
-    """Greedy descent: the coarsest level's argmax, then at each finer level the argmax among the
-    chosen parent's children. Consistent by construction."""
-    parents = [torch.as_tensor(taxonomy.parents(k)) for k in range(1, len(taxonomy.order))]
-    out: list[list[torch.Tensor]] = [[] for _ in taxonomy.order]
-    for start in range(0, len(logits[0]), BLOCK_ROWS):
-        lp = _log_probs(logits, start, start + BLOCK_ROWS)
-        pred = lp[0].argmax(1)
-        out[0].append(pred)
-        for k in range(1, len(lp)):
-            allowed = parents[k - 1][None, :] == pred[:, None]
-            pred = lp[k].masked_fill(~allowed, -torch.inf).argmax(1)
-            out[k].append(pred)
-    return [torch.cat(level).numpy() for level in out]
-
-
-def decode_path_product(logits: Sequence[np.ndarray], taxonomy: Taxonomy) -> list[np.ndarray]:
-    """The fine class maximising Π_k p_k(ancestor_k(c)) (a sum of log-probabilities), and its
-    ancestors at every coarser level. Consistent by construction."""
-    paths = torch.as_tensor(taxonomy.paths())
-    used = (paths >= 0).all(1)
-    out = []
-    for start in range(0, len(logits[0]), BLOCK_ROWS):
-        lp = _log_probs(logits, start, start + BLOCK_ROWS)
-        score = sum(level[:, paths[:, k].clamp(min=0)] for k, level in enumerate(lp))
-        out.append(score.masked_fill(~used[None, :], -torch.inf).argmax(1))
-    fine = torch.cat(out).numpy()
-    return [taxonomy.ancestors(fine, name) for name in taxonomy.order]
-
-
-DECODERS: dict[str, Callable[[Sequence[np.ndarray], Taxonomy], list[np.ndarray]]] = {
-    "top_down": decode_top_down, "path_product": decode_path_product}
-
-
-def decoded_metrics(preds: Sequence[np.ndarray], ys: Sequence[np.ndarray], taxonomy: Taxonomy) -> dict:
-    """One seed's metrics of per-level predictions (coarse → fine, e.g. a decoder's), laid out as a
-    run's: the fine level's accuracy / f1 / f1_macro at the top, `levels.<level>.*`, avg_accuracy,
-    consistency and mistake_severity (None without a mistake: NaN is not JSON)."""
-    levels = {}
-    for name, pred, y in zip(taxonomy.order, preds, ys):
-        y_t, p_t = torch.as_tensor(np.asarray(y), dtype=torch.long), torch.as_tensor(np.asarray(pred), dtype=torch.long)
-        n = max(taxonomy.n_classes.get(name, 0), int(y_t.max()) + 1, int(p_t.max()) + 1)
-        levels[name] = {"accuracy": float((p_t == y_t).double().mean()), "f1": f1_torch(y_t, p_t, n),
-                        "f1_macro": f1_torch(y_t, p_t, n, "macro")}
-    severity = mistake_severity(preds[-1], ys[-1], taxonomy)
-    return levels[taxonomy.fine] | {
-        "levels": levels, "avg_accuracy": float(np.mean([m["accuracy"] for m in levels.values()])),
-        "consistency": consistency_rate(preds, taxonomy), "mistake_severity": None if np.isnan(severity) else severity}
-
-
-def lca_depth(pred_fine: np.ndarray, true_fine: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
-    """Depth of the lowest common ancestor of each (true, predicted) fine pair: 0 at the root,
-    k when they agree down to the k-th level (levels nest, so agreement is a prefix)."""
-    depth = np.zeros(len(pred_fine), np.int64)
-    agree = np.ones(len(pred_fine), bool)
-    for name in taxonomy.order:
-        agree &= taxonomy.ancestors(pred_fine, name) == taxonomy.ancestors(true_fine, name)
-        depth += agree
-    return depth
-
-
-def mistake_severity(pred_fine: np.ndarray, true_fine: np.ndarray, taxonomy: Taxonomy) -> float:
-    """Mean LCA depth over the mistakes only (CONVENTIONS; root depth 0). Higher is milder: the
-    wrong species is at least in the right family. NaN when there is no mistake."""
-    pred_fine, true_fine = np.asarray(pred_fine), np.asarray(true_fine)
-    wrong = pred_fine != true_fine
-    return float(lca_depth(pred_fine[wrong], true_fine[wrong], taxonomy).mean()) if wrong.any() else float("nan")
-
-
-def _confidence(logits: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row and level: the max softmax probability and the argmax, [n, K] each (row blocks)."""
-    conf, preds = [], []
-    for start in range(0, len(logits[0]), BLOCK_ROWS):
-        probs = [torch.softmax(torch.as_tensor(z[start:start + BLOCK_ROWS], dtype=torch.float32), 1) for z in logits]
-        top = [p.max(1) for p in probs]
-        conf.append(torch.stack([t.values for t in top], 1))
-        preds.append(torch.stack([t.indices for t in top], 1))
-    return torch.cat(conf), torch.cat(preds)
-
-
-def _deepest(conf: torch.Tensor, preds: torch.Tensor, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    ok = (conf >= tau).flip(1).int()                                 # finest level first
-    chosen = (conf.shape[1] - 1 - ok.argmax(1)).where(ok.any(1), torch.zeros(len(conf), dtype=torch.long))
-    return chosen.numpy(), preds.gather(1, chosen[:, None]).squeeze(1).numpy()
-
-
-def deepest_confident(logits: Sequence[np.ndarray], tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """Selective prediction: per row the finest level whose max softmax probability is ≥ τ (the
-    coarsest level when none is), and that level's argmax. Returns (level index, class code)."""
-    return _deepest(*_confidence(logits), tau)
-
-
-def selective_curve(logits: Sequence[np.ndarray], ys: Sequence[np.ndarray],
-                    taus: Sequence[float] | None = None) -> dict[str, list[float]]:
-    """Accuracy versus specificity over a τ sweep. Accuracy: the answer is right at the level it
-    is given. Specificity: the mean answered depth as a fraction of the finest (1 = every row at
-    species); `fine_fraction`: rows answered at the finest level. τ defaults to 0, 0.05, …, 1."""
-    taus = np.linspace(0, 1, 21) if taus is None else taus
-    truth = np.stack(ys, 1)
-    conf, preds = _confidence(logits)
-    curve: dict[str, list[float]] = {"tau": [], "accuracy": [], "specificity": [], "fine_fraction": []}
-    for tau in taus:
-        level, pred = _deepest(conf, preds, float(tau))
-        curve["tau"].append(float(tau))
-        curve["accuracy"].append(float((pred == truth[np.arange(len(pred)), level]).mean()))
-        curve["specificity"].append(float(((level + 1) / len(ys)).mean()))
-        curve["fine_fraction"].append(float((level == len(ys) - 1).mean()))
-    return curve
-
-
-SELECTIVE_TAUS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # a run's fixed points (001's τ 0.5, 0.7 among them)
-SELECTIVE_KEYS = ("accuracy", "specificity", "fine_fraction")
-
-
-def tau_key(tau: float) -> str:
-    """A selective point's key: τ in hundredths, "tau70" for 0.7 (no dot, so report.py's dotted
-    paths such as `selective.tau70.accuracy` reach it)."""
-    return f"tau{round(100 * tau):02d}"
-
-
-def selective_points(logits: Sequence[np.ndarray], ys: Sequence[np.ndarray],
-                     taus: Sequence[float] = SELECTIVE_TAUS) -> dict[str, dict[str, float]]:
-    """`selective_curve` at fixed τ, keyed by `tau_key` ("tau70": {accuracy, specificity,
-    fine_fraction}): keys, not a list, so each point gets its mean ± std over seeds like every
-    metric (metrics.json's `selective`)."""
-    curve = selective_curve(logits, ys, taus)
-    return {tau_key(tau): {k: curve[k][i] for k in SELECTIVE_KEYS} for i, tau in enumerate(curve["tau"])}
-
-
-def curve_of_points(points: dict[str, dict[str, float]]) -> dict[str, list[float]]:
-    """`selective_points` (or metrics.json's `selective` block) back as a curve, τ ascending, for
-    `plot_selective_curve`."""
-    taus = sorted(points, key=lambda key: int(key.removeprefix("tau")))
-    return {"tau": [int(t.removeprefix("tau")) / 100 for t in taus],
-            **{k: [points[t][k] for t in taus] for k in SELECTIVE_KEYS}}
-
-
-def plot_selective_curve(curves: dict[str, dict[str, list[float]]], path: str | Path,
-                         title: str = "deepest confident level") -> Path:
-    """Accuracy (y) against specificity (x), one line per run, τ annotated at the ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for label, c in curves.items():
-        ax.plot(c["specificity"], [100 * a for a in c["accuracy"]], marker=".", label=label)
-        for i in (0, -1):
-            ax.annotate(f"τ={c['tau'][i]:.2f}", (c["specificity"][i], 100 * c["accuracy"][i]), fontsize=7)
-    ax.set_xlabel("specificity (mean answered depth / finest)")
-    ax.set_ylabel("accuracy at the answered level (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)

@@ -6,9 +6,9 @@ flat keys are the fine level's (so tables rank multi-level runs by fine F1 like 
 plus `levels.<level>.*`, `avg_accuracy`, `consistency` and `mistake_severity`, each with its
 `_std` over seeds. Metrics are computed from the stored float16 logits on seen test rows:
 
-- `decoder.<name>` (`hierarchy.DECODERS`: `top_down`, `path_product`): the same metrics of a
+- `decoder.<name>` (`hierarchy_metrics.DECODERS`: `top_down`, `path_product`): the same metrics of a
   consistent decoding of those logits (its `consistency` is 1 by construction);
-- `selective.tau<NN>` (τ in hundredths: "tau70" …, `hierarchy.SELECTIVE_TAUS`): the "deepest
+- `selective.tau<NN>` (τ in hundredths: "tau70" …, `hierarchy_metrics.SELECTIVE_TAUS`): the "deepest
   confident level" answer's accuracy, specificity and fine_fraction at each τ (004's "flamingo or
   bird" curve, as points).
 
@@ -31,14 +31,12 @@ from safetensors.torch import save_file as save_torch
 from .. import __version__
 from ..devices import resolve_device
 from ..store import FeatureStore
-from .hierarchy import (
+from .hierarchy import create_hierarchy, fit_levels_grid
+from .hierarchy_metrics import (
     DECODERS,
     Taxonomy,
-    create_hierarchy,
     decoded_metrics,
-    fit_levels_grid,
     level_metrics,
-    predict_levels,
     selective_points,
 )
 from .metrics import classification_metrics
@@ -49,16 +47,8 @@ from .views import View
 def train_levels(store: FeatureStore, config, view: View, identity: dict, path: Path, device: str,
                  on_epoch: Callable[..., None]):
     """Train, write and return the multi-level `Run` of `config` (called by `runs._train`)."""
-    from .runs import (
-        FORMAT_VERSION,
-        LOGIT_ROWS,
-        MASKED,
-        Run,
-        _remove_abandoned,
-        publish,
-        summarise,
-        view_counts,
-    )
+    from .runs import (FORMAT_VERSION, Run, _remove_abandoned, create_logits, publish, summarise, view_counts,
+                       write_logits)
     h, levels = config.head, config.head.levels
     ys = {s: [view.labels(s, lv) for lv in levels] for s in ("train", "val", "test")}
     n_classes = [view.n_classes(lv) for lv in levels]
@@ -75,17 +65,11 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     group = zarr.open_group(tmp / "logits.zarr", mode="w")
-    for split in ("val", "test"):
+    for split in ("val", "test"):  # the same writer as a single-level run's, one array per level
         group.create_array(f"{split}_rows", data=view.rows[split].astype(np.int64))
         X = view.X(split)
-        for lv, c in zip(levels, n_classes):
-            group.create_array(f"{lv}/{split}", shape=(len(fits), len(X), c), dtype="float16",
-                               chunks=(1, LOGIT_ROWS, c))
-        for k, fit in enumerate(fits):
-            for start in range(0, len(X), LOGIT_ROWS):
-                for lv, z in zip(levels, predict_levels(fit.module, X[start:start + LOGIT_ROWS])):
-                    z[:, excluded[lv]] = MASKED
-                    group[f"{lv}/{split}"][k, start:start + len(z)] = z.astype(np.float16)
+        arrays = [create_logits(group, f"{lv}/{split}", len(fits), len(X), c) for lv, c in zip(levels, n_classes)]
+        write_logits(arrays, [fit.module for fit in fits], X, [excluded[lv] for lv in levels])
     seen = ~view.novel
     taxonomy = Taxonomy.from_store(store, levels)
     per_seed = []

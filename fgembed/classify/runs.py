@@ -15,9 +15,15 @@ trained on one view of a store.
 `key` hashes the config and the store's identity (its rows' manifest and every member's
 extraction fingerprint), so the same request is reused and a re-extraction is not. Neither
 fgembed's version (recorded in config.json) nor the format version is in the key: a new release
-or format reuses every run it can read (`READERS`) and retrains the rest in the same place. A run
-is written to a temporary folder and swapped into place (the old one set aside first), so a
-killed fit leaves either a whole run or none, and the next fit recovers a run left aside.
+or format reuses every run it can read (`READERS`) and retrains the rest in the same place. Nor is
+a config field added since keys were first written, while it keeps its default (`run_key`): a
+release that adds an option keeps every key. A run is written to a temporary folder and swapped
+into place (the old one set aside first), so a killed fit leaves either a whole run or none, and
+the next fit recovers a run left aside.
+
+Logits are predicted, masked and cast to float16 on the head's device and written by a thread
+while the next block is predicted, one whole chunk per write (`write_logits`; figures in
+benchmarks/README.md, `logits.py`).
 """
 from __future__ import annotations
 
@@ -29,11 +35,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
@@ -55,6 +64,8 @@ from .views import View, ViewConfig, build_view, level_key
 FORMAT_VERSION = 2  # bump when what a run directory holds changes; add its reader to READERS
 LOGIT_ROWS = 4096          # rows per logits chunk and per written block
 MASKED = float(np.finfo(np.float16).min)  # logit of a class the head cannot know (finite: fusion-safe)
+WRITE_AHEAD = 2            # blocks handed to the writer thread before prediction waits for it
+LOGIT_COMPRESSORS = None   # no codec: zstd saves ~8% of float16 logits for ~5× the write and ~4× the read time
 
 
 @dataclass(frozen=True)
@@ -182,10 +193,35 @@ def store_identity(store: FeatureStore, features: tuple[str, ...]) -> dict:
     return identity
 
 
+# The config fields when run keys were first hashed (every field was hashed then): always keyed,
+# so the keys of those runs stay as they were. A field added since is keyed only when it differs
+# from its default (one that keeps the old behaviour), so adding it keeps every existing key.
+# Changing a default therefore needs a key change or migration: tests/test_runs.py pins them.
+ALWAYS_KEYED = {
+    "view": frozenset({"features", "fusion", "project", "project_dim", "l2", "classes", "holdout", "holdout_level",
+                       "holdout_seed", "shots", "draw"}),
+    "head": frozenset({"head", "level", "epochs", "lr", "weight_decay", "batch_size", "dropout", "hidden", "seeds",
+                       "balance", "shot_bins", "levels", "hierarchy", "level_weights"}),
+}
+
+
+def keyed_fields(config, always: frozenset[str]) -> dict:
+    """The fields of a config dataclass that go into its run key: `always`, and any other whose
+    value differs from its declared default."""
+    keyed = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name in always or default is dataclasses.MISSING or value != default:
+            keyed[f.name] = value
+    return keyed
+
+
 def run_key(config: RunConfig, identity: dict) -> str:
     """What was asked (config) of which data (store identity) — not how or by which release it is
     stored: a format change reads old runs through `READERS` or retrains them at the same path."""
-    blob = json.dumps({"config": config.to_json(), "store": identity}, sort_keys=True)
+    keyed = {part: keyed_fields(getattr(config, part), ALWAYS_KEYED[part]) for part in ("view", "head")}
+    blob = json.dumps({"config": keyed, "store": identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -370,26 +406,12 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     tmp.mkdir(parents=True)
     group = zarr.open_group(tmp / "logits.zarr", mode="w")
     seen = ~view.novel
-    counts = [MetricCounts(n_classes) for _ in heads]
-    for split in ("val", "test"):
-        X = view.X(split)
-        array = group.create_array(split, shape=(len(heads), len(X), n_classes), dtype="float16",
-                                   chunks=(1, LOGIT_ROWS, n_classes))
-        group.create_array(f"{split}_rows", data=view.rows[split].astype(np.int64))
-        for k, fitted in enumerate(heads):
-            for start in range(0, len(X), LOGIT_ROWS):
-                z = np.asarray(fitted.predict_logits(X[start:start + LOGIT_ROWS]), np.float32)
-                z[:, excluded] = MASKED
-                z = z.astype(np.float16)
-                array[k, start:start + len(z)] = z
-                if split == "test":  # scored from the stored float16 logits: what every reader sees
-                    keep = seen[start:start + len(z)]
-                    counts[k].update(z[keep].astype(np.float32), y_test[start:start + len(z)][keep])
-    per_seed = [c.metrics() for c in counts]
+    X = {split: view.X(split) for split in ("val", "test")}
+    per_seed, preds = write_head_logits(group, [f.module_ for f in heads], X, view.rows, excluded, n_classes,
+                                        y_test, seen)
     train_counts = view.class_counts("train", level)
-    for k, metrics_k in enumerate(per_seed):  # argmax of the stored float16 test logits, seen rows only
-        pred = np.asarray(group["test"][k]).astype(np.float32).argmax(1)[seen]
-        bins = by_frequency(y_test[seen], pred, train_counts, h.shot_bins)
+    for metrics_k, pred in zip(per_seed, preds):  # argmax of the stored float16 test logits, seen rows only
+        bins = by_frequency(y_test[seen], pred[seen], train_counts, h.shot_bins)
         # an empty bin has no accuracy: null in JSON (NaN is not JSON, and never equals itself)
         metrics_k["by_frequency"] = {name: {k: None if np.isnan(v) else v for k, v in b.items()} for name, b in bins.items()}
     for seed, fitted in zip(h.seeds, heads):
@@ -414,6 +436,89 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
         metrics["grid"] = [getattr(f, "grid_", None) for f in heads]
     publish(tmp, path, metrics)
     return Run(path, config, metrics, identity, meta=meta)
+
+
+def create_logits(group: zarr.Group, name: str, seeds: int, rows: int, classes: int) -> zarr.Array:
+    """A `[seeds, rows, classes]` float16 logits array of a run: one chunk per seed and
+    LOGIT_ROWS rows (every write a whole chunk), plain zarr, no codec beyond the bytes."""
+    return group.create_array(name, shape=(seeds, rows, classes), dtype="float16", chunks=(1, LOGIT_ROWS, classes),
+                              compressors=LOGIT_COMPRESSORS, config={"write_empty_chunks": True})
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def write_logits(arrays: Sequence[zarr.Array], modules: Sequence[torch.nn.Module], X: np.ndarray,
+                 excluded: Sequence[np.ndarray],
+                 on_block: Callable[[int, int, list[np.ndarray]], None] | None = None) -> None:
+    """Every seed's logits of the rows `X` into `arrays[j][seed]` (`j`: the modules' outputs —
+    one tensor, or one per level), LOGIT_ROWS rows at a time. Each block is forwarded, masked
+    (`excluded[j]` columns) and cast to float16 on the modules' device, so the host receives half
+    the bytes and makes no float32 copy; a writer thread stores it as one whole chunk (no read,
+    no merge) while the next block is predicted. `on_block(seed, start, blocks)` gets the same
+    float16 blocks on a thread of its own, in order (scoring what readers will see)."""
+    if not modules:
+        return
+    device = _device(modules[0])
+    columns = [torch.as_tensor(np.asarray(e, np.int64), device=device) for e in excluded]
+    pending: deque[list[Future]] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="fgembed-write") as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="fgembed-score") as scorer, torch.no_grad():
+        for k, module in enumerate(modules):
+            module.eval()
+            for start in range(0, len(X), LOGIT_ROWS):
+                out = module(torch.as_tensor(X[start:start + LOGIT_ROWS]).to(device).float())
+                blocks = []
+                for z, masked in zip([out] if isinstance(out, torch.Tensor) else out, columns, strict=True):
+                    z = z.float()  # the module's own output: masked in place
+                    if len(masked):
+                        z.index_fill_(1, masked, MASKED)
+                    blocks.append(z.half().cpu().numpy())
+                if len(pending) == WRITE_AHEAD:
+                    _wait(pending.popleft())
+                jobs = [writer.submit(_write_blocks, arrays, k, start, blocks)]
+                if on_block is not None:
+                    jobs.append(scorer.submit(on_block, k, start, blocks))
+                pending.append(jobs)
+        while pending:
+            _wait(pending.popleft())
+
+
+def _wait(jobs: list[Future]) -> None:
+    for job in jobs:
+        job.result()  # a failed write or score raises here, in the caller
+
+
+def _write_blocks(arrays: Sequence[zarr.Array], k: int, start: int, blocks: list[np.ndarray]) -> None:
+    for array, block in zip(arrays, blocks):
+        # given in the chunk's own shape, zarr writes the block as it is (a [rows, classes] value
+        # is first copied into a fresh fill-valued chunk)
+        array[k:k + 1, start:start + len(block)] = block[None]
+
+
+def write_head_logits(group: zarr.Group, modules: Sequence[torch.nn.Module], X: dict[str, np.ndarray],
+                      rows: dict[str, np.ndarray], excluded: np.ndarray, n_classes: int, y_test: np.ndarray,
+                      seen: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
+    """A single-level run's `{val,test}` logits and `{val,test}_rows`, the test split scored as it
+    is written: per seed, its metrics on the `seen` test rows and its predictions (argmax of the
+    stored float16 logits) on every test row."""
+    counts = [MetricCounts(n_classes) for _ in modules]
+    preds = [np.empty(len(y_test), np.int64) for _ in modules]
+
+    def score(k: int, start: int, blocks: list[np.ndarray]) -> None:
+        z = torch.from_numpy(blocks[0]).float()
+        stop = start + len(z)
+        preds[k][start:stop] = z.numpy().argmax(1)  # numpy's: the first of tied maxima, ~4× torch's speed on CPU
+        keep = seen[start:stop]
+        counts[k].update(z if keep.all() else z[torch.from_numpy(keep)], y_test[start:stop][keep])
+
+    for split in ("val", "test"):
+        group.create_array(f"{split}_rows", data=rows[split].astype(np.int64))
+        array = create_logits(group, split, len(modules), len(X[split]), n_classes)
+        write_logits([array], modules, X[split], [excluded], score if split == "test" else None)
+    return [c.metrics() for c in counts], preds
 
 
 def view_counts(view: View, seen: np.ndarray) -> dict:
