@@ -151,3 +151,29 @@ def test_license_matches_pyproject():
     declared = re.search(r'^license = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
     text = (REPO / "LICENSE").read_text()
     assert declared == "MIT" and text.startswith("MIT License") and "Copyright (c) 2026 the fgembed authors" in text
+
+
+HEAVY = ("numpy", "scipy", "sklearn", "PIL", "torch", "torchvision", "timm", "open_clip", "transformers", "zarr",
+         "h5py", "matplotlib", "ot")
+
+
+def test_every_command_starts_without_array_or_model_libraries():
+    """`fgembed --help`, `fgembed extract --help` and every command's start cost typer and rich only:
+    each CLI module imports numpy, scikit-learn, torch… inside the command that uses them."""
+    code = ("import contextlib, io, sys\n"
+            "from fgembed.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as help_text:\n"
+            "    codes = [main(['--help']), main(['extract', '--help'])]\n"
+            f"print(codes, [m for m in {HEAVY!r} if m in sys.modules], 'Dataset format' in help_text.getvalue())")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert shown == "[0, 0] [] True"
+
+
+def test_extract_help_lists_the_dataset_registry():
+    """The formats `fgembed extract --help` names are spelled in the CLI (importing the registry
+    costs numpy and scikit-learn at start-up); they must be the registry's, in its order."""
+    from fgembed.cli.extraction import DATASET_KINDS
+
+    from fgembed.datasets import KINDS
+
+    assert DATASET_KINDS == KINDS

@@ -102,8 +102,13 @@ if os.environ["RANK"] == rank:
         raise RuntimeError(f"injected: {where} broke")
     owner = {"prepare": fgembed.store.FeatureStore, "forward": fgembed.devices.DeviceModel}[where]
     setattr(owner, where, broken)
+import torch.distributed as dist
 from fgembed.cli.main import main
-sys.exit(main(sys.argv[2:]))
+try:
+    code = main(sys.argv[2:])
+finally:  # on stdout: stderr's last line is the one the user reads
+    print(f"process group left: {not dist.is_initialized()}")
+sys.exit(code)
 """
 
 
@@ -112,7 +117,8 @@ sys.exit(main(sys.argv[2:]))
 def test_a_rank_that_fails_is_one_line_on_the_others(manifest_csv, tmp_path, where, rank, stage):
     """Two ranks as torchrun starts them (gloo). When one raises a bug's exception, the other does
     not wait on a collective for it nor die in gloo's own traceback: it prints one line naming the
-    rank and the error and exits 1; no group is marked complete, and a rerun resumes."""
+    rank and the error and exits 1; both leave the process group the engine made; no group is
+    marked complete, and a rerun resumes."""
     (tmp_path / "driver.py").write_text(DRIVER)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,8 +142,29 @@ def test_a_rank_that_fails_is_one_line_on_the_others(manifest_csv, tmp_path, whe
     assert last == f"error: rank {rank} failed while {stage} (RuntimeError: injected: {where} broke); see its " \
                    "output above", results[1 - rank][1][-2000:]
     assert other.returncode == 1
+    assert [out.splitlines()[-1] for out, _ in results] == ["process group left: True"] * 2
     if where == "forward":
         assert not FeatureStore.open(store).backbone_info("timm:test_vit").complete
     summary = extract(load_dataset("manifest", manifest_csv), store, ["timm:test_vit"], _opts())  # locks free
     assert FeatureStore.open(store).backbone_info("timm:test_vit").complete
     assert summary.processed == (60 if where == "prepare" else 60 - 32)  # rank 0's two shards were kept
+
+
+def test_a_process_group_the_caller_made_is_left_to_the_caller(tmp_path, monkeypatch):
+    """The engine destroys only the process group it created: a torchrun script that set up its
+    own group before calling extract() still has it afterwards."""
+    import torch
+    import torch.distributed as dist
+
+    from fgembed.extraction._ranks import process_group
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # what the engine sees under torchrun: a group is needed, and there
+        with process_group(torch.device("cpu")) as (rank, world):
+            assert (rank, world) == (0, 2) and dist.is_initialized()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -62,10 +62,15 @@ def as_rows(X, device: torch.device) -> torch.Tensor:
     return X.to(device, torch.float32 if X.dtype == torch.float64 else X.dtype)
 
 
+FINITE_ELEMENTS = 1 << 24  # values per finiteness check: a float16 block may be widened to float32 (64 MiB)
+
+
 def _all_finite(X: torch.Tensor) -> bool:
+    """Blockwise, so the check adds tens of MiB, not an [n, d] matrix, to a fit's peak memory."""
     ok = torch.ones((), dtype=torch.bool, device=X.device)
-    for start in range(0, len(X), BLOCK_ROWS):  # blockwise: no [n, d] bool matrix at iNat scale
-        ok &= torch.isfinite(X[start:start + BLOCK_ROWS]).all()
+    rows = max(1, FINITE_ELEMENTS // max(X.shape[1], 1))
+    for start in range(0, len(X), rows):
+        ok &= torch.isfinite(X[start:start + rows]).all()
     return bool(ok)
 
 

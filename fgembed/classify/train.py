@@ -46,7 +46,7 @@ from .longtail import (
 )
 
 BLOCK_ROWS = 16384        # rows per prediction block
-VAL_ELEMENTS = 1 << 25    # activations per validation block (heads × rows × widest layer)
+VAL_ELEMENTS = 1 << 24    # activations per validation block (heads × rows × widest layer): 64 MiB of float32
 MASK_STEPS = 16           # dropout masks are drawn per seed for this many steps at once
 WARMUP_STEPS = 3          # eager steps before the CUDA graph is captured (optimizer state exists)
 

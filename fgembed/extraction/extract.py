@@ -7,23 +7,22 @@ where it does not. Batches never cross a shard boundary and each shard is batche
 every run, so a resumed or multi-process extraction gives the same numbers as an uninterrupted
 one. A writer thread puts finished shards into the store while the model runs on. Under
 torchrun, ranks take disjoint contiguous slices of the pending shards; each stage ends with the
-ranks exchanging verdicts, so a failure on one (a bug, Ctrl-C) is one line on the others instead
-of a collective that waits for a rank that is gone. The writer locks are released on every exit.
+ranks exchanging verdicts (`_ranks.py`), so a failure on one (a bug, Ctrl-C) is one line on the
+others instead of a collective that waits for a rank that is gone. The writer locks, and the
+process group where this made it, are released on every exit.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import default_collate
@@ -45,6 +44,7 @@ from ..errors import FgembedError
 from ..images import OK, STATUS_NAMES, TRANSFORM_FAILED, load_rgb
 from ..progress import progress_bar
 from ..store import DEFAULT_SHARD_ROWS, FeatureStore
+from ._ranks import failures_shared, process_group
 
 MAX_PENDING_WRITES = 4
 FEEDS = ("uint8", "float", "device-resize")  # what a worker sends for a backbone; recorded as `feed`
@@ -197,45 +197,6 @@ def _shard_batches(store: FeatureStore, shards: list[int], batch_size: int) -> l
     return batches
 
 
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-@contextlib.contextmanager
-def _failures_shared(stage: str, rank: int, world: int) -> Iterator[None]:
-    """Every rank learns whether any rank failed in the block, so none waits on a collective for
-    a rank that is gone: the failed rank re-raises its own error (traceback and all), the others
-    raise one line naming it. FgembedError is bad input: every rank prints the same line."""
-    failure: BaseException | None = None
-    try:
-        yield
-    except BaseException as exc:  # Ctrl-C and bugs too: the other ranks are waiting on the gather below
-        failure = exc
-    verdicts: list[tuple[str, int] | None] = [None] * world
-    if world > 1:
-        try:
-            dist.all_gather_object(verdicts, _verdict(failure, rank, stage))
-        except Exception as exc:  # a rank died without a word (killed): the collective itself fails
-            if failure is None:
-                raise FgembedError(f"another rank stopped while {stage} ({' '.join(str(exc).split())[:200]}); "
-                                   "see its output", exit_code=1) from None
-    if failure is not None:
-        raise failure
-    for verdict in verdicts:
-        if verdict is not None:
-            raise FgembedError(*verdict)
-
-
-def _verdict(failure: BaseException | None, rank: int, stage: str) -> tuple[str, int] | None:
-    """What the other ranks print about this rank's failure: (one line, exit code)."""
-    if failure is None:
-        return None
-    if isinstance(failure, FgembedError):
-        return str(failure), failure.exit_code
-    what = " ".join(str(failure).split())[:500] or "no message"
-    return f"rank {rank} failed while {stage} ({type(failure).__name__}: {what}); see its output above", 1
-
-
 def _prepare_store(path: Path, table: SampleTable, backbones: list[Backbone], options: ExtractOptions,
                    precision: str, rank: int, world: int) -> FeatureStore:
     """Rank 0 takes the job's writer locks and creates or checks the store; others wait for its
@@ -243,7 +204,7 @@ def _prepare_store(path: Path, table: SampleTable, backbones: list[Backbone], op
     locks until `release()`; on a failure here they are released before this returns."""
     store = None
     try:
-        with _failures_shared("preparing the store", rank, world):
+        with failures_shared("preparing the store", rank, world):
             if rank == 0:
                 store = FeatureStore.create(path, table, options.shard_rows, options.overwrite,
                                             names=[b.name for b in backbones])
@@ -292,21 +253,32 @@ def extract(table: SampleTable, store_path: str | Path, backbone_names: list[str
         torch.cuda.set_device(device)  # streams, events and pinned memory of this rank's GPU
     precision = resolve_precision(options.precision, device)
     workers = default_workers() if options.workers is None else options.workers
-    rank, world = _rank_world()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    with process_group(device) as (rank, world):  # left however this ends: a rank told of a failure exits at once
+        summary = _extract_ranked(table, store_path, backbone_names, options, device, precision, workers,
+                                  rank, world, called)
+    if options.strict and summary.failures:
+        first = summary.failures[0]
+        raise FgembedError(f"--strict: {len(summary.failures)} of {summary.rows} images failed (first: {first[1]}, "
+                           f"{first[2]}); their rows are flagged in {store_path}", exit_code=1)
+    return summary
+
+
+def _extract_ranked(table: SampleTable, store_path: str | Path, backbone_names: list[str], options: ExtractOptions,
+                    device: torch.device, precision: Precision, workers: int, rank: int, world: int,
+                    called: float) -> ExtractSummary:
+    """This rank's part of `extract`, each stage ending in the ranks' verdicts (see `_ranks.py`)."""
     announcements = []
     if not options.load.pretrained:
         announcements.append("random-initialised weights (--no-pretrained): embeddings are not meaningful "
                              "features, only a test of the pipeline")
-    with _failures_shared("loading the backbones", rank, world):
+    with failures_shared("loading the backbones", rank, world):
         backbones = [load_backbone(name, options.load) for name in backbone_names]
         kinds, steps = _feed_kinds(backbones, options)
     for b, kind in zip(backbones, kinds):  # how the numbers were made: strict fingerprint keys
         b.fingerprint = {**b.fingerprint, "precision": precision.name, "compile": options.compile, "feed": kind}
     store = _prepare_store(Path(store_path), table, backbones, options, precision.name, rank, world)
     with store:  # rank 0's writer locks are released however this ends (an error, Ctrl-C)
-        with _failures_shared("extracting", rank, world):  # also the barrier before groups are marked complete
+        with failures_shared("extracting", rank, world):  # also the barrier before groups are marked complete
             run = _extract_pending(store, table, backbones, kinds, steps, options, device, precision, workers,
                                    rank, world)
         seconds = run.end - run.start
@@ -317,15 +289,10 @@ def extract(table: SampleTable, store_path: str | Path, backbone_names: list[str
             for b in backbones:
                 store.mark_complete(b.name, round(rate * world, 2) if run.processed else None)
             failures = _failures(store, [b.name for b in backbones])
-    summary = ExtractSummary(str(store_path), store.n_rows, {b.name: b.dim for b in backbones}, run.processed,
-                             store.n_shards - run.todo, failures, seconds, rate, announcements,
-                             (run.steady_start or run.end) - called, steady, precision.name,
-                             {b.name: k for b, k in zip(backbones, kinds)}, workers, run.stages)
-    if options.strict and failures:
-        first = failures[0]
-        raise FgembedError(f"--strict: {len(failures)} of {store.n_rows} images failed (first: {first[1]}, "
-                           f"{first[2]}); their rows are flagged in {store_path}", exit_code=1)
-    return summary
+    return ExtractSummary(str(store_path), store.n_rows, {b.name: b.dim for b in backbones}, run.processed,
+                          store.n_shards - run.todo, failures, seconds, rate, announcements,
+                          (run.steady_start or run.end) - called, steady, precision.name,
+                          {b.name: k for b, k in zip(backbones, kinds)}, workers, run.stages)
 
 
 @dataclass
