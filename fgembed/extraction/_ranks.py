@@ -9,6 +9,9 @@ the failed rank re-raises its own error, the others print one line naming it. An
 destroys the process group it created however the extraction ends (`process_group`), so a rank
 that has heard of a failure exits at once rather than tearing the group down at interpreter exit.
 The engine's work (shards, stores, models) stays in `extract.py`; this is only the ranks' talk.
+A rank killed outright (kill -9, out of memory) exchanges nothing: gloo then fails the others'
+collective at once, while NCCL may wait for its own timeout — set `TORCH_NCCL_ASYNC_ERROR_HANDLING`
+and a shorter `timeout` in the launcher where that matters.
 """
 from __future__ import annotations
 

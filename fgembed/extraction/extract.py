@@ -209,11 +209,15 @@ def _prepare_store(path: Path, table: SampleTable, backbones: list[Backbone], op
                 store = FeatureStore.create(path, table, options.shard_rows, options.overwrite,
                                             names=[b.name for b in backbones])
                 _prepare_groups(store, table, backbones, options, precision)
+        if world > 1:  # the others open it once it is ready; a rank that cannot is everyone's failure
+            with failures_shared("opening the store", rank, world):
+                if rank != 0:
+                    store = FeatureStore.open(path, "r+")
     except BaseException:
-        if store is not None:
+        if store is not None and rank == 0:
             store.release()
         raise
-    return store if store is not None else FeatureStore.open(path, "r+")
+    return store
 
 
 def _prepare_groups(store: FeatureStore, table: SampleTable, backbones: list[Backbone], options: ExtractOptions,
