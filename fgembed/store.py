@@ -359,12 +359,20 @@ class FeatureStore:
                             int((done & np.isin(status, FAILED)).sum()), bool(attrs.get("complete")),
                             strict, attrs.get("throughput_images_per_s"), {**recorded, **attrs.get("recorded", {})})
 
-    def failures(self, name: str) -> list[tuple[int, str, str]]:
-        """(image id, path, status) for every row of `name` that is not plainly ok."""
-        status = self.status(name)
-        bad = np.flatnonzero(status != 0)
+    def failures(self, *names: str) -> list[tuple[int, str, str]]:
+        """(image id, path, status) for every row that any of `names` did not embed plainly, one
+        entry per image. A decode failure flags the row for all of them; a status only some
+        backbones show (a non-finite embedding) names them, so `--strict` and extract's summary
+        see every backbone of a run."""
+        status = np.stack([self.status(name) for name in names])
         ids, paths = self.group["samples/id"][:], self.group["samples/path"][:]
-        return [(int(ids[i]), str(paths[i]), STATUS_NAMES.get(int(status[i]), str(status[i]))) for i in bad]
+        out = []
+        for row in np.flatnonzero((status != OK).any(axis=0)):
+            codes = [STATUS_NAMES.get(int(c), str(c)) for c in status[:, row]]
+            text = codes[0] if len(set(codes)) == 1 else \
+                "; ".join(f"{code} ({name})" for name, code, c in zip(names, codes, status[:, row]) if c != OK)
+            out.append((int(ids[row]), str(paths[row]), text))
+        return out
 
 
 def _mismatch(path: Path, name: str, old_strict: dict, strict: dict, old_shape: dict, shape: dict) -> str:

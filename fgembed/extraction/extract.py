@@ -41,7 +41,7 @@ from ..devices import (
     resolve_precision,
 )
 from ..errors import FgembedError
-from ..images import OK, STATUS_NAMES, TRANSFORM_FAILED, load_rgb
+from ..images import TRANSFORM_FAILED, load_rgb
 from ..progress import progress_bar
 from ..store import DEFAULT_SHARD_ROWS, FeatureStore
 from ._ranks import failures_shared, process_group
@@ -292,7 +292,7 @@ def _extract_ranked(table: SampleTable, store_path: str | Path, backbone_names: 
         if rank == 0:
             for b in backbones:
                 store.mark_complete(b.name, round(rate * world, 2) if run.processed else None)
-            failures = _failures(store, [b.name for b in backbones])
+            failures = store.failures(*[b.name for b in backbones])
     return ExtractSummary(str(store_path), store.n_rows, {b.name: b.dim for b in backbones}, run.processed,
                           store.n_shards - run.todo, failures, seconds, rate, announcements,
                           (run.steady_start or run.end) - called, steady, precision.name,
@@ -385,21 +385,6 @@ def _extract_pending(store: FeatureStore, table: SampleTable, backbones: list[Ba
         for w in writes:
             w.result()
     return _Pass(processed, len(todo), first_rows, steady_start, start, time.perf_counter(), clock.totals())
-
-
-def _failures(store: FeatureStore, names: list[str]) -> list[tuple[int, str, str]]:
-    """(image id, path, status) for every row flagged by any of `names`, one entry per image. A
-    decode failure flags the row for all of them; a status only some backbones show (a non-finite
-    embedding) names them, so `--strict` and the summary see every backbone of the run."""
-    status = np.stack([store.status(name) for name in names])
-    ids, paths = store.group["samples/id"][:], store.group["samples/path"][:]
-    out = []
-    for row in np.flatnonzero((status != OK).any(axis=0)):
-        codes = [STATUS_NAMES.get(int(c), str(c)) for c in status[:, row]]
-        text = codes[0] if len(set(codes)) == 1 else \
-            "; ".join(f"{code} ({name})" for name, code, c in zip(names, codes, status[:, row]) if c != OK)
-        out.append((int(ids[row]), str(paths[row]), text))
-    return out
 
 
 def _write_shard(store: FeatureStore, shard: int, parts: list) -> None:
