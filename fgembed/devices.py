@@ -13,6 +13,7 @@ batch later. On CPU the same code runs with the streams left out.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import time
 from collections import defaultdict
@@ -48,6 +49,15 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return resolved
+
+
+def release_freed_host_memory() -> None:
+    """Hand the heap pages freed by a model's move or cast back to the OS (glibc's `malloc_trim`;
+    a no-op elsewhere). glibc keeps freed blocks below its mmap threshold resident, and decode
+    workers forked later count every resident page of the parent in their own RSS."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def available_cores() -> int:
@@ -113,7 +123,12 @@ def backend_flags(device: torch.device, precision: Precision, workers: int = 0) 
 
 class DeviceModel:
     """One backbone on its device: weights cast once, its input normalised there, channels-last
-    for convolutional models, optionally compiled. Call it with the batch its feed produced."""
+    for convolutional models, optionally compiled. Call it with the batch its feed produced.
+
+    Weights already placed by `load_backbone(name, options, device, precision.weights)` stay as
+    they are (the `.to` below is then a no-op): loading each backbone that way before the next
+    holds one model's fp32 weights on the host at a time. A backbone still on the host in fp32
+    is moved and cast here; its fp32 storage goes as each parameter is replaced."""
 
     def __init__(self, backbone, device: torch.device, precision: Precision, compile_model: bool,
                  device_steps: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:

@@ -321,3 +321,69 @@ def test_download_without_network_is_one_fgembed_error(monkeypatch, tmp_path):
     with pytest.raises(FgembedError) as err:
         download_weights("dinov2_vitl14", tmp_path)
     assert "\n" not in str(err.value) and str(err.value)
+
+
+# --- placement: each model on its device, in its dtype, before the next is built ---------------------
+
+def _placement_cases(tmp_path, tiny_clip, hf_models) -> list[tuple[str, LoadOptions]]:
+    """One model of each library and loading path: a timm checkpoint file, timm random init (a
+    channels-last convnet), open_clip's `local-dir:` package, transformers folders."""
+    torch.manual_seed(5)
+    ckpt = tmp_path / "vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), ckpt)
+    return [("timm:test_vit", LoadOptions(weights=ckpt)), ("timm:test_resnet", LoadOptions(pretrained=False)),
+            (f"open_clip:local-dir:{tiny_clip['local_dir']}", LoadOptions()),
+            (f"hf:{hf_models['dinov2']}", LoadOptions()), (f"hf:{hf_models['dinov3']}", LoadOptions())]
+
+
+def test_placed_load_equals_the_old_path_bit_for_bit(table, tmp_path, tiny_clip, hf_models):
+    """Loading onto the device in bf16 gives the very numbers of loading in fp32 on the host and
+    casting in `DeviceModel` (the old path), and of the library's own model cast to bf16."""
+    from fgembed.devices import DeviceModel, resolve_precision
+
+    cpu = torch.device("cpu")
+    bf16 = resolve_precision("bf16", cpu)
+    image = _images(table, [9])[0]
+    for name, options in _placement_cases(tmp_path, tiny_clip, hf_models):
+        old = DeviceModel(load_backbone(name, options), cpu, bf16, compile_model=False)
+        new = DeviceModel(load_backbone(name, options, cpu, torch.bfloat16), cpu, bf16, compile_model=False)
+        x = new.backbone.transform(image).unsqueeze(0)
+        with torch.inference_mode():
+            got, want = new(x), old(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
+    folder = hf_models["dinov3"]  # and the library's own load, cast the same way
+    from transformers import AutoModel
+    reference = AutoModel.from_pretrained(folder).eval().to(torch.bfloat16)
+    placed = load_backbone(f"hf:{folder}", LoadOptions(), cpu, torch.bfloat16)
+    x = placed.transform(image).unsqueeze(0).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(placed.embed(x), reference(pixel_values=x).pooler_output)
+
+
+def test_placed_load_leaves_no_fp32_weights_behind(monkeypatch, tmp_path, tiny_clip, hf_models):
+    """Once a model is placed, nothing still holds the fp32 storage it was built in (no state dict,
+    no closure): watched through storage weak references taken just before the cast."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from fgembed.backbones import Placement
+
+    watched: list[list] = []
+    apply = Placement.apply
+
+    def watching(self, model):
+        watched.append([StorageWeakRef(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())
+                        if t.is_floating_point()])
+        apply(self, model)
+
+    monkeypatch.setattr(Placement, "apply", watching)
+    for name, options in _placement_cases(tmp_path, tiny_clip, hf_models):
+        bb = load_backbone(name, options, "cpu", torch.bfloat16)
+        gc.collect()
+        tensors = [t for t in (*bb.model.parameters(), *bb.model.buffers()) if t.is_floating_point()]
+        assert {t.dtype for t in tensors} == {torch.bfloat16}, name
+        assert watched[-1] and not [ref for ref in watched[-1] if not ref.expired()], name
+    meta = load_backbone("timm:test_vit", LoadOptions(pretrained=False), "meta")  # weights off the host entirely
+    assert {p.device.type for p in meta.model.parameters()} == {"meta"}
+    assert meta.dim == 64 and meta.input_shape == (3, 160, 160)  # probed on the meta device: test_vit

@@ -161,8 +161,8 @@ def test_a_transform_that_raises_flags_its_row(manifest_csv, tmp_path, monkeypat
     Image.new("RGB", (33, 17), (10, 200, 30)).save(root / odd.paths[5], format="JPEG")
     real = engine.load_backbone
 
-    def fragile(name, options):
-        backbone = real(name, options)
+    def fragile(name, options, *placement):
+        backbone = real(name, options, *placement)
         for attr in ("transform", "geometric"):
             step = getattr(backbone, attr)
             if step is not None:

@@ -64,8 +64,8 @@ def test_strict_and_the_summary_see_every_backbone(manifest_csv, tmp_path, monke
     table = load_dataset("manifest", manifest_csv)
     real = engine.load_backbone
 
-    def second_overflows(name, options):
-        backbone = real(name, options)
+    def second_overflows(name, options, *placement):
+        backbone = real(name, options, *placement)
         if name == "timm:test_resnet":
             embed, calls = backbone.embed, []
 

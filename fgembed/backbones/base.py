@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..devices import release_freed_host_memory
 from ..errors import FgembedError
 from ..images import IMAGE_POLICY
 
@@ -28,6 +29,25 @@ class LoadOptions:
     image_size: int | None = None
     pooling: str | None = None  # None: the spec's own output
     cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the weights go, and in which floating dtype, as soon as the library has built one model:
+    before the next is built, so the host holds one model's fp32 weights at a time, not every
+    model's. Not in the fingerprint (the caller records the precision it asked for). None: as built
+    (the CPU, fp32)."""
+
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    def apply(self, model: torch.nn.Module) -> None:
+        """Move and cast in one `.to` (each parameter's host fp32 storage is released as it goes:
+        nothing else holds it), then give the freed pages back to the OS; a no-op where the model
+        already is."""
+        if self.device is not None or self.dtype is not None:
+            model.to(device=self.device, dtype=self.dtype)
+            release_freed_host_memory()
 
 
 @dataclass
@@ -185,15 +205,25 @@ def uint8_split_error(transform, geometric, mean, std, image: Image.Image) -> fl
 SPLIT_TOLERANCE_LEVELS = 0.01
 
 
+def weights_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model's floating weights are, and their dtype (the CPU and fp32 for a model with none)."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (weight.device, weight.dtype) if weight is not None else (torch.device("cpu"), torch.float32)
+
+
 def finish(name: str, model: torch.nn.Module, transform, embed, convolutional: bool, fingerprint: dict,
-           split: tuple | None = None, text_encoder=None) -> Backbone:
-    """Probe the transform and model once: the exact input shape and output dim, not a guess; and
-    keep the uint8 split (`split` = (geometric, mean, std)) only if it reproduces the transform."""
+           split: tuple | None = None, text_encoder=None, place: Placement = Placement()) -> Backbone:
+    """Place the model (after everything that changes its weights in fp32: checkpoint, position
+    embedding resize), then probe the transform and model once: the exact input shape and output
+    dim, not a guess; and keep the uint8 split (`split` = (geometric, mean, std)) only if it
+    reproduces the transform."""
     model.eval().requires_grad_(False)
+    place.apply(model)
+    device, dtype = weights_device_dtype(model)
     image = probe_image()
     probe = transform(image)
     with torch.inference_mode():
-        dim = int(embed(probe.unsqueeze(0)).shape[-1])
+        dim = int(embed(probe.unsqueeze(0).to(device=device, dtype=dtype)).shape[-1])
     fingerprint = {**fingerprint, "image_policy": IMAGE_POLICY, "input_shape": list(probe.shape)}
     if split is not None and uint8_split_error(transform, *split, image) > SPLIT_TOLERANCE_LEVELS:
         split = None

@@ -32,6 +32,7 @@ from ..errors import FgembedError
 from .base import (
     Backbone,
     LoadOptions,
+    Placement,
     check_pooling,
     finish,
     library_versions,
@@ -97,7 +98,9 @@ def check_folder(folder: Path, pretrained: bool, reference: str | None) -> None:
 
 def _load(source: str, options: LoadOptions, reference: str | None):
     """(processor, model): from a folder or the hub; an offline-known repo without weights never
-    touches the hub."""
+    touches the hub. `from_pretrained` builds on the meta device and fills the weights on the host
+    (one fp32 copy, no random init underneath); `finish` then places it. transformers' `device_map`
+    would fill the target directly but needs `accelerate`, which fgembed does not depend on."""
     cache = str(options.cache_dir) if options.cache_dir else None
     if not options.pretrained and options.weights is None and source in OFFLINE:
         config, processor = OFFLINE[source]
@@ -117,7 +120,7 @@ def _load(source: str, options: LoadOptions, reference: str | None):
     return processor, model
 
 
-def load_hf(name: str, repo: str, options: LoadOptions, pooling: str) -> Backbone:
+def load_hf(name: str, repo: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
     source = str(options.weights) if options.weights else repo
     try:
         processor, model = _load(source, options, repo if options.weights else None)
@@ -151,7 +154,7 @@ def load_hf(name: str, repo: str, options: LoadOptions, pooling: str) -> Backbon
         "pooling": pooling,
         "versions": library_versions("transformers"),
     }
-    return finish(name, model, transform, embed, False, fingerprint, _split(processor))
+    return finish(name, model, transform, embed, False, fingerprint, _split(processor), place=place)
 
 
 def _split(processor) -> tuple | None:

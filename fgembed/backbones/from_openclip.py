@@ -20,6 +20,7 @@ from ..errors import FgembedError
 from .base import (
     Backbone,
     LoadOptions,
+    Placement,
     check_pooling,
     describe_mismatch,
     finish,
@@ -54,7 +55,10 @@ def _native_size(arch: str) -> int:
     return size if isinstance(size, int) else size[0]
 
 
-def load_openclip(name: str, arch: str, tag: str | None, options: LoadOptions, pooling: str) -> Backbone:
+def load_openclip(name: str, arch: str, tag: str | None, options: LoadOptions, pooling: str,
+                  place: Placement) -> Backbone:
+    """open_clip's own `device=` placement: it builds on the CPU (seeded random init), moves the
+    model to the device, then loads the checkpoint into it; `finish` casts it there."""
     check_pooling(pooling, False, name)
     schema = arch.startswith(SCHEMAS)  # open_clip's own `local-dir:` / `hf-hub:` packaging
     if not schema and arch not in open_clip.list_models():
@@ -75,7 +79,7 @@ def load_openclip(name: str, arch: str, tag: str | None, options: LoadOptions, p
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=pretrained, load_weights=options.pretrained and not from_file,
-            force_image_size=options.image_size, cache_dir=cache_dir, **preprocess_cfg)
+            force_image_size=options.image_size, cache_dir=cache_dir, device=place.device or "cpu", **preprocess_cfg)
     except (RuntimeError, OSError, ValueError) as exc:
         raise FgembedError(f"could not load open_clip {arch} ({pretrained}): {str(exc).splitlines()[0]}") from None
     if from_file:
@@ -110,4 +114,4 @@ def load_openclip(name: str, arch: str, tag: str | None, options: LoadOptions, p
     }
     convolutional = not hasattr(model.visual, "transformer") and not hasattr(model.visual, "trunk")
     return finish(name, model, preprocess, embed, convolutional, fingerprint, split_compose(preprocess),
-                  text_encoder)
+                  text_encoder, place)

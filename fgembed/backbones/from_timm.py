@@ -19,6 +19,7 @@ from ..errors import FgembedError
 from .base import (
     Backbone,
     LoadOptions,
+    Placement,
     check_pooling,
     describe_mismatch,
     finish,
@@ -67,7 +68,10 @@ def load_checkpoint_headless(model: torch.nn.Module, path: Path, label: str) -> 
     model.load_state_dict(state)
 
 
-def load_timm(name: str, model_name: str, options: LoadOptions, pooling: str) -> Backbone:
+def load_timm(name: str, model_name: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
+    """Built on the CPU as timm builds it (seeded random init, then any checkpoint, then the position
+    embedding resize, all in fp32), placed by `finish` before the caller builds the next model. Not
+    timm's `device=` build: that draws the random init on the target, other numbers than the CPU's."""
     model = _create(model_name, options)
     if options.pretrained and options.weights is not None:
         load_checkpoint_headless(model, options.weights, f"timm model {model_name!r}")
@@ -96,4 +100,5 @@ def load_timm(name: str, model_name: str, options: LoadOptions, pooling: str) ->
         "versions": library_versions("timm"),
     }
     convolutional = not has_tokens
-    return finish(name, model, transform, embed, convolutional, fingerprint, split_compose(transform))
+    return finish(name, model, transform, embed, convolutional, fingerprint, split_compose(transform),
+                  place=place)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FgembedError
-from .base import Backbone, LoadOptions, split_size
+from .base import Backbone, LoadOptions, Placement, split_size
 
 RANDOM_INIT_SEED = 0
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -64,23 +64,23 @@ REFERENCE: dict[str, BackboneSpec] = {s.name: s for s in (
 )}
 
 
-def _timm(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str) -> Backbone:
+def _timm(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
     from .from_timm import load_timm
-    return load_timm(name, spec.model, options, pooling)
+    return load_timm(name, spec.model, options, pooling, place)
 
 
-def _open_clip(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str) -> Backbone:
+def _open_clip(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
     from .from_openclip import load_openclip
-    return load_openclip(name, spec.model, spec.weights, options, pooling)
+    return load_openclip(name, spec.model, spec.weights, options, pooling, place)
 
 
-def _hf(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str) -> Backbone:
+def _hf(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
     from .from_hf import load_hf
-    return load_hf(name, spec.model, options, pooling)
+    return load_hf(name, spec.model, options, pooling, place)
 
 
 # source → loader (imported on use: transformers alone takes seconds to import).
-SOURCES: dict[str, Callable[[BackboneSpec, str, LoadOptions, str], Backbone]] = {
+SOURCES: dict[str, Callable[[BackboneSpec, str, LoadOptions, str, Placement], Backbone]] = {
     "timm": _timm, "open_clip": _open_clip, "hf": _hf}
 PREFIXES = tuple(f"{s}:" for s in SOURCES)
 
@@ -115,13 +115,20 @@ def _resolve_base(name: str) -> BackboneSpec:
                        f"or a prefixed name ({', '.join(p + '…' for p in PREFIXES)})")
 
 
-def load_backbone(name: str, options: LoadOptions | None = None) -> Backbone:
+def load_backbone(name: str, options: LoadOptions | None = None, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> Backbone:
     """Resolve `name` and build the model with its own library's preprocessing.
 
     `name~size` sets the input size (an `options.image_size` that disagrees is refused); the
     returned Backbone's `.name` carries the suffix whenever the size is not the model's own.
     With no network, weights that are not in the cache fail at once with one line saying how to
-    fetch them elsewhere."""
+    fetch them elsewhere.
+
+    `device` / `dtype`: where the weights end up, placed before this returns, so that loading
+    several backbones in turn holds one model's fp32 weights on the host at a time, not all of
+    them (open_clip's own `device=` where the library has one). The weights are those of a CPU
+    build cast afterwards: random init is drawn on the CPU (seeded) and any checkpoint loaded in
+    fp32, so the numbers equal loading on the CPU then `.to()`."""
     options = options or LoadOptions()
     spec = resolve(name)
     _, size = split_size(name)
@@ -133,11 +140,12 @@ def load_backbone(name: str, options: LoadOptions | None = None) -> Backbone:
     offline = from_hub and _go_offline_without_network()
     if offline and not _in_cache(spec, options.cache_dir):  # before building a model it could not fill
         raise FgembedError(_offline_hint(name, options.cache_dir))
+    place = Placement(torch.device(device) if device is not None else None, dtype)
     # Random init is seeded so every process and every resumed run builds the same model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
-            return SOURCES[spec.source](spec, name, options, pooling)
+            return SOURCES[spec.source](spec, name, options, pooling, place)
         except Exception as exc:  # the cache held the repo but not every file the library wants
             if offline and (not isinstance(exc, FgembedError) or str(exc).startswith("could not load")):
                 raise FgembedError(_offline_hint(name, options.cache_dir)) from None

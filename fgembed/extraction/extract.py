@@ -276,7 +276,10 @@ def _extract_ranked(table: SampleTable, store_path: str | Path, backbone_names: 
         announcements.append("random-initialised weights (--no-pretrained): embeddings are not meaningful "
                              "features, only a test of the pipeline")
     with failures_shared("loading the backbones", rank, world):
-        backbones = [load_backbone(name, options.load) for name in backbone_names]
+        # each model placed and cast before the next is built: the host holds one fp32 model at a time
+        # (--text: towers stay fp32 for _write_text; DeviceModel casts them on the device afterwards)
+        weights = None if options.text else precision.weights
+        backbones = [load_backbone(name, options.load, device, weights) for name in backbone_names]
         kinds, steps = _feed_kinds(backbones, options)
     for b, kind in zip(backbones, kinds):  # how the numbers were made: strict fingerprint keys
         b.fingerprint = {**b.fingerprint, "precision": precision.name, "compile": options.compile, "feed": kind}
