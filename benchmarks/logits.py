@@ -1,4 +1,4 @@
-"""Writing a run's logits: the previous path against today's `runs.write_head_logits`, same run.
+"""Writing a run's logits: the previous path against today's `_logits.write_head_logits`, same run.
 
 What `fit_run` does after training, at a smaller iNat shape by default (10,000 classes; 8,000 val
 and 12,000 test rows, iNat's 25:40 ratio; a tiny head 256 → 64 → 10,000 so the forward is not the
@@ -9,7 +9,7 @@ float16 values (MetricCounts) and take its argmax for the frequency bins.
   old       the loop fit_run had until 2026-11-23: `head.predict_logits` (a float32 host copy),
             masked and cast to float16 by numpy, written under zarr's default zstd codec with
             the empty-chunk check, scored in the same thread; the argmax re-read from the store.
-  new       `runs.write_head_logits`: forward, mask and float16 cast on the head's device (half the
+  new       `_logits.write_head_logits`: forward, mask and float16 cast on the head's device (half the
             bytes to the host), one whole chunk per write, no codec, written and scored by a
             thread while the next block is predicted; the argmax taken while scoring.
   new-zstd  the new path under the old codec (zarr's default zstd): what the codec costs alone.
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import zarr
 
-from fgembed.classify import runs
+from fgembed.classify import _logits
 from fgembed.classify.heads import MLPHead
 from fgembed.classify.metrics import MetricCounts
 from fgembed.devices import resolve_device
@@ -75,12 +75,12 @@ def old_path(group, heads, X, rows, excluded, n_classes, y_test, seen):
     for split in ("val", "test"):
         Xs = X[split]
         array = group.create_array(split, shape=(len(heads), len(Xs), n_classes), dtype="float16",
-                                   chunks=(1, runs.LOGIT_ROWS, n_classes))
+                                   chunks=(1, _logits.LOGIT_ROWS, n_classes))
         group.create_array(f"{split}_rows", data=rows[split].astype(np.int64))
         for k, fitted in enumerate(heads):
-            for start in range(0, len(Xs), runs.LOGIT_ROWS):
-                z = np.asarray(fitted.predict_logits(Xs[start:start + runs.LOGIT_ROWS]), np.float32)
-                z[:, excluded] = runs.MASKED
+            for start in range(0, len(Xs), _logits.LOGIT_ROWS):
+                z = np.asarray(fitted.predict_logits(Xs[start:start + _logits.LOGIT_ROWS]), np.float32)
+                z[:, excluded] = _logits.MASKED
                 z = z.astype(np.float16)
                 array[k, start:start + len(z)] = z
                 if split == "test":
@@ -94,17 +94,17 @@ def old_path(group, heads, X, rows, excluded, n_classes, y_test, seen):
 def candidate(case: str, group, heads, X, rows, excluded, n_classes, y_test, seen):
     if case == "old":
         return old_path(group, heads, X, rows, excluded, n_classes, y_test, seen)
-    runs.LOGIT_COMPRESSORS = "auto" if case == "new-zstd" else None  # "auto": zarr's default (zstd)
-    return runs.write_head_logits(group, [h.module_ for h in heads], X, rows, excluded, n_classes, y_test, seen)
+    _logits.LOGIT_COMPRESSORS = "auto" if case == "new-zstd" else None  # "auto": zarr's default (zstd)
+    return _logits.write_head_logits(group, [h.module_ for h in heads], X, rows, excluded, n_classes, y_test, seen)
 
 
 def child(case: str, out: Path, args) -> dict:
     heads, X, rows, excluded, y_test, seen = inputs(args)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    warm = {s: x[:2 * runs.LOGIT_ROWS] for s, x in X.items()}
-    warm_rows = {s: r[:2 * runs.LOGIT_ROWS] for s, r in rows.items()}
+    warm = {s: x[:2 * _logits.LOGIT_ROWS] for s, x in X.items()}
+    warm_rows = {s: r[:2 * _logits.LOGIT_ROWS] for s, r in rows.items()}
     candidate(case, zarr.open_group(out / "warm.zarr", mode="w"), heads, warm, warm_rows, excluded, args.classes,
-              y_test[:2 * runs.LOGIT_ROWS], seen[:2 * runs.LOGIT_ROWS])
+              y_test[:2 * _logits.LOGIT_ROWS], seen[:2 * _logits.LOGIT_ROWS])
     started = time.perf_counter()
     per_seed, preds = candidate(case, zarr.open_group(out / "logits.zarr", mode="w"), heads, X, rows, excluded,
                                 args.classes, y_test, seen)
@@ -142,8 +142,8 @@ def _blocks(array):
         yield array[:]
         return
     for k in range(array.shape[0]):
-        for start in range(0, array.shape[1], runs.LOGIT_ROWS):
-            yield array[k, start:start + runs.LOGIT_ROWS]
+        for start in range(0, array.shape[1], _logits.LOGIT_ROWS):
+            yield array[k, start:start + _logits.LOGIT_ROWS]
 
 
 def main() -> None:

@@ -106,8 +106,42 @@ def test_logit_average_and_validation_weights_per_level(fused):
     for level in LEVELS:
         ours = [m["levels"][level]["accuracy"] for m in entry.metrics["per_seed"]]
         np.testing.assert_allclose(ours, reference(runs, store, level, "logits"), atol=2.5 / entry.metrics["n_test"])
-    weighted, = late_entries(store, singles, [Combination("late", tuple(trio["members"]))], None, "logits", "val")
+    calls = []
+    fit_late_weights = ensemble.fit_late_weights
+
+    def spy(parts, labels, mode):
+        calls.append((parts, labels, fit := fit_late_weights(parts, labels, mode)))
+        return fit
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ensemble, "fit_late_weights", spy)
+        weighted, = late_entries(store, singles, [Combination("late", tuple(trio["members"]))], None, "logits", "val")
     assert len(weighted.weights) == 3 and weighted.metrics["levels"].keys() == {"group", "label"}
+    # per level, per seed: weights fitted on that level's validation logits and labels (every val row
+    # the members share: fewer than WEIGHT_ROWS), in level order, coarse → fine
+    val = {lv: [run.logits("val", lv) for run in runs] for lv in LEVELS}
+    common = functools.reduce(np.intersect1d, [rows for rows, _ in val["label"]])
+    assert len(calls) == len(LEVELS) * 2 and weighted.metrics["late_weight_rows"] == len(common)
+    weights = {}
+    for (parts, labels, fitted), (lv, k) in zip(calls, [(lv, k) for lv in LEVELS for k in range(2)], strict=True):
+        np.testing.assert_array_equal(labels, store.labels(level=None if lv == "label" else lv)[common])
+        for part, (rows, z) in zip(parts, val[lv], strict=True):
+            np.testing.assert_array_equal(part, z[k][np.searchsorted(rows, common)].astype(np.float32))
+        assert fitted.shape == (3,) and fitted.sum() == pytest.approx(1.0)
+        weights[lv, k] = fitted
+    assert weighted.weights == pytest.approx(np.mean([weights["label", k] for k in range(2)], 0), abs=1e-4)
+    assert not np.allclose(weights["group", 0], weights["label", 0], atol=1e-3)  # the levels' own weights
+    # the fused metrics: each level's logits weighted by that level's weights, against numpy
+    test = {lv: [run.logits("test", lv) for run in runs] for lv in LEVELS}
+    rows = functools.reduce(np.intersect1d, [r for r, _ in test["label"]])
+    n = len(rows)
+    for lv in LEVELS:
+        y = store.labels(level=None if lv == "label" else lv)[rows]
+        for k in range(2):
+            fused = sum(w * z[k][np.searchsorted(r, rows)].astype(np.float32)
+                        for w, (r, z) in zip(weights[lv, k], test[lv]))
+            got = weighted.metrics["per_seed"][k]["levels"][lv]["accuracy"]
+            assert got == pytest.approx(float((fused.argmax(1) == y).mean()), abs=2.5 / n)
 
 
 def test_tables_carry_per_level_columns(fused):

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from fgembed.cli.main import app, main
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from typer.testing import CliRunner
@@ -144,6 +145,126 @@ def test_hierarchy_cub_example_prints_both_tables(cub_root, tmp_path, capsys, mo
     assert f"{100 * run.metrics['levels']['family']['accuracy']:.2f}" in table
     assert "| knn | family |" in out and "| msp | label |" in out  # 001's table at both levels
     assert (tmp_path / "hierarchy-cub-selective.png").is_file() and (tmp_path / "hierarchy-cub-roc.png").is_file()
+
+
+MEMBERS = ("timm:test_vit", "timm:test_resnet")
+
+
+def test_a_multi_level_pca_sum_run_predicts_its_own_test_images(cub_root, tmp_path):
+    """A multi-level run of a PCA sum view saves its fitted projection, as a single-level run does,
+    so `predict` rebuilds the design rows: its top-1 equals the stored fine-level test logits'
+    argmax on the same images (float16 ties: a couple of rows of tolerance)."""
+    from pathlib import Path
+
+    from fgembed.backbones import LoadOptions
+    from fgembed.classify.runs import RunConfig, fit_run
+    from fgembed.classify.views import ViewConfig
+    from fgembed.datasets import load_dataset
+    from fgembed.extraction.extract import ExtractOptions, extract
+    from fgembed.predict import predict
+    from fgembed.store import FeatureStore
+
+    table = load_dataset("cub", cub_root)
+    extract(table, tmp_path / "cub.zarr", list(MEMBERS),
+            ExtractOptions(load=LoadOptions(pretrained=False), workers=0, progress=False, device="cpu"))
+    store = FeatureStore.open(tmp_path / "cub.zarr")
+    head = HeadConfig(epochs=3, seeds=(0, 1), levels=("family", "label"))
+    run = fit_run(store, RunConfig(ViewConfig(features=MEMBERS, fusion="sum"), head), tmp_path / "runs", device="cpu")
+    assert run.load_projection() is not None and Run.load(run.path).load_projection() is not None
+    rows, logits = run.logits("test", level="label")
+    files = [Path(table.root) / table.paths[r] for r in rows]
+    predictions = predict([run.path], files, top_k=2, device="cpu", workers=0, progress=False)
+    assert set(predictions.status) == {"ok"}
+    assert (predictions.top_ids[:, 0] != np.asarray(logits, np.float32).mean(0).argmax(1)).sum() <= 2
+
+
+def test_a_learned_projection_with_levels_is_refused(store_path, tmp_path, capsys):
+    from fgembed.classify.runs import RunConfig
+    from fgembed.classify.views import ViewConfig
+    from fgembed.errors import FgembedError
+
+    with pytest.raises(FgembedError, match="use --project pca"):
+        RunConfig(ViewConfig(features=("a", "c"), fusion="sum", project="linear"), HeadConfig(levels=("group", "label")))
+    argv = ["fit", "--store", str(store_path), "--runs", str(tmp_path), "--features", "a+c", "--fusion", "sum",
+            "--project", "linear", "--levels", "group,species", "--epochs", "1"]
+    assert "--levels trains on a fixed view" in _one_error_line(capsys, argv)
+    assert not list(tmp_path.iterdir())  # refused before any training
+
+
+def test_multi_level_by_frequency_is_the_fine_levels_on_seen_rows(store_path, tmp_path):
+    """`by_frequency` of the fine level, as single-level runs have it: per seed, accuracy per
+    training-count bin of the argmax of the stored float16 fine logits on the seen test rows
+    (held-out classes have no training rows: in no bin), against numpy."""
+    from fgembed.store import FeatureStore
+
+    run = _fit(store_path, tmp_path, "--levels", "group,species", "--seeds", "0,1", "--holdout", "0.34",
+               "--holdout-level", "group", "--shot-bins", "10,30")
+    store = FeatureStore.open(store_path)
+    rows, z = run.logits("test", "label")
+    held = run.metrics["holdout_classes"]
+    y = store.labels()[rows]
+    seen = ~np.isin(y, held)
+    train = np.bincount(store.labels()[store.group["samples/split"][:] == 0], minlength=6)
+    assert set(train) == {20}  # every class has 20 training rows in the store …
+    per_seed = [float((z[k][seen].astype(np.float32).argmax(1) == y[seen]).mean()) for k in range(2)]
+    for k, ref in enumerate(per_seed):  # … so the seen ones fall in `medium`; held-out ones (none in the view) in no bin
+        bins = run.metrics["per_seed"][k]["by_frequency"]
+        assert bins["medium"] == {"accuracy": pytest.approx(ref, abs=1e-12), "n_classes": 4,
+                                  "n_test": int(seen.sum())}
+        assert bins["few"] == bins["many"] == {"accuracy": None, "n_classes": 0, "n_test": 0}
+    medium = run.metrics["by_frequency"]["medium"]
+    assert medium["accuracy"] == pytest.approx(np.mean(per_seed)) and medium["accuracy_std"] == pytest.approx(
+        np.std(per_seed, ddof=1))
+    assert value(run.metrics, "by_frequency.medium.accuracy") == medium["accuracy"]  # report.py's dotted path
+    assert Run.load(run.path).metrics["by_frequency"] == run.metrics["by_frequency"]
+
+
+def test_a_format2_multi_level_run_is_retrained_a_single_level_one_reused(store_path, tmp_path):
+    """Format 2's multi-level runs may lack `decoder`, `selective` and `by_frequency`: not read, so
+    `fit` retrains them (runs.FORMAT_VERSION); its single-level runs hold today's content: reused."""
+    from fgembed.classify.runs import FORMAT_VERSION
+    from fgembed.errors import FgembedError
+
+    levels = _fit(store_path, tmp_path, "--levels", "group,species")
+    single = _fit(store_path, tmp_path)
+    for run in (levels, single):
+        meta = json.loads((run.path / "config.json").read_text())
+        assert meta["format_version"] == FORMAT_VERSION == 3
+        (run.path / "config.json").write_text(json.dumps(meta | {"format_version": 2}))
+    metrics = json.loads((levels.path / "metrics.json").read_text())
+    for key in ("decoder", "selective", "by_frequency"):  # as a format-2 run of last week wrote it
+        del metrics[key]
+    (levels.path / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(FgembedError, match="cannot be read as a run .*format-2 multi-level"):
+        Run.load(levels.path)
+    assert Run.load(single.path).meta["format_version"] == 2
+    again = _fit(store_path, tmp_path, "--levels", "group,species")
+    assert again.path == levels.path and {"decoder", "selective", "by_frequency"} <= set(again.metrics)
+    assert json.loads((levels.path / "config.json").read_text())["format_version"] == FORMAT_VERSION
+    result = runner.invoke(app, [*FIT, "--store", str(store_path), "--runs", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["run"] == str(single.path) and json.loads(result.stdout)["reused"]
+    assert Run.load(single.path).meta["format_version"] == 2  # read as it is, not rewritten
+
+
+def test_the_level_grid_moves_rows_and_labels_to_the_device_once(monkeypatch):
+    """Every (lr, weight decay) setting and seed trains on the very same device tensors."""
+    from fgembed.classify import hierarchy
+
+    rng = np.random.default_rng(0)
+    X, ys = rng.normal(size=(40, 8)).astype(np.float16), [np.arange(40) % 2, np.arange(40) % 4]
+    seen, train_one = [], hierarchy._train_one
+
+    def spy(module, X, Y, X_val, Y_val, *args):
+        seen.append((X, Y, X_val, Y_val))
+        return train_one(module, X, Y, X_val, Y_val, *args)
+
+    monkeypatch.setattr(hierarchy, "_train_one", spy)
+    fits = hierarchy.fit_levels_grid("shared", X, ys, X, ys, [2, 4], seeds=(0, 1), lrs=(1e-3, 1e-2),
+                                     weight_decays=(0.0,), epochs=1, batch_size=16, hidden=(8,), device="cpu")
+    assert len(fits) == 2 and len(seen) == 4  # 2 settings × 2 seeds
+    assert all(all(a is b for a, b in zip(call, seen[0])) for call in seen)
+    assert seen[0][0].dtype == torch.float16 and seen[0][1].shape == (2, 40)  # rows in their own dtype
 
 
 def test_single_level_key_is_unchanged_by_the_new_fields():

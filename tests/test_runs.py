@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -20,18 +21,19 @@ from sklearn import metrics as skm
 import fgembed
 from fgembed.analysis.ensemble import Combination, late_entries, plan, score
 from fgembed.analysis.report import compare, entry_record, format_table, write_report
+from fgembed.classify import runs as runs_module
+from fgembed.classify._logits import create_logits, write_logits
 from fgembed.classify.fusion import SumProjection
 from fgembed.classify.runs import (
     ALWAYS_KEYED,
     FORMAT_VERSION,
+    HOST,
     HeadConfig,
     Run,
     RunConfig,
-    create_logits,
     fit_run,
     keyed_fields,
     run_key,
-    write_logits,
 )
 from fgembed.classify.views import ViewConfig, design_rows
 from fgembed.errors import FgembedError
@@ -160,6 +162,10 @@ def _as_format1(run: Run) -> None:
 
 @pytest.mark.parametrize("fusion, view", [("single", {}), ("sum", {"project": "linear", "project_dim": 8})])
 def test_a_format1_run_is_read_and_reused(store, tmp_path, fusion, view):
+    """A format-1 directory is read by `Run.load` (as `fgembed predict --run DIR` reads it): config,
+    float32 logits, heads that reproduce them; and one at the path today's key gives is reused.
+    Format 1 was keyed by an older formula (with fgembed's version), so a real format-1 run is not
+    at that path: `fit` retrains it once (`runs.run_key`)."""
     features = ("a",) if fusion == "single" else ("a", "c")
     cfg = config(*features, fusion=fusion, view=view, epochs=3)
     run = fit_run(store, cfg, tmp_path)
@@ -175,16 +181,19 @@ def test_a_format1_run_is_read_and_reused(store, tmp_path, fusion, view):
     assert reused.reused and reused.metrics == run.metrics
 
 
+class Killed(Exception):
+    pass
+
+
 def test_a_publish_killed_between_its_renames_loses_no_run(store, tmp_path, monkeypatch):
     cfg = config("a")
     run = fit_run(store, cfg, tmp_path)
     rename, rmtree = os.rename, shutil.rmtree
-
-    class Killed(Exception):
-        pass
+    newer = {}
 
     def rename_tmp_dies(src, dst):
         if ".tmp-" in Path(src).name:
+            newer.update(json.loads((Path(src) / "metrics.json").read_text()))
             raise Killed
         rename(src, dst)
 
@@ -192,10 +201,21 @@ def test_a_publish_killed_between_its_renames_loses_no_run(store, tmp_path, monk
         m.setattr("fgembed.classify.runs.os.rename", rename_tmp_dies)
         with pytest.raises(Killed):
             fit_run(store, cfg, tmp_path, force=True)
-    assert not run.path.exists() and any(".old-" in p.name for p in tmp_path.iterdir())
+    assert not run.path.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        f".{run.path.name}.{kind}-{HOST}-{os.getpid()}" for kind in ("old", "tmp")]  # this host's, this process's
     recovered = fit_run(store, cfg, tmp_path)
-    assert recovered.reused and recovered.path == run.path and recovered.metrics == run.metrics
+    # the killed publish's run was whole (metrics.json is written last): it is the one put in place
+    assert recovered.reused and recovered.path == run.path and recovered.metrics == newer
+    assert newer["train_seconds"] != run.metrics["train_seconds"]  # the newer run, not the one set aside
     assert [p.name for p in tmp_path.iterdir()] == [run.path.name]  # the aside and the temp folder are gone
+    (run.path / "metrics.json").unlink()  # a temp folder without metrics.json is no run: the aside comes back
+    aside, dead = (run.path.with_name(f".{run.path.name}.{kind}-{HOST}-999999999") for kind in ("old", "tmp"))
+    run.path.rename(aside)
+    (aside / "metrics.json").write_text(json.dumps(run.metrics))
+    dead.mkdir()
+    restored = fit_run(store, cfg, tmp_path)
+    assert restored.reused and restored.metrics == run.metrics and [p.name for p in tmp_path.iterdir()] == [
+        run.path.name]
 
     def rmtree_aside_dies(path, *args, **kwargs):
         if ".old-" in Path(path).name:
@@ -209,6 +229,55 @@ def test_a_publish_killed_between_its_renames_loses_no_run(store, tmp_path, monk
     assert (run.path / "metrics.json").is_file() and len(list(tmp_path.iterdir())) == 2
     assert fit_run(store, cfg, tmp_path).reused
     assert [p.name for p in tmp_path.iterdir()] == [run.path.name]
+
+
+def test_a_fit_that_publishes_second_reuses_the_first_ones_run(store, tmp_path, monkeypatch):
+    """Two fits of one key on this host both find its place empty (or both set a run aside): the
+    second one's rename onto the place fails (ENOTEMPTY/EEXIST), and it returns the first's run."""
+    cfg = config("a")
+    theirs = fit_run(store, cfg, tmp_path / "theirs")
+    path = tmp_path / "runs" / theirs.path.name
+    rename = os.rename
+
+    def another_fit_publishes_first(src, dst):
+        if ".tmp-" in Path(src).name and not Path(dst).exists():
+            shutil.copytree(theirs.path, dst)  # the other fit's rename lands between our check and ours
+        rename(src, dst)
+
+    for force in (False, True):  # the place empty; a run there, set aside by both
+        with monkeypatch.context() as m:
+            m.setattr("fgembed.classify.runs.os.rename", another_fit_publishes_first)
+            ours = fit_run(store, cfg, tmp_path / "runs", force=force)
+        assert ours.reused and ours.path == path and ours.metrics == theirs.metrics
+        assert Run.load(path).metrics == theirs.metrics and [p.name for p in path.parent.iterdir()] == [path.name]
+        if not force:
+            (path / "metrics.json").write_text(json.dumps(theirs.metrics | {"train_seconds": -1.0}))
+
+    def disk_fails(src, dst):
+        if ".tmp-" in Path(src).name:
+            raise OSError(errno.EIO, "Input/output error")
+        rename(src, dst)
+
+    with monkeypatch.context() as m, pytest.raises(OSError, match="Input/output"):  # any other failure raises
+        m.setattr("fgembed.classify.runs.os.rename", disk_fails)
+        fit_run(store, cfg, tmp_path / "runs", force=True)
+
+
+def test_another_hosts_leftovers_stay_until_a_day_old(store, tmp_path, monkeypatch):
+    """A pid is only alive or dead on its own host: another host's temp folder or aside (a runs
+    folder shared over the network) is left alone unless untouched for FOREIGN_ABANDONED_S."""
+    cfg = config("a")
+    run = fit_run(store, cfg, tmp_path)
+    foreign_tmp = run.path.with_name(f".{run.path.name}.tmp-node-7.cluster-999999999")
+    foreign_old = run.path.with_name(f".{run.path.name}.old-node-7.cluster-999999999")
+    shutil.copytree(run.path, foreign_old)
+    foreign_tmp.mkdir()
+    shutil.rmtree(run.path)  # as if node-7 were between its renames right now
+    assert fit_run(store, cfg, tmp_path).reused is False  # its aside is not taken: retrained in place
+    assert foreign_tmp.is_dir() and foreign_old.is_dir()
+    monkeypatch.setattr(runs_module, "FOREIGN_ABANDONED_S", -1)  # now they count as untouched for a day
+    assert fit_run(store, cfg, tmp_path).reused
+    assert not foreign_tmp.exists() and not foreign_old.exists()
 
 
 def test_stray_temp_names_are_left_alone_dead_ones_go(store, tmp_path):
@@ -376,7 +445,7 @@ class _TwoLevels(torch.nn.Module):
 
 
 def test_write_logits_stores_masked_float16_per_output_in_whole_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr("fgembed.classify.runs.LOGIT_ROWS", 16)  # 50 rows: three whole blocks and a part
+    monkeypatch.setattr("fgembed.classify._logits.LOGIT_ROWS", 16)  # 50 rows: three whole blocks and a part
     torch.manual_seed(0)
     modules = [_TwoLevels(), _TwoLevels()]
     X = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float16)
@@ -403,7 +472,7 @@ def test_write_logits_stores_masked_float16_per_output_in_whole_chunks(tmp_path,
 
 
 def test_a_failed_logits_write_raises_in_the_caller(tmp_path, monkeypatch):
-    monkeypatch.setattr("fgembed.classify.runs.LOGIT_ROWS", 16)
+    monkeypatch.setattr("fgembed.classify._logits.LOGIT_ROWS", 16)
     group = zarr.open_group(tmp_path / "l.zarr", mode="w")
     arrays = [create_logits(group, "coarse/test", 1, 50, 3), create_logits(group, "fine/test", 1, 50, 5)]
 

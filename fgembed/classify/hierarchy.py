@@ -169,50 +169,39 @@ def fit_levels(name: str, X, ys: Sequence[np.ndarray], X_val, ys_val: Sequence[n
     The best epoch maximises the mean over levels of the weighted validation F1 (`select="mean"`,
     the default: 004 reports the mean over levels, "avg acc") or the fine level's alone
     (`select="fine"`)."""
-    if select not in SELECTIONS:
-        raise FgembedError(f"unknown selection {select!r}; choose one of {', '.join(SELECTIONS)}")
-    if epochs < 1 or batch_size < 2 or lr <= 0 or weight_decay < 0:
-        raise FgembedError("need epochs ≥ 1, batch size ≥ 2, lr > 0 and weight decay ≥ 0")
-    if level_weights is not None and (len(level_weights) != len(n_classes) or min(level_weights) < 0):
-        raise FgembedError(f"need {len(n_classes)} level weights ≥ 0 (one per level); got {list(level_weights)}")
-    device = resolve_device(device)
-    X, X_val = torch.as_tensor(X).to(device), torch.as_tensor(X_val).to(device)
-    Y = torch.as_tensor(np.stack(ys), dtype=torch.long, device=device)
-    Y_val = torch.as_tensor(np.stack(ys_val), dtype=torch.long, device=device)
-    if Y.shape != (len(n_classes), len(X)) or Y_val.shape != (len(n_classes), len(X_val)):
-        raise FgembedError(f"need one label per row at each of {len(n_classes)} levels")
-    fits = []
-    for seed in seeds:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            module = create_hierarchy(name, X.shape[1], n_classes, hidden=hidden, dropout=dropout).to(device)
-            fits.append(_train_one(module, X, Y, X_val, Y_val, n_classes, int(seed), lr, weight_decay, epochs,
-                                   batch_size, level_weights, select, on_epoch))
-    return fits
+    _check(select, epochs, batch_size, [(lr, weight_decay)], level_weights, n_classes)
+    data = _on_device(X, ys, X_val, ys_val, n_classes, device)
+    return _fit_seeds(name, data, n_classes, seeds, lr, weight_decay, epochs, batch_size, level_weights, select,
+                      hidden, dropout, on_epoch)
 
 
 def fit_levels_grid(name: str, X, ys: Sequence[np.ndarray], X_val, ys_val: Sequence[np.ndarray],
                     n_classes: Sequence[int], *, seeds: Sequence[int] = (0,), lrs: Sequence[float] = (1e-3,),
-                    weight_decays: Sequence[float] = (0.01,), select: str = "mean",
-                    on_epoch: Callable[[float], None] | None = None, **params) -> list[LevelsFit]:
+                    weight_decays: Sequence[float] = (0.01,), epochs: int = 150, batch_size: int = 128,
+                    level_weights: Sequence[float] | None = None, select: str = "mean",
+                    hidden: Sequence[int] = (512, 256), dropout: float = 0.5, device: str = "auto",
+                    on_epoch: Callable[[float], None] | None = None) -> list[LevelsFit]:
     """`fit_levels` at every (lr, weight decay), lr-major; per seed the setting with the best
     validation score — the same score that picks the best epoch (`select`: by default the mean over
     levels of the weighted validation F1, 004's "avg"; ties go to the first setting), so a setting
     is chosen the way an epoch is. Each fit's `grid` lists every setting's score and best epoch.
 
     Settings train one after another, not batched like `train.train_grid`: its stacked model runs
-    a chain of layers with one output, and these heads branch per level. Every setting of a seed
-    starts from the same initial weights and batch order, so the kept fit equals the same setting
-    trained alone. `on_epoch(1 / settings)` after every epoch of every setting."""
+    a chain of layers with one output, and these heads branch per level. The rows and labels go to
+    the device once, for every setting. Every setting of a seed starts from the same initial
+    weights and batch order, so the kept fit equals the same setting trained alone.
+    `on_epoch(1 / settings)` after every epoch of every setting."""
     settings = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
     if not settings or len(set(settings)) != len(settings):
         raise FgembedError(f"need distinct learning rates and weight decays; got {list(lrs)}, {list(weight_decays)}")
+    _check(select, epochs, batch_size, settings, level_weights, n_classes)
+    data = _on_device(X, ys, X_val, ys_val, n_classes, device)
     best: list[LevelsFit | None] = [None] * len(seeds)
     grids: list[list[dict]] = [[] for _ in seeds]
     tick = None if on_epoch is None else (lambda n=1: on_epoch(n / len(settings)))
     for lr, wd in settings:
-        for s, fit in enumerate(fit_levels(name, X, ys, X_val, ys_val, n_classes, seeds=seeds, lr=lr,
-                                           weight_decay=wd, select=select, on_epoch=tick, **params)):
+        for s, fit in enumerate(_fit_seeds(name, data, n_classes, seeds, lr, wd, epochs, batch_size, level_weights,
+                                           select, hidden, dropout, tick)):
             grids[s].append({"lr": lr, "weight_decay": wd, "best_val_score": fit.best_val_score,
                              "best_val_f1": fit.best_val_f1, "best_epoch": fit.best_epoch})
             if best[s] is None or fit.best_val_score > best[s].best_val_score:
@@ -220,6 +209,44 @@ def fit_levels_grid(name: str, X, ys: Sequence[np.ndarray], X_val, ys_val: Seque
     for fit, grid in zip(best, grids):
         fit.grid = grid
     return best
+
+
+def _check(select: str, epochs: int, batch_size: int, settings: Sequence[tuple[float, float]],
+           level_weights: Sequence[float] | None, n_classes: Sequence[int]) -> None:
+    if select not in SELECTIONS:
+        raise FgembedError(f"unknown selection {select!r}; choose one of {', '.join(SELECTIONS)}")
+    if epochs < 1 or batch_size < 2 or any(lr <= 0 or wd < 0 for lr, wd in settings):
+        raise FgembedError("need epochs ≥ 1, batch size ≥ 2, lr > 0 and weight decay ≥ 0")
+    if level_weights is not None and (len(level_weights) != len(n_classes) or min(level_weights) < 0):
+        raise FgembedError(f"need {len(n_classes)} level weights ≥ 0 (one per level); got {list(level_weights)}")
+
+
+def _on_device(X, ys: Sequence[np.ndarray], X_val, ys_val: Sequence[np.ndarray], n_classes: Sequence[int],
+               device: str) -> tuple[torch.Tensor, ...]:
+    """(X, Y, X_val, Y_val) on the device: rows in their own dtype, labels [levels, rows] int64."""
+    device = resolve_device(device)
+    X, X_val = torch.as_tensor(X).to(device), torch.as_tensor(X_val).to(device)
+    Y = torch.as_tensor(np.stack(ys), dtype=torch.long, device=device)
+    Y_val = torch.as_tensor(np.stack(ys_val), dtype=torch.long, device=device)
+    if Y.shape != (len(n_classes), len(X)) or Y_val.shape != (len(n_classes), len(X_val)):
+        raise FgembedError(f"need one label per row at each of {len(n_classes)} levels")
+    return X, Y, X_val, Y_val
+
+
+def _fit_seeds(name: str, data: tuple[torch.Tensor, ...], n_classes: Sequence[int], seeds: Sequence[int],
+               lr: float, weight_decay: float, epochs: int, batch_size: int,
+               level_weights: Sequence[float] | None, select: str, hidden: Sequence[int], dropout: float,
+               on_epoch: Callable[[int], None] | None) -> list[LevelsFit]:
+    """One model per seed on device-resident `data` (`_on_device`), each from its own seed."""
+    X, Y, X_val, Y_val = data
+    fits = []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[X.device] if X.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            module = create_hierarchy(name, X.shape[1], n_classes, hidden=hidden, dropout=dropout).to(X.device)
+            fits.append(_train_one(module, X, Y, X_val, Y_val, n_classes, int(seed), lr, weight_decay, epochs,
+                                   batch_size, level_weights, select, on_epoch))
+    return fits
 
 
 def _train_one(module: nn.Module, X: torch.Tensor, Y: torch.Tensor, X_val: torch.Tensor, Y_val: torch.Tensor,

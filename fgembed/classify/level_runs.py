@@ -3,8 +3,11 @@
 logits per level at `logits.zarr/<level>/{val,test}` `[seeds, rows, classes]` float16 (rows at
 `logits.zarr/{val,test}_rows`), `head-seed<S>.safetensors`, and metrics.json whose top-level
 flat keys are the fine level's (so tables rank multi-level runs by fine F1 like any other run),
-plus `levels.<level>.*`, `avg_accuracy`, `consistency` and `mistake_severity`, each with its
-`_std` over seeds. Metrics are computed from the stored float16 logits on seen test rows:
+plus `levels.<level>.*`, `avg_accuracy`, `consistency`, `mistake_severity` and the fine level's
+`by_frequency` (from the argmax of its float16 test logits, gathered as they are written), each
+with its `_std` over seeds. A `sum` view's PCA projection is saved as a single-level run's is
+(`projection.safetensors`), so `fgembed predict` rebuilds the design rows. Metrics are computed
+from the stored float16 logits on seen test rows:
 
 - `decoder.<name>` (`hierarchy_metrics.DECODERS`: `top_down`, `path_product`): the same metrics of a
   consistent decoding of those logits (its `consistency` is 1 by construction);
@@ -18,7 +21,6 @@ epoch; `chosen` and `grid` record it per seed as in a single-level run."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 from safetensors.torch import load_file as load_torch
-from safetensors.torch import save_file as save_torch
 
 from .. import __version__
 from ..devices import resolve_device
 from ..store import FeatureStore
+from ._logits import create_logits, write_logits
 from .hierarchy import create_hierarchy, fit_levels_grid
 from .hierarchy_metrics import (
     DECODERS,
@@ -47,8 +49,16 @@ from .views import View
 def train_levels(store: FeatureStore, config, view: View, identity: dict, path: Path, device: str,
                  on_epoch: Callable[..., None]):
     """Train, write and return the multi-level `Run` of `config` (called by `runs._train`)."""
-    from .runs import (FORMAT_VERSION, Run, _remove_abandoned, create_logits, publish, summarise, view_counts,
-                       write_logits)
+    from .runs import (
+        FORMAT_VERSION,
+        Run,
+        frequency_metrics,
+        publish,
+        save_weights,
+        summarise,
+        temp_dir,
+        view_counts,
+    )
     h, levels = config.head, config.head.levels
     ys = {s: [view.labels(s, lv) for lv in levels] for s in ("train", "val", "test")}
     n_classes = [view.n_classes(lv) for lv in levels]
@@ -61,16 +71,21 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
     seconds = time.perf_counter() - started
     excluded = {lv: view.excluded_classes(lv) for lv in levels}
 
-    _remove_abandoned(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    tmp = temp_dir(path)
     group = zarr.open_group(tmp / "logits.zarr", mode="w")
+    fine_preds = [np.empty(len(view.rows["test"]), np.int64) for _ in fits]
+
+    def gather(k: int, start: int, blocks: list[np.ndarray]) -> None:  # the fine level's stored float16 argmax
+        fine_preds[k][start:start + len(blocks[-1])] = blocks[-1].argmax(1)
+
     for split in ("val", "test"):  # the same writer as a single-level run's, one array per level
         group.create_array(f"{split}_rows", data=view.rows[split].astype(np.int64))
         X = view.X(split)
         arrays = [create_logits(group, f"{lv}/{split}", len(fits), len(X), c) for lv, c in zip(levels, n_classes)]
-        write_logits(arrays, [fit.module for fit in fits], X, [excluded[lv] for lv in levels])
+        write_logits(arrays, [fit.module for fit in fits], X, [excluded[lv] for lv in levels],
+                     gather if split == "test" else None)
     seen = ~view.novel
+    train_counts = view.class_counts("train", levels[-1])
     taxonomy = Taxonomy.from_store(store, levels)
     per_seed = []
     for k in range(len(fits)):  # scored from the stored float16 logits: what every reader sees
@@ -80,10 +95,9 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
         per_seed.append(classification_metrics(z[-1], y[-1]) | level_metrics(z, y, levels) | {
             "consistency": argmax["consistency"], "mistake_severity": argmax["mistake_severity"],
             "decoder": {name: decoded_metrics(decode(z, taxonomy), y, taxonomy) for name, decode in DECODERS.items()},
-            "selective": selective_points(z, y)})
-    for fit in fits:
-        save_torch({k: v.detach().cpu().contiguous() for k, v in fit.module.state_dict().items()},
-                   str(tmp / f"head-seed{fit.seed}.safetensors"))
+            "selective": selective_points(z, y),
+            "by_frequency": frequency_metrics(y[-1], fine_preds[k][seen], train_counts, h.shot_bins)})
+    save_weights(tmp, {fit.seed: fit.module for fit in fits}, view.projection)
     (tmp / "history.json").write_text(json.dumps({str(f.seed): f.history for f in fits}))
     meta = {"format_version": FORMAT_VERSION, "fgembed_version": __version__, "config": config.to_json(),
             "store": identity, "store_path": str(store.path), "dims": view.dims,
@@ -98,8 +112,7 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
     }
     if len(h.lr) * len(h.weight_decay) > 1:
         metrics["grid"] = [f.grid for f in fits]
-    publish(tmp, path, metrics)
-    return Run(path, config, metrics, identity, meta=meta)
+    return publish(tmp, path, metrics, Run(path, config, metrics, identity, meta=meta))
 
 
 def load_modules(run, device: str = "cpu") -> list:

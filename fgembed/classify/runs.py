@@ -17,32 +17,37 @@ extraction fingerprint), so the same request is reused and a re-extraction is no
 fgembed's version (recorded in config.json) nor the format version is in the key: a new release
 or format reuses every run it can read (`READERS`) and retrains the rest in the same place. Nor is
 a config field added since keys were first written, while it keeps its default (`run_key`): a
-release that adds an option keeps every key. A run is written to a temporary folder and swapped
-into place (the old one set aside first), so a killed fit leaves either a whole run or none, and
-the next fit recovers a run left aside.
+release that adds an option keeps every key. Keys computed while fgembed's version and the format
+version were in the key (before git f05ce4b) are not looked up: such runs of the pre-release 0.1.0
+are retrained once, under today's key (`run_key` says why).
+
+A run is written to a temporary folder and swapped into place (the old one set aside first), so a
+killed fit leaves either a whole run or none, and the next fit recovers it (`publish`,
+`_remove_abandoned`): two fits of one key may race, and the one that publishes second reuses the
+first's run.
 
 Logits are predicted, masked and cast to float16 on the head's device and written by a thread
-while the next block is predicted, one whole chunk per write (`write_logits`; figures in
+while the next block is predicted, one whole chunk per write (`_logits.write_logits`; figures in
 benchmarks/README.md, `logits.py`).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
 import os
 import re
 import shutil
+import socket
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import zarr
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
@@ -54,18 +59,21 @@ from .. import __version__
 from ..errors import FgembedError
 from ..progress import Tick, progress_bar
 from ..store import FeatureStore
+from ._logits import LOGIT_ROWS, write_head_logits
 from .fusion import PCASum
 from .heads import HEADS, create_head
 from .longtail import SHOT_BINS, by_frequency, parse_shot_bins
-from .metrics import MetricCounts
 from .train import BALANCES, SECOND_STAGE_EPOCHS, selection
 from .views import View, ViewConfig, build_view, level_key
 
-FORMAT_VERSION = 2  # bump when what a run directory holds changes; add its reader to READERS
-LOGIT_ROWS = 4096          # rows per logits chunk and per written block
-MASKED = float(np.finfo(np.float16).min)  # logit of a class the head cannot know (finite: fusion-safe)
-WRITE_AHEAD = 2            # blocks handed to the writer thread before prediction waits for it
-LOGIT_COMPRESSORS = None   # no codec: zstd saves ~8% of float16 logits for ~5× the write and ~4× the read time
+if TYPE_CHECKING:
+    import torch
+
+# Bump when what a run directory holds changes, and add its reader to READERS. 3: a multi-level
+# run's metrics.json has `decoder`, `selective` and `by_frequency` (format 2's multi-level runs
+# lack some or all of them, depending on the day they were written: `_read_format2` refuses them,
+# so they are retrained; a format-2 single-level run holds what format 3's does and is read as is).
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,11 @@ class RunConfig:
     view: ViewConfig
     head: HeadConfig = HeadConfig()
 
+    def __post_init__(self) -> None:
+        if self.head.levels and self.view.learned_projection:  # the multi-level heads have no projection layer
+            raise FgembedError("--levels trains on a fixed view; a learned --project linear sum needs a single-level "
+                               "head: use --project pca")
+
     @property
     def label(self) -> str:
         head = ("" if self.head.head == "mlp" else f"@{self.head.head}")
@@ -219,7 +232,13 @@ def keyed_fields(config, always: frozenset[str]) -> dict:
 
 def run_key(config: RunConfig, identity: dict) -> str:
     """What was asked (config) of which data (store identity) — not how or by which release it is
-    stored: a format change reads old runs through `READERS` or retrains them at the same path."""
+    stored: a format change reads old runs through `READERS` or retrains them at the same path.
+
+    Runs keyed by the formula before this one (it also hashed fgembed's version and the format
+    version; git f05ce4b dropped them) are not found here: they are retrained once, and their old
+    folders stay readable by `Run.load` (`fgembed predict --run DIR`). No legacy-key fallback: it
+    would keep two retired formulas (format 1's flat config; format 2's with the version) alive
+    for runs that only the unreleased 0.1.0 wrote, in the fit path of every run."""
     keyed = {part: keyed_fields(getattr(config, part), ALWAYS_KEYED[part]) for part in ("view", "head")}
     blob = json.dumps({"config": keyed, "store": identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
@@ -341,7 +360,16 @@ def _read_format1(path: Path, meta: dict) -> dict:
 
 # format version → how a run directory of that format is read (its meta upgraded to today's).
 # A format whose runs mean something else (not just stored otherwise) has no reader: retrained.
-READERS: dict[int, Callable[[Path, dict], dict]] = {1: _read_format1, FORMAT_VERSION: lambda path, meta: meta}
+def _read_format2(path: Path, meta: dict) -> dict:
+    """Format 2: a single-level run holds what format 3's does; a multi-level run may lack the
+    `decoder`, `selective` or `by_frequency` metrics, so it is not read (retrained)."""
+    if meta["config"]["head"].get("levels"):
+        raise ValueError("a format-2 multi-level run lacks today's decoder, selective and by_frequency metrics")
+    return meta
+
+
+READERS: dict[int, Callable[[Path, dict], dict]] = {
+    1: _read_format1, 2: _read_format2, FORMAT_VERSION: lambda path, meta: meta}
 
 
 def run_path(store: FeatureStore, config: RunConfig, runs_dir: str | Path) -> tuple[Path, dict]:
@@ -351,7 +379,7 @@ def run_path(store: FeatureStore, config: RunConfig, runs_dir: str | Path) -> tu
 
 def finished(path: Path) -> Run | None:
     """The finished run at `path`, or None (absent, unfinished, or of a format this fgembed cannot
-    read: retrained, never a crash). A run a killed `publish` left aside is put back first."""
+    read: retrained, never a crash). A run a killed `publish` left behind is recovered first."""
     _remove_abandoned(path)
     if not (path / "metrics.json").is_file():
         return None
@@ -401,9 +429,7 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     seconds = time.perf_counter() - started
     excluded = view.excluded_classes(level)
 
-    _remove_abandoned(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    tmp = temp_dir(path)
     group = zarr.open_group(tmp / "logits.zarr", mode="w")
     seen = ~view.novel
     X = {split: view.X(split) for split in ("val", "test")}
@@ -411,14 +437,8 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
                                         y_test, seen)
     train_counts = view.class_counts("train", level)
     for metrics_k, pred in zip(per_seed, preds):  # argmax of the stored float16 test logits, seen rows only
-        bins = by_frequency(y_test[seen], pred[seen], train_counts, h.shot_bins)
-        # an empty bin has no accuracy: null in JSON (NaN is not JSON, and never equals itself)
-        metrics_k["by_frequency"] = {name: {k: None if np.isnan(v) else v for k, v in b.items()} for name, b in bins.items()}
-    for seed, fitted in zip(h.seeds, heads):
-        save_torch({k: v.detach().cpu().contiguous() for k, v in fitted.module_.state_dict().items()},
-                   str(tmp / f"head-seed{seed}.safetensors"))
-    if view.projection is not None:
-        save_numpy(view.projection.arrays(), str(tmp / "projection.safetensors"))
+        metrics_k["by_frequency"] = frequency_metrics(y_test[seen], pred[seen], train_counts, h.shot_bins)
+    save_weights(tmp, {seed: fitted.module_ for seed, fitted in zip(h.seeds, heads)}, view.projection)
     (tmp / "history.json").write_text(json.dumps({str(s): getattr(f, "history_", []) for s, f in zip(h.seeds, heads)}))
     meta = {"format_version": FORMAT_VERSION, "fgembed_version": __version__, "config": config.to_json(),
             "store": identity, "store_path": str(store.path), "dims": view.dims, "n_classes": n_classes,
@@ -434,91 +454,7 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     }
     if len(h.lr) * len(h.weight_decay) > 1:
         metrics["grid"] = [getattr(f, "grid_", None) for f in heads]
-    publish(tmp, path, metrics)
-    return Run(path, config, metrics, identity, meta=meta)
-
-
-def create_logits(group: zarr.Group, name: str, seeds: int, rows: int, classes: int) -> zarr.Array:
-    """A `[seeds, rows, classes]` float16 logits array of a run: one chunk per seed and
-    LOGIT_ROWS rows (every write a whole chunk), plain zarr, no codec beyond the bytes."""
-    return group.create_array(name, shape=(seeds, rows, classes), dtype="float16", chunks=(1, LOGIT_ROWS, classes),
-                              compressors=LOGIT_COMPRESSORS, config={"write_empty_chunks": True})
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def write_logits(arrays: Sequence[zarr.Array], modules: Sequence[torch.nn.Module], X: np.ndarray,
-                 excluded: Sequence[np.ndarray],
-                 on_block: Callable[[int, int, list[np.ndarray]], None] | None = None) -> None:
-    """Every seed's logits of the rows `X` into `arrays[j][seed]` (`j`: the modules' outputs —
-    one tensor, or one per level), LOGIT_ROWS rows at a time. Each block is forwarded, masked
-    (`excluded[j]` columns) and cast to float16 on the modules' device, so the host receives half
-    the bytes and makes no float32 copy; a writer thread stores it as one whole chunk (no read,
-    no merge) while the next block is predicted. `on_block(seed, start, blocks)` gets the same
-    float16 blocks on a thread of its own, in order (scoring what readers will see)."""
-    if not modules:
-        return
-    device = _device(modules[0])
-    columns = [torch.as_tensor(np.asarray(e, np.int64), device=device) for e in excluded]
-    pending: deque[list[Future]] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="fgembed-write") as writer, \
-            ThreadPoolExecutor(1, thread_name_prefix="fgembed-score") as scorer, torch.no_grad():
-        for k, module in enumerate(modules):
-            module.eval()
-            for start in range(0, len(X), LOGIT_ROWS):
-                out = module(torch.as_tensor(X[start:start + LOGIT_ROWS]).to(device).float())
-                blocks = []
-                for z, masked in zip([out] if isinstance(out, torch.Tensor) else out, columns, strict=True):
-                    z = z.float()  # the module's own output: masked in place
-                    if len(masked):
-                        z.index_fill_(1, masked, MASKED)
-                    blocks.append(z.half().cpu().numpy())
-                if len(pending) == WRITE_AHEAD:
-                    _wait(pending.popleft())
-                jobs = [writer.submit(_write_blocks, arrays, k, start, blocks)]
-                if on_block is not None:
-                    jobs.append(scorer.submit(on_block, k, start, blocks))
-                pending.append(jobs)
-        while pending:
-            _wait(pending.popleft())
-
-
-def _wait(jobs: list[Future]) -> None:
-    for job in jobs:
-        job.result()  # a failed write or score raises here, in the caller
-
-
-def _write_blocks(arrays: Sequence[zarr.Array], k: int, start: int, blocks: list[np.ndarray]) -> None:
-    for array, block in zip(arrays, blocks):
-        # given in the chunk's own shape, zarr writes the block as it is (a [rows, classes] value
-        # is first copied into a fresh fill-valued chunk)
-        array[k:k + 1, start:start + len(block)] = block[None]
-
-
-def write_head_logits(group: zarr.Group, modules: Sequence[torch.nn.Module], X: dict[str, np.ndarray],
-                      rows: dict[str, np.ndarray], excluded: np.ndarray, n_classes: int, y_test: np.ndarray,
-                      seen: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
-    """A single-level run's `{val,test}` logits and `{val,test}_rows`, the test split scored as it
-    is written: per seed, its metrics on the `seen` test rows and its predictions (argmax of the
-    stored float16 logits) on every test row."""
-    counts = [MetricCounts(n_classes) for _ in modules]
-    preds = [np.empty(len(y_test), np.int64) for _ in modules]
-
-    def score(k: int, start: int, blocks: list[np.ndarray]) -> None:
-        z = torch.from_numpy(blocks[0]).float()
-        stop = start + len(z)
-        preds[k][start:stop] = z.numpy().argmax(1)  # numpy's: the first of tied maxima, ~4× torch's speed on CPU
-        keep = seen[start:stop]
-        counts[k].update(z if keep.all() else z[torch.from_numpy(keep)], y_test[start:stop][keep])
-
-    for split in ("val", "test"):
-        group.create_array(f"{split}_rows", data=rows[split].astype(np.int64))
-        array = create_logits(group, split, len(modules), len(X[split]), n_classes)
-        write_logits([array], modules, X[split], [excluded], score if split == "test" else None)
-    return [c.metrics() for c in counts], preds
+    return publish(tmp, path, metrics, Run(path, config, metrics, identity, meta=meta))
 
 
 def view_counts(view: View, seen: np.ndarray) -> dict:
@@ -530,37 +466,121 @@ def view_counts(view: View, seen: np.ndarray) -> dict:
     return counts
 
 
-def publish(tmp: Path, path: Path, metrics: dict) -> None:
+def temp_dir(path: Path) -> Path:
+    """A fresh temporary folder beside the run's place, named for this host and process, after
+    clearing what abandoned fits left there (`_remove_abandoned`)."""
+    _remove_abandoned(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_owner()}")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_weights(tmp: Path, modules: dict[int, torch.nn.Module], projection: PCASum | None) -> None:
+    """What a run's predictions are rebuilt from (`Run.load_heads`, `views.design_rows`), for
+    single- and multi-level runs alike: each seed's kept module as `head-seed<S>.safetensors` (a
+    state dict, never a pickle) and a PCA sum view's fitted projection."""
+    for seed, module in modules.items():
+        save_torch({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                   str(tmp / f"head-seed{seed}.safetensors"))
+    if projection is not None:
+        save_numpy(projection.arrays(), str(tmp / "projection.safetensors"))
+
+
+def frequency_metrics(y_true: np.ndarray, y_pred: np.ndarray, train_counts: np.ndarray,
+                      bins: tuple[int, int]) -> dict[str, dict]:
+    """`longtail.by_frequency` as metrics.json holds it: an empty bin's accuracy is null (NaN is
+    not JSON, and never equals itself)."""
+    return {name: {k: None if np.isnan(v) else v for k, v in b.items()}
+            for name, b in by_frequency(y_true, y_pred, train_counts, bins).items()}
+
+
+def publish(tmp: Path, path: Path, metrics: dict, run: Run) -> Run:
     """Write metrics.json last, then swap the finished temp folder into the run's place: a run
     already there is renamed aside first and removed last, so a crash at any step leaves a whole
-    run in place or aside (`_remove_abandoned` puts it back) — never none."""
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if not path.exists():
+    run in place, aside or in the temp folder (`_remove_abandoned` recovers it) — never none.
+
+    Two fits of one key may both find its place empty (or both set a run aside): the second
+    rename of a temp folder onto the place then fails, since a folder is already there. That is
+    another fit's finished run: ours is dropped and theirs returned, as a reused run."""
+    (tmp / "metrics.json.part").write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp / "metrics.json.part", tmp / "metrics.json")  # whole or absent: it marks a finished run
+    aside: Path | None = path.with_name(f".{path.name}.old-{_owner()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        aside = None  # nothing to set aside
+    try:
         os.rename(tmp, path)
-        return
-    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.rename(path, aside)
-    os.rename(tmp, path)
-    shutil.rmtree(aside, ignore_errors=True)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        for ours in (tmp, aside):
+            if ours is not None:
+                shutil.rmtree(ours, ignore_errors=True)
+        theirs = Run.load(path)
+        theirs.reused = True
+        return theirs
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return run
+
+
+HOST = re.sub(r"[^\w.-]", "_", socket.gethostname()) or "localhost"  # in leftover names: whose pid it is
+FOREIGN_ABANDONED_S = 24 * 3600  # another host's leftover untouched this long is abandoned (see _remove_abandoned)
+_LEFTOVER = r"(?P<kind>tmp|old)-(?:(?P<host>[\w.-]+)-)?(?P<pid>\d+)"
+
+
+def _owner() -> str:
+    return f"{HOST}-{os.getpid()}"
 
 
 def _remove_abandoned(path: Path) -> None:
-    """Leftovers of fits killed or interrupted (their process is gone): temp folders are never
-    runs and go; a run `publish` set aside goes back into place when nothing finished replaced
-    it, else away. A name not ending in a pid is not one fgembed writes: left alone."""
-    ours = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)")
-    for leftover in sorted(path.parent.glob(f".{path.name}.*")):
-        match = ours.fullmatch(leftover.name)
-        if match is None:
-            continue
-        pid = int(match[2])
-        if pid != os.getpid() and _alive(pid):
-            continue  # another process is fitting (or publishing) the same configuration right now
-        if match[1] == "old" and not (path / "metrics.json").is_file() and (leftover / "metrics.json").is_file():
+    """Recover or clear what killed or interrupted fits of this key left beside it:
+
+    - a temp folder holding metrics.json is a whole run whose `publish` was killed between its
+      renames: it goes into the run's place when no finished run is there (the newest first);
+    - a run `publish` set aside goes back into place when nothing finished is there;
+    - everything else of theirs goes.
+
+    Whose a leftover is, its name says: `.<run>.{tmp,old}-<host>-<pid>`. On this host, one of a
+    live process (a fit of the same key running now) is left alone. A pid means nothing on another
+    host (a runs folder shared over the network), so another host's leftover is abandoned only once
+    untouched (mtime and ctime, which a rename sets) for FOREIGN_ABANDONED_S: a day, against the
+    minutes a fit holds its temp folder (it is made after training, for the logits' writing).
+    A name without a host (fgembed before hosts were named) counts as this host's; a name not
+    ending in a pid is not one fgembed writes: left alone."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_LEFTOVER}")
+    found = []
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        match = pattern.fullmatch(leftover.name)
+        if match is not None and (stamp := _touched(leftover)) is not None and _abandoned(match, stamp):
+            found.append((match["kind"] != "tmp", -stamp, leftover))
+    for _, _, leftover in sorted(found):  # temp folders (a newer run) before asides, newest first
+        if not (path / "metrics.json").is_file() and (leftover / "metrics.json").is_file():
             shutil.rmtree(path, ignore_errors=True)  # an unfinished folder in the run's place, if any
-            os.rename(leftover, path)
+            try:
+                os.rename(leftover, path)
+            except OSError as exc:  # another process recovered this key first: its run stands
+                if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
         else:
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _touched(path: Path) -> float | None:
+    """When a folder was last changed (its contents or its name), or None once it is gone."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return max(info.st_mtime, info.st_ctime)
+
+
+def _abandoned(match: re.Match, touched: float) -> bool:
+    if match["host"] not in (None, HOST):
+        return time.time() - touched > FOREIGN_ABANDONED_S
+    pid = int(match["pid"])
+    return pid == os.getpid() or not _alive(pid)
 
 
 def _alive(pid: int) -> bool:

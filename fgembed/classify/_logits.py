@@ -1,0 +1,106 @@
+"""Writing a run's logits: `logits.zarr/[<level>/]{val,test}` `[seeds, rows, classes]` float16,
+one whole chunk per write, plain zarr (other tools read it without fgembed).
+
+Logits are predicted, masked and cast to float16 on the head's device and written by a thread
+while the next block is predicted (`write_logits`; figures in benchmarks/README.md, `logits.py`).
+The test split is scored from those very float16 blocks as they are written, so a run's metrics
+are what every reader of its logits sees, and nothing is read back."""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+import zarr
+
+from .metrics import MetricCounts
+
+LOGIT_ROWS = 4096          # rows per logits chunk and per written block
+MASKED = float(np.finfo(np.float16).min)  # logit of a class the head cannot know (finite: fusion-safe)
+WRITE_AHEAD = 2            # blocks handed to the writer thread before prediction waits for it
+LOGIT_COMPRESSORS = None   # no codec: zstd saves ~8% of float16 logits for ~5× the write and ~4× the read time
+
+
+def create_logits(group: zarr.Group, name: str, seeds: int, rows: int, classes: int) -> zarr.Array:
+    """A `[seeds, rows, classes]` float16 logits array of a run: one chunk per seed and
+    LOGIT_ROWS rows (every write a whole chunk), plain zarr, no codec beyond the bytes."""
+    return group.create_array(name, shape=(seeds, rows, classes), dtype="float16", chunks=(1, LOGIT_ROWS, classes),
+                              compressors=LOGIT_COMPRESSORS, config={"write_empty_chunks": True})
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def write_logits(arrays: Sequence[zarr.Array], modules: Sequence[torch.nn.Module], X: np.ndarray,
+                 excluded: Sequence[np.ndarray],
+                 on_block: Callable[[int, int, list[np.ndarray]], None] | None = None) -> None:
+    """Every seed's logits of the rows `X` into `arrays[j][seed]` (`j`: the modules' outputs —
+    one tensor, or one per level), LOGIT_ROWS rows at a time. Each block is forwarded, masked
+    (`excluded[j]` columns) and cast to float16 on the modules' device, so the host receives half
+    the bytes and makes no float32 copy; a writer thread stores it as one whole chunk (no read,
+    no merge) while the next block is predicted. `on_block(seed, start, blocks)` gets the same
+    float16 blocks on a thread of its own, in order (scoring what readers will see)."""
+    if not modules:
+        return
+    device = _device(modules[0])
+    columns = [torch.as_tensor(np.asarray(e, np.int64), device=device) for e in excluded]
+    pending: deque[list[Future]] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="fgembed-write") as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="fgembed-score") as scorer, torch.no_grad():
+        for k, module in enumerate(modules):
+            module.eval()
+            for start in range(0, len(X), LOGIT_ROWS):
+                out = module(torch.as_tensor(X[start:start + LOGIT_ROWS]).to(device).float())
+                blocks = []
+                for z, masked in zip([out] if isinstance(out, torch.Tensor) else out, columns, strict=True):
+                    z = z.float()  # the module's own output: masked in place
+                    if len(masked):
+                        z.index_fill_(1, masked, MASKED)
+                    blocks.append(z.half().cpu().numpy())
+                if len(pending) == WRITE_AHEAD:
+                    _wait(pending.popleft())
+                jobs = [writer.submit(_write_blocks, arrays, k, start, blocks)]
+                if on_block is not None:
+                    jobs.append(scorer.submit(on_block, k, start, blocks))
+                pending.append(jobs)
+        while pending:
+            _wait(pending.popleft())
+
+
+def _wait(jobs: list[Future]) -> None:
+    for job in jobs:
+        job.result()  # a failed write or score raises here, in the caller
+
+
+def _write_blocks(arrays: Sequence[zarr.Array], k: int, start: int, blocks: list[np.ndarray]) -> None:
+    for array, block in zip(arrays, blocks):
+        # given in the chunk's own shape, zarr writes the block as it is (a [rows, classes] value
+        # is first copied into a fresh fill-valued chunk)
+        array[k:k + 1, start:start + len(block)] = block[None]
+
+
+def write_head_logits(group: zarr.Group, modules: Sequence[torch.nn.Module], X: dict[str, np.ndarray],
+                      rows: dict[str, np.ndarray], excluded: np.ndarray, n_classes: int, y_test: np.ndarray,
+                      seen: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
+    """A single-level run's `{val,test}` logits and `{val,test}_rows`, the test split scored as it
+    is written: per seed, its metrics on the `seen` test rows and its predictions (argmax of the
+    stored float16 logits) on every test row."""
+    counts = [MetricCounts(n_classes) for _ in modules]
+    preds = [np.empty(len(y_test), np.int64) for _ in modules]
+
+    def score(k: int, start: int, blocks: list[np.ndarray]) -> None:
+        z = torch.from_numpy(blocks[0]).float()
+        stop = start + len(z)
+        preds[k][start:stop] = z.numpy().argmax(1)  # numpy's: the first of tied maxima, ~4× torch's speed on CPU
+        keep = seen[start:stop]
+        counts[k].update(z if keep.all() else z[torch.from_numpy(keep)], y_test[start:stop][keep])
+
+    for split in ("val", "test"):
+        group.create_array(f"{split}_rows", data=rows[split].astype(np.int64))
+        array = create_logits(group, split, len(modules), len(X[split]), n_classes)
+        write_logits([array], modules, X[split], [excluded], score if split == "test" else None)
+    return [c.metrics() for c in counts], preds
