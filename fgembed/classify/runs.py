@@ -56,6 +56,7 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
 from .. import __version__
+from ..devices import release_freed_host_memory
 from ..errors import FgembedError
 from ..progress import Tick, progress_bar
 from ..store import FeatureStore
@@ -418,6 +419,7 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
         return train_levels(store, config, view, identity, path, device, on_epoch)
     y_train, y_val, y_test = (view.labels(s, level) for s in ("train", "val", "test"))
     n_classes = view.n_classes(level)
+    release_freed_host_memory()  # the view's reading scratch: each phase's peak starts from the rows alone
     started = time.perf_counter()
     head = config.make_head(view.dims, device)
     if getattr(head, "needs_text", False):  # the zero-shot head's weights are the stored text embeddings
@@ -429,6 +431,7 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     seconds = time.perf_counter() - started
     excluded = view.excluded_classes(level)
 
+    release_freed_host_memory()  # the training batches' scratch, before the logits' blocks
     tmp = temp_dir(path)
     group = zarr.open_group(tmp / "logits.zarr", mode="w")
     seen = ~view.novel
