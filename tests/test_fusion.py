@@ -13,6 +13,7 @@ from fgembed.classify.fusion import (
     FUSIONS,
     PCASum,
     SumProjection,
+    _components_on_device,
     concat,
     fit_late_weights,
     late_fusion,
@@ -38,7 +39,8 @@ def test_pca_sum_is_sklearn_pca_fitted_on_train_rows_only(members, tmp_path):
     fused = PCASum().fit([f[train] for f in feats])
     assert fused.n_components_ == 16  # the smallest member dim by default
     expected = sum(PCA(16, random_state=0).fit(f[train]).transform(f) for f in feats)
-    np.testing.assert_allclose(fused.transform(feats), expected, rtol=1e-4, atol=1e-4)
+    # float32 both ways, different solvers (covariance vs SVD): each within ~2e-4 of float64 on values up to ~40
+    np.testing.assert_allclose(fused.transform(feats), expected, rtol=1e-4, atol=5e-4)
     # test rows never influence the projection: changing them leaves every projection as it was
     changed = [f.copy() for f in feats]
     for f in changed:
@@ -53,6 +55,54 @@ def test_pca_sum_is_sklearn_pca_fitted_on_train_rows_only(members, tmp_path):
     np.testing.assert_array_equal(again.transform(feats), fused.transform(feats))
     with pytest.raises(FgembedError, match="not a saved PCA"):
         PCASum.from_arrays({"x": np.zeros(3)})
+
+
+def _known_pca(n: int, d: int, offset: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float32 rows, mean, components) where the answer is known exactly: rows = √(n−1)·Z·diag(s)·Qᵀ + μ,
+    Z orthonormal columns orthogonal to the ones vector, so the mean is μ and the covariance is Q·diag(s²)·Qᵀ
+    with s well separated; components are Q's columns, each oriented with its largest loading positive
+    (scikit-learn's `svd_flip` convention)."""
+    rng = np.random.default_rng(seed)
+    r = min(n - 1, d)
+    z = np.linalg.qr(np.column_stack([np.ones(n), rng.normal(size=(n, r))]))[0][:, 1:]  # ⟂ ones
+    q = np.linalg.qr(rng.normal(size=(d, r)))[0]
+    mean = offset * rng.normal(size=d)
+    x = np.sqrt(n - 1) * z @ np.diag(np.geomspace(3.0, 0.1, r)) @ q.T + mean
+    components = q.T * np.sign(q.T[np.arange(r), np.abs(q.T).argmax(1)])[:, None]
+    return x.astype(np.float32), mean, components
+
+
+@pytest.mark.parametrize("n, d, k", [(400, 48, 32), (40, 64, 30)])  # covariance_eigh; full (fewer rows than dims)
+def test_pca_sum_finds_the_known_components_with_sklearns_orientation(n, d, k):
+    x, mean, components = _known_pca(n, d, offset=100.0)  # a mean large against the spread
+    fused = PCASum(n_components=k).fit([x])
+    np.testing.assert_allclose(fused.means_[0], mean, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(fused.components_[0], components[:k], atol=2e-3)
+    reference = PCA(k, svd_solver="full").fit(x.astype(np.float64))  # scikit-learn's exact PCA, float64
+    np.testing.assert_allclose(fused.components_[0], reference.components_, atol=2e-3)
+    np.testing.assert_allclose(fused.transform([x]), reference.transform(x.astype(np.float64)), atol=2e-3)
+    np.testing.assert_array_equal(x, _known_pca(n, d, offset=100.0)[0])  # the rows were left unchanged
+    x16 = x.astype(np.float16)  # a store's float16 rows are widened, not overwritten
+    widened = x16.astype(np.float32)
+    np.testing.assert_allclose(PCASum(n_components=k).fit([x16]).transform([widened]),
+                               PCASum(n_components=k).fit([widened]).transform([widened]), atol=1e-4)
+    np.testing.assert_array_equal(x16, x.astype(np.float16))
+
+
+def test_pca_on_a_torch_device_equals_sklearn():
+    """The GPU path (torch `eigh` of the float64 covariance), run here on the CPU device."""
+    x, _, components = _known_pca(300, 40, offset=100.0, seed=1)
+    got = _components_on_device(x, x.mean(0, dtype=np.float64), 24, "cpu")
+    np.testing.assert_allclose(got, components[:24], atol=2e-3)
+    np.testing.assert_allclose(got, PCA(24, svd_solver="full").fit(x.astype(np.float64)).components_, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pca_sum_on_cuda_equals_the_host_fit():
+    x, _, _ = _known_pca(500, 64, offset=100.0, seed=2)
+    host, gpu = PCASum(n_components=40).fit([x]), PCASum(n_components=40, device="cuda").fit([x])
+    np.testing.assert_allclose(gpu.means_[0], host.means_[0], atol=1e-4)
+    np.testing.assert_allclose(gpu.components_[0], host.components_[0], atol=2e-3)
 
 
 def test_pca_sum_dimension_limits():

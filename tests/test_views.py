@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from sklearn.decomposition import PCA
 from typer.testing import CliRunner
 
@@ -49,13 +50,15 @@ def test_single_and_concat_rows_equal_numpy(store, l2):
     assert single.class_counts().sum() == len(single.rows["train"])
 
 
-def test_pca_sum_rows_equal_sklearn_and_new_embeddings(store):
-    config = ViewConfig(features=("a", "b", "c"), fusion="sum", l2=True)
+@pytest.mark.parametrize("l2", [True, False])
+def test_pca_sum_rows_equal_sklearn_and_new_embeddings(store, l2):
+    config = ViewConfig(features=("a", "b", "c"), fusion="sum", l2=l2)
     view = build_view(store, config)
     train = view.rows["train"]
+    prepare = l2_normalise if l2 else (lambda x: x)
     for s in ("train", "test"):
-        expected = sum(PCA(16, random_state=0).fit(l2_normalise(store.features(n)[train]))
-                       .transform(l2_normalise(store.features(n)[view.rows[s]])) for n in "abc")
+        expected = sum(PCA(16, random_state=0).fit(prepare(store.features(n)[train]))
+                       .transform(prepare(store.features(n)[view.rows[s]])) for n in "abc")
         np.testing.assert_allclose(view.X(s).astype(np.float32), expected, rtol=1e-2, atol=2e-3)
     # design_rows: the same fusion on "new" embeddings of the test rows gives the view's rows
     new = [store.features(n)[view.rows["test"]] for n in "abc"]
@@ -67,6 +70,20 @@ def test_pca_sum_rows_equal_sklearn_and_new_embeddings(store):
                                   cview.X("val"))
     with pytest.raises(FgembedError, match="projection"):
         design_rows(config, new, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+def test_pca_sum_view_on_a_missing_gpu_is_one_line(store):
+    with pytest.raises(FgembedError, match="no CUDA device"):
+        build_view(store, ViewConfig(features=("a", "b"), fusion="sum"), device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pca_sum_view_fitted_on_cuda_equals_the_host(store):
+    config = ViewConfig(features=("a", "b", "c"), fusion="sum")
+    host, gpu = build_view(store, config), build_view(store, config, device="cuda")
+    for s in ("train", "test"):
+        np.testing.assert_allclose(gpu.X(s).astype(np.float32), host.X(s).astype(np.float32), rtol=1e-2, atol=2e-3)
 
 
 def test_class_selection_keeps_store_ids(store):

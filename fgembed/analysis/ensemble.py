@@ -185,7 +185,7 @@ def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: 
             tick(0, description=f"{config.label} (view)")
             if view is None or view.config != config.view:
                 view = None  # free the previous view before reading the next
-                view = build_view(store, config.view)
+                view = build_view(store, config.view, device=device)
             tick(0, description=config.label)
             runs[key] = fit_run(store, config, runs_dir, device=device, force=True, view=view,
                                 tick=lambda n=1, description=None: tick(n))

@@ -404,9 +404,9 @@ def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device
     if view is not None and view.config != config.view:
         raise FgembedError("fit_run was given a view of another configuration")
     if tick is not None:
-        view = view or build_view(store, config.view, progress=False)
+        view = view or build_view(store, config.view, progress=False, device=device)
         return _train(store, config, view, identity, path, device, tick)
-    view = view or build_view(store, config.view, progress=progress)
+    view = view or build_view(store, config.view, progress=progress, device=device)
     with progress_bar(config.head.total_epochs, config.label, enabled=progress, unit="epoch") as own:
         return _train(store, config, view, identity, path, device, own)
 

@@ -7,7 +7,9 @@ protocol (`holdout`, whole taxonomy groups with `holdout_level`), K training row
 preallocated float16 matrix per split (only the selected rows; no float32 copy of a member, no
 concatenation of whole matrices), so a five-member concat costs about the float16 size of the
 rows it reads. A PCA sum is fitted on the training rows of one member at a time (a float32 copy
-of that member's training rows, given to scikit-learn's PCA) and applied block by block.
+of that member's training rows, given to the exact PCA of `fusion.PCASum`
+— scikit-learn's covariance solver on the host, torch's on a GPU with `device`) and applied
+block by block.
 
 Classes are never renumbered: labels and logit columns are the store's class ids; unselected
 and held-out classes are masked by the runs. Rows whose image failed in any member (status, or a
@@ -19,8 +21,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..datasets.table import SPLIT_NAMES
+from ..devices import resolve_device
 from ..errors import FgembedError
 from ..images import FAILED
 from ..progress import progress_bar
@@ -155,8 +159,9 @@ class View:
         return np.flatnonzero(~known)
 
 
-def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = False) -> View:
-    """Select rows and classes as `config` says and read the members' design rows."""
+def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = False, device: str = "cpu") -> View:
+    """Select rows and classes as `config` says and read the members' design rows. `device`
+    (`auto`, `cpu`, `cuda`, …) is where a PCA sum's projections are fitted; the rows stay on the host."""
     infos = [store.backbone_info(name) for name in config.features]
     for info in infos:
         if info.rows_done < store.n_rows:
@@ -177,7 +182,7 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
     if config.shots:
         rows["train"] = _draw_shots(rows["train"], fine, config.shots, config.draw)
     dims = [info.dim for info in infos]
-    reader = _Reader(store, config, rows, dims, progress)
+    reader = _Reader(store, config, rows, dims, progress, resolve_device(device))
     X, projection = reader.read()
     for name in SPLITS:  # rows with a non-finite value that their status did not flag (older stores)
         X[name], rows[name], bad = _drop_nonfinite(X[name], rows[name])
@@ -284,8 +289,9 @@ class _Reader:
     """Reads members shard-aligned block by block into the preallocated float16 split matrices."""
 
     def __init__(self, store: FeatureStore, config: ViewConfig, rows: dict[str, np.ndarray], dims: list[int],
-                 progress: bool) -> None:
+                 progress: bool, device: torch.device) -> None:
         self.store, self.config, self.rows, self.dims, self.progress = store, config, rows, dims, progress
+        self.device = device
         shard = store.shard_rows
         self.block = max(shard, READ_ROWS // shard * shard)
 
@@ -337,7 +343,7 @@ class _Reader:
     def _pca_sum(self, tick) -> tuple[dict[str, np.ndarray], PCASum]:
         """Fit each member's PCA on its training rows (float32, one member at a time), then add
         its projection of every row into a float32 accumulator per split; float16 at the end."""
-        projection = PCASum(self.config.project_dim).prepare(self.dims, len(self.rows["train"]))
+        projection = PCASum(self.config.project_dim, self.device).prepare(self.dims, len(self.rows["train"]))
         acc = {s: np.zeros((len(r), projection.n_components_), np.float32) for s, r in self.rows.items()}
         for i, (name, d) in enumerate(zip(self.config.features, self.dims)):
             train = np.empty((len(self.rows["train"]), d), np.float32)
