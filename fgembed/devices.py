@@ -48,6 +48,9 @@ def resolve_device(device: str) -> torch.device:
         raise FgembedError("--device cuda asked for, but torch sees no CUDA device")
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if resolved.type == "cuda" and resolved.index >= torch.cuda.device_count():
+        raise FgembedError(f"{resolved} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                           "(a launcher that gives each rank one GPU via CUDA_VISIBLE_DEVICES: use --device cuda:0)")
     return resolved
 
 

@@ -180,8 +180,18 @@ def test_a_bare_cuda_device_gets_this_ranks_index(monkeypatch, asked, rank, expe
     """`torch.cuda.set_device(torch.device("cuda"))` raises: extraction on `--device cuda` once did."""
     from fgembed.devices import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     if rank is None:
         monkeypatch.delenv("LOCAL_RANK", raising=False)
     else:
         monkeypatch.setenv("LOCAL_RANK", rank)
     assert resolve_device(asked) == torch.device(expected)
+
+
+def test_a_cuda_index_beyond_the_visible_devices_is_one_line(monkeypatch):
+    from fgembed.devices import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(FgembedError, match=r"^cuda:1 asked for, but torch sees 1 CUDA device\(s\)"):
+        resolve_device("cuda")
