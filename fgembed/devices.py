@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -54,11 +56,22 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, looked up once; None off Linux or on another C library."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
 def release_freed_host_memory() -> None:
     """Hand the heap pages freed by a model's move or cast back to the OS (glibc's `malloc_trim`;
     a no-op elsewhere). glibc keeps freed blocks below its mmap threshold resident, and decode
     workers forked later count every resident page of the parent in their own RSS."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 

@@ -25,7 +25,7 @@ import torch
 from .backbones import LoadOptions
 from .classify.fusion import late_fusion
 from .classify.runs import Run
-from .classify.views import design_rows
+from .classify.views import design_rows, level_key
 from .datasets import SampleTable
 from .datasets.folder import IMAGE_SUFFIXES
 from .datasets.table import TEST
@@ -127,7 +127,7 @@ def _check_compatible(runs: list[Run]) -> None:
     for run in runs[1:]:
         if run.store["manifest_sha256"] != first.store["manifest_sha256"]:
             raise FgembedError(f"runs {first.path} and {run.path} were trained on different stores")
-        if run.config.head.level != first.config.head.level:
+        if _target_level(run) != _target_level(first):
             raise FgembedError(f"runs {first.path} and {run.path} predict different levels")
 
 
@@ -214,11 +214,17 @@ def _run_scores(run: Run, store: FeatureStore, late_mode: str) -> np.ndarray:
     return scores
 
 
+def _target_level(run: Run) -> str | None:
+    """The level a run's scores are over: `--level`, or a multi-level run's finest (None: the label)."""
+    h = run.config.head
+    return level_key(h.levels[-1]) if h.levels else h.level
+
+
 def _names(run: Run) -> tuple[list[str], dict[str, tuple[np.ndarray, list[str]]]]:
     """Class names of the run's target, and for a fine-label run each taxonomy level's
     fine→ancestor code map, read from the run's store."""
     store = FeatureStore.open(run.store_path)
-    level = run.config.head.level
+    level = _target_level(run)
     attrs = store.samples_attrs
     if level not in (None, "label", "species"):
         return list(attrs["levels"][level]), {}

@@ -220,10 +220,10 @@ def test_multi_level_by_frequency_is_the_fine_levels_on_seen_rows(store_path, tm
 
 
 def test_a_format2_multi_level_run_is_retrained_a_single_level_one_reused(store_path, tmp_path):
-    """Format 2's multi-level runs may lack `decoder`, `selective` and `by_frequency`: not read, so
-    `fit` retrains them (runs.FORMAT_VERSION); its single-level runs hold today's content: reused."""
+    """Format 2's multi-level runs may lack `decoder`, `selective` and `by_frequency`: still read
+    (predict needs only their weights) but `fit` retrains them (runs.FORMAT_VERSION); its
+    single-level runs hold today's content: reused."""
     from fgembed.classify.runs import FORMAT_VERSION
-    from fgembed.errors import FgembedError
 
     levels = _fit(store_path, tmp_path, "--levels", "group,species")
     single = _fit(store_path, tmp_path)
@@ -235,8 +235,8 @@ def test_a_format2_multi_level_run_is_retrained_a_single_level_one_reused(store_
     for key in ("decoder", "selective", "by_frequency"):  # as a format-2 run of last week wrote it
         del metrics[key]
     (levels.path / "metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(FgembedError, match="cannot be read as a run .*format-2 multi-level"):
-        Run.load(levels.path)
+    old = Run.load(levels.path)  # readable, e.g. by `fgembed predict --run`
+    assert old.meta["format_version"] == 2 and "decoder" not in old.metrics
     assert Run.load(single.path).meta["format_version"] == 2
     again = _fit(store_path, tmp_path, "--levels", "group,species")
     assert again.path == levels.path and {"decoder", "selective", "by_frequency"} <= set(again.metrics)

@@ -130,20 +130,26 @@ def test_cli_writes_csv(trained, tmp_path):
     assert json.loads(proc.stdout)[0]["status"] == "ok"
 
 
-def test_a_multi_level_run_predicts_its_finest_level(cub_root, tmp_path):
-    """A run fitted with --levels is served like any other: its fine level's top-1 equals the
-    stored fine-level test logits' argmax, and the coarser levels are the class's ancestors."""
+@pytest.mark.parametrize("levels", [("family", "label"), ("order", "family")])
+def test_a_multi_level_run_predicts_its_finest_level(cub_root, tmp_path, levels):
+    """A run fitted with --levels is served like any other: its finest level's top-1 equals the
+    stored test logits' argmax at that level, named by that level's names; for a species run the
+    coarser levels are the class's ancestors."""
     table = load_dataset("cub", cub_root)
     extract(table, tmp_path / "cub.zarr", ["timm:test_vit"],
             ExtractOptions(load=LoadOptions(pretrained=False), workers=0, progress=False, device="cpu"))
     store = FeatureStore.open(tmp_path / "cub.zarr")
-    head = HeadConfig(epochs=3, seeds=(0, 1), levels=("family", "label"), hierarchy="shared")
+    head = HeadConfig(epochs=3, seeds=(0, 1), levels=levels, hierarchy="shared")
     run = fit_run(store, RunConfig(view=ViewConfig(features=("timm:test_vit",)), head=head), tmp_path / "runs",
                   device="cpu")
-    rows, logits = run.logits("test", level="label")
+    rows, logits = run.logits("test", level=levels[-1])
     files = [Path(table.root) / table.paths[r] for r in rows]
     predictions = predict([run.path], files, top_k=2, device="cpu", workers=0, progress=False)
     assert (predictions.top_ids[:, 0] != np.asarray(logits, np.float32).mean(0).argmax(1)).sum() <= 2
-    family_of = dict(zip(store.labels(), store.labels(level="family")))
-    families = store.samples_attrs["levels"]["family"]
-    assert predictions.levels["family"] == [families[family_of[c]] for c in predictions.top_ids[:, 0]]
+    if levels[-1] == "label":
+        assert predictions.class_names == store.class_names
+        family_of = dict(zip(store.labels(), store.labels(level="family")))
+        families = store.samples_attrs["levels"]["family"]
+        assert predictions.levels["family"] == [families[family_of[c]] for c in predictions.top_ids[:, 0]]
+    else:
+        assert predictions.class_names == list(store.samples_attrs["levels"]["family"]) and not predictions.levels

@@ -263,6 +263,28 @@ def test_a_fit_that_publishes_second_reuses_the_first_ones_run(store, tmp_path, 
         fit_run(store, cfg, tmp_path / "runs", force=True)
 
 
+def test_a_run_published_while_this_fit_trained_is_kept_unless_forced(store, tmp_path, monkeypatch):
+    """The ordinary race: another fit of the same key publishes while this one trains. Without
+    --force this fit keeps theirs (a reader of it is not pulled from under); --force replaces it."""
+    import fgembed.classify.runs as runs_module
+    cfg = config("a")
+    theirs = fit_run(store, cfg, tmp_path / "theirs")
+    path = tmp_path / "runs" / theirs.path.name
+    write = runs_module.write_head_logits
+
+    def another_fit_finishes_meanwhile(*args, **kwargs):
+        if not path.exists():
+            shutil.copytree(theirs.path, path)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "write_head_logits", another_fit_finishes_meanwhile)
+    ours = fit_run(store, cfg, tmp_path / "runs")
+    assert ours.reused and Run.load(path).metrics == theirs.metrics
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # our temp folder is gone
+    forced = fit_run(store, cfg, tmp_path / "runs", force=True)
+    assert not forced.reused and Run.load(path).metrics == forced.metrics != theirs.metrics
+
+
 def test_another_hosts_leftovers_stay_until_a_day_old(store, tmp_path, monkeypatch):
     """A pid is only alive or dead on its own host: another host's temp folder or aside (a runs
     folder shared over the network) is left alone unless untouched for FOREIGN_ABANDONED_S."""

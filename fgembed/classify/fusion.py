@@ -76,7 +76,8 @@ class PCASum:
         if torch.device(self.device).type != "cpu":
             components = _components_on_device(train, mean, self.n_components_, self.device)
         else:
-            centred = np.asarray(train, np.float64) - mean  # float64: see the class docstring
+            centred = np.array(train, np.float64)  # float64 (see the class docstring), one copy, centred in place
+            centred -= mean
             solver = "covariance_eigh" if centred.shape[0] >= centred.shape[1] else "full"
             pca = PCA(self.n_components_, svd_solver=solver, copy=False).fit(centred)
             components = pca.components_

@@ -47,7 +47,7 @@ from .views import View
 
 
 def train_levels(store: FeatureStore, config, view: View, identity: dict, path: Path, device: str,
-                 on_epoch: Callable[..., None]):
+                 on_epoch: Callable[..., None], force: bool = False):
     """Train, write and return the multi-level `Run` of `config` (called by `runs._train`)."""
     from .runs import (
         FORMAT_VERSION,
@@ -112,7 +112,7 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
     }
     if len(h.lr) * len(h.weight_decay) > 1:
         metrics["grid"] = [f.grid for f in fits]
-    return publish(tmp, path, metrics, Run(path, config, metrics, identity, meta=meta))
+    return publish(tmp, path, metrics, Run(path, config, metrics, identity, meta=meta), replace=force)
 
 
 def load_modules(run, device: str = "cpu") -> list:

@@ -72,8 +72,8 @@ if TYPE_CHECKING:
 
 # Bump when what a run directory holds changes, and add its reader to READERS. 3: a multi-level
 # run's metrics.json has `decoder`, `selective` and `by_frequency` (format 2's multi-level runs
-# lack some or all of them, depending on the day they were written: `_read_format2` refuses them,
-# so they are retrained; a format-2 single-level run holds what format 3's does and is read as is).
+# lack some or all of them, depending on the day they were written: `_stale` marks them, so fit
+# retrains them; a format-2 single-level run holds what format 3's does and is reused as it is).
 FORMAT_VERSION = 3
 
 
@@ -361,16 +361,15 @@ def _read_format1(path: Path, meta: dict) -> dict:
 
 # format version → how a run directory of that format is read (its meta upgraded to today's).
 # A format whose runs mean something else (not just stored otherwise) has no reader: retrained.
-def _read_format2(path: Path, meta: dict) -> dict:
-    """Format 2: a single-level run holds what format 3's does; a multi-level run may lack the
-    `decoder`, `selective` or `by_frequency` metrics, so it is not read (retrained)."""
-    if meta["config"]["head"].get("levels"):
-        raise ValueError("a format-2 multi-level run lacks today's decoder, selective and by_frequency metrics")
-    return meta
-
-
 READERS: dict[int, Callable[[Path, dict], dict]] = {
-    1: _read_format1, 2: _read_format2, FORMAT_VERSION: lambda path, meta: meta}
+    1: _read_format1, 2: lambda path, meta: meta, FORMAT_VERSION: lambda path, meta: meta}
+
+
+def _stale(run: Run) -> bool:
+    """A readable run that fit retrains rather than reuses: a multi-level run before format 3
+    lacks today's `decoder`, `selective` or `by_frequency` metrics (it still loads, for predict).
+    A format-2 single-level run holds what format 3's does."""
+    return bool(run.config.head.levels) and run.meta.get("format_version", 1) < 3
 
 
 def run_path(store: FeatureStore, config: RunConfig, runs_dir: str | Path) -> tuple[Path, dict]:
@@ -384,12 +383,7 @@ def finished(path: Path) -> Run | None:
     _remove_abandoned(path)
     if not (path / "metrics.json").is_file():
         return None
-    try:
-        run = Run.load(path)
-    except FgembedError:
-        return None
-    run.reused = True
-    return run
+    return _reusable(path)
 
 
 def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device: str = "auto",
@@ -405,18 +399,18 @@ def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device
         raise FgembedError("fit_run was given a view of another configuration")
     if tick is not None:
         view = view or build_view(store, config.view, progress=False, device=device)
-        return _train(store, config, view, identity, path, device, tick)
+        return _train(store, config, view, identity, path, device, tick, force)
     view = view or build_view(store, config.view, progress=progress, device=device)
     with progress_bar(config.head.total_epochs, config.label, enabled=progress, unit="epoch") as own:
-        return _train(store, config, view, identity, path, device, own)
+        return _train(store, config, view, identity, path, device, own, force)
 
 
 def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, path: Path, device: str,
-           on_epoch: Callable[..., None]) -> Run:
+           on_epoch: Callable[..., None], force: bool = False) -> Run:
     h, level = config.head, config.head.level
     if h.levels:  # one multi-level model per seed (fgembed.classify.hierarchy); written by level_runs
         from .level_runs import train_levels
-        return train_levels(store, config, view, identity, path, device, on_epoch)
+        return train_levels(store, config, view, identity, path, device, on_epoch, force)
     y_train, y_val, y_test = (view.labels(s, level) for s in ("train", "val", "test"))
     n_classes = view.n_classes(level)
     release_freed_host_memory()  # the view's reading scratch: each phase's peak starts from the rows alone
@@ -457,7 +451,7 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     }
     if len(h.lr) * len(h.weight_decay) > 1:
         metrics["grid"] = [getattr(f, "grid_", None) for f in heads]
-    return publish(tmp, path, metrics, Run(path, config, metrics, identity, meta=meta))
+    return publish(tmp, path, metrics, Run(path, config, metrics, identity, meta=meta), replace=force)
 
 
 def view_counts(view: View, seen: np.ndarray) -> dict:
@@ -497,14 +491,18 @@ def frequency_metrics(y_true: np.ndarray, y_pred: np.ndarray, train_counts: np.n
             for name, b in by_frequency(y_true, y_pred, train_counts, bins).items()}
 
 
-def publish(tmp: Path, path: Path, metrics: dict, run: Run) -> Run:
+def publish(tmp: Path, path: Path, metrics: dict, run: Run, replace: bool = False) -> Run:
     """Write metrics.json last, then swap the finished temp folder into the run's place: a run
     already there is renamed aside first and removed last, so a crash at any step leaves a whole
     run in place, aside or in the temp folder (`_remove_abandoned` recovers it) — never none.
 
-    Two fits of one key may both find its place empty (or both set a run aside): the second
-    rename of a temp folder onto the place then fails, since a folder is already there. That is
-    another fit's finished run: ours is dropped and theirs returned, as a reused run."""
+    Two fits of one key may race. Unless `replace` (`--force`), a readable run that another fit
+    published while this one trained is kept: ours is dropped and theirs returned, as a reused
+    run (a reader of it is never pulled from under). If both find the place empty, the second
+    rename onto it fails, since a folder is already there, and ends the same way."""
+    if not replace and (theirs := _reusable(path)) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return theirs
     (tmp / "metrics.json.part").write_text(json.dumps(metrics, indent=2))
     os.replace(tmp / "metrics.json.part", tmp / "metrics.json")  # whole or absent: it marks a finished run
     aside: Path | None = path.with_name(f".{path.name}.old-{_owner()}")
@@ -535,6 +533,18 @@ _LEFTOVER = r"(?P<kind>tmp|old)-(?:(?P<host>[\w.-]+)-)?(?P<pid>\d+)"
 
 def _owner() -> str:
     return f"{HOST}-{os.getpid()}"
+
+
+def _reusable(path: Path) -> Run | None:
+    """The run at `path` as a reused run, or None (absent, unreadable or stale: retrained)."""
+    try:
+        run = Run.load(path)
+    except FgembedError:
+        return None
+    if _stale(run):
+        return None
+    run.reused = True
+    return run
 
 
 def _remove_abandoned(path: Path) -> None:
