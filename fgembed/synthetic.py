@@ -121,6 +121,8 @@ def write_inat21(root: Path, records: list[SyntheticImage], train_name: str = "t
     """train_mini.json / val.json in iNat 2021's COCO style, images at each file_name."""
     inat = root / "inat21"
     names = sorted({r.class_name for r in records})
+    if len(names) > len(CUB_CLASS_IDS):
+        raise ValueError(f"write_inat21 borrows the taxonomy of {len(CUB_CLASS_IDS)} real CUB classes; got {len(names)}")
     tax = cub_taxonomy()
     categories = []
     for k, n in enumerate(names):
@@ -147,6 +149,7 @@ def write_inat21(root: Path, records: list[SyntheticImage], train_name: str = "t
 
 
 def write_manifest(root: Path, records: list[SyntheticImage]) -> Path:
+    """manifest.csv (path, label, split) beside the images: the CSV manifest dataset format."""
     path = root / "manifest.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f)

@@ -312,13 +312,17 @@ def shared_train_counts(store: FeatureStore, runs: list[Run], subsets: list[tupl
     if view.classes is not None:
         kept[:] = False
         kept[list(view.classes)] = True
-    kept[runs[0].meta.get("holdout_classes", [])] = False
-    train = (store.group["samples/split"][:] == SPLIT_NAMES["train"]) & kept[fine]
     codes = store.labels(level=level_key(level)).astype(np.int64)
-    failed = [np.isin(store.status(run.config.view.features[0]), FAILED) for run in runs]
+    train = store.group["samples/split"][:] == SPLIT_NAMES["train"]
+    # per member: a concat or sum member loses a row when any of its backbones failed on it
+    failed = [np.logical_or.reduce([np.isin(store.status(name), FAILED) for name in run.config.view.features])
+              for run in runs]
     out = []
     for subset in subsets:
-        ok = train & ~np.logical_or.reduce([failed[m] for m in subset])
+        held = np.zeros(len(kept), bool)  # the members' held-out classes, together (as late fusion masks them)
+        for m in subset:
+            held[runs[m].meta.get("holdout_classes", [])] = True
+        ok = train & (kept & ~held)[fine] & ~np.logical_or.reduce([failed[m] for m in subset])
         if view.shots is None:
             out.append(np.bincount(codes[ok], minlength=n_classes))
             continue

@@ -2,6 +2,7 @@
 
 `views` builds the design rows (single / concat / PCA-sum, hold-outs, shots) and `fusion` is the
 math behind them; `heads`, `baselines`, `train` and `longtail` are the models and their training
-loop; `runs` (and `level_runs` for taxonomy-aware heads, `hierarchy`) fit them into run
-directories; `metrics` scores predictions. Reads the store, never the extraction code.
+loop; `runs` fits them into run directories (`_logits` writes their logits), `level_runs` and
+`hierarchy` do the same for taxonomy-aware heads, whose decoders and metrics are in
+`hierarchy_metrics`; `metrics` scores predictions. Reads the store, never the extraction code.
 """

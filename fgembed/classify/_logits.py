@@ -4,7 +4,8 @@ one whole chunk per write, plain zarr (other tools read it without fgembed).
 Logits are predicted, masked and cast to float16 on the head's device and written by a thread
 while the next block is predicted (`write_logits`; figures in benchmarks/README.md, `logits.py`).
 The test split is scored from those very float16 blocks as they are written, so a run's metrics
-are what every reader of its logits sees, and nothing is read back."""
+are what every reader of its logits sees, and a single-level run reads nothing back (a
+multi-level run still reads its test logits back for the hierarchy decoders)."""
 from __future__ import annotations
 
 from collections import deque
