@@ -133,9 +133,9 @@ class _StackedHeads:
                 self.params[name] = [stacked.clone().requires_grad_() for _ in range(n_settings)]
             else:
                 self.buffers[name] = stacked.repeat(n_settings, *[1] * (stacked.ndim - 1)).contiguous()
-        self.dropout_widths = self._dropout_widths(templates[0])
+        self.dropout_widths = self._dropout_widths()
 
-    def _dropout_widths(self, template: nn.Module) -> list[tuple[int, float]]:
+    def _dropout_widths(self) -> list[tuple[int, float]]:
         """(width, p) of each dropout layer, read from the layer before it."""
         width, out = None, []
         for op in self.ops:

@@ -191,7 +191,7 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
         if len(rows[name]) == 0:
             hint = " (extract with --val-fraction > 0)" if name == "val" else ""
             raise FgembedError(f"store {store.path} has no usable {name} rows in this view{hint}")
-    _warn_empty_classes(store, config, fine, kept & ~held, rows["train"])
+    _warn_empty_classes(store, fine, kept & ~held, rows["train"])
     holdout = np.flatnonzero(held).tolist()
     return View(config, list(config.features), dims, X["train"].shape[1], rows, dropped, holdout,
                 held[fine[rows["test"]]], projection, kept & ~held, store, X)
@@ -243,8 +243,7 @@ def _select_classes(store: FeatureStore, config: ViewConfig, fine: np.ndarray,
     return kept, held
 
 
-def _warn_empty_classes(store: FeatureStore, config: ViewConfig, fine: np.ndarray, trainable: np.ndarray,
-                        train: np.ndarray) -> None:
+def _warn_empty_classes(store: FeatureStore, fine: np.ndarray, trainable: np.ndarray, train: np.ndarray) -> None:
     """Warn of classes the store has rows of but no training row in this view — unless the view
     asked for that (held-out or unselected classes are masked, not warned about)."""
     in_store = np.bincount(fine, minlength=len(trainable)) > 0
