@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu import available_cores, torch_threads
 from .errors import FgembedError
 
 # --precision value → (recorded name, weights dtype, autocast dtype). The recorded name enters the
@@ -76,13 +77,6 @@ def release_freed_host_memory() -> None:
         trim(0)
 
 
-def available_cores() -> int:
-    """The cores this process may use, its share under torchrun. `sched_getaffinity` sees
-    taskset/cgroup limits; `cpu_count` does not."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def default_workers() -> int:
     """Decode processes: the available cores minus one for the main loop, at least 0."""
     return available_cores() - 1
@@ -120,12 +114,8 @@ def backend_flags(device: torch.device, precision: Precision, workers: int = 0) 
     few fp32 ops left (position-embedding interpolation, fp32 layer norms) are below bf16 noise.
     """
     if device.type != "cuda":
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(threads, available_cores() - workers)))
-        try:
+        with torch_threads(min(torch.get_num_threads(), available_cores() - workers)):
             yield
-        finally:
-            torch.set_num_threads(threads)
         return
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32

@@ -1,4 +1,4 @@
-"""Decode an image file into RGB once, with a status code instead of an exception.
+"""Decode an image into RGB once, with a status code instead of an exception.
 
 Extraction must never shift rows: a file that cannot be decoded becomes a flagged row. The
 conversion policy is part of every backbone fingerprint (`IMAGE_POLICY`), because it changes
@@ -11,6 +11,7 @@ more elongated than `MAX_ASPECT`:1 are refused before decoding: a decompression 
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -44,11 +45,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open(path: Path) -> Image.Image:
+def _open(data: bytes) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns on odd EXIF/ICC chunks; the row decides, not a warning
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # but a bomb is never decoded
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             w, h = image.size
             if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * max(1, min(w, h)):
                 raise _Refused
@@ -56,13 +57,30 @@ def _open(path: Path) -> Image.Image:
             return _to_rgb(image)
 
 
-def load_rgb(path: str | Path) -> tuple[Image.Image | None, int]:
-    """(RGB image, OK) or (image, TRUNCATED) or (None, UNREADABLE | MISSING | REFUSED_SIZE)."""
-    path = Path(path)
-    if not path.is_file():
-        return None, MISSING
+def read_rgb(source, row: int) -> tuple[Image.Image | None, int]:
+    """Row `row` of an image source (`datasets.sources`), decoded as `decode_rgb` does; MISSING
+    when the record does not exist, UNREADABLE when it cannot be read."""
     try:
-        return _open(path), OK
+        data = source.read(row)
+    except FileNotFoundError:
+        return None, MISSING
+    except Exception:  # a source's own read error (permissions, a corrupt archive member): the row fails
+        return None, UNREADABLE
+    return decode_rgb(data)
+
+
+def load_rgb(path: str | Path) -> tuple[Image.Image | None, int]:
+    """One image file, as `read_rgb` reads a row."""
+    from .datasets.sources import LocalFiles
+
+    path = Path(path)
+    return read_rgb(LocalFiles(path.parent, [path.name]), 0)
+
+
+def decode_rgb(data: bytes) -> tuple[Image.Image | None, int]:
+    """(RGB image, OK) or (image, TRUNCATED) or (None, UNREADABLE | REFUSED_SIZE)."""
+    try:
+        return _open(data), OK
     except (_Refused, Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, REFUSED_SIZE
     except OSError as exc:
@@ -72,7 +90,7 @@ def load_rgb(path: str | Path) -> tuple[Image.Image | None, int]:
         return None, UNREADABLE
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
     try:
-        return _open(path), TRUNCATED
+        return _open(data), TRUNCATED
     except Exception:
         return None, UNREADABLE
     finally:

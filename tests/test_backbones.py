@@ -31,7 +31,7 @@ def _extract(table, tmp_path, name, **load):
 
 
 def _images(table, rows):
-    return [Image.open(table.absolute_path(r)).convert("RGB") for r in rows]
+    return [Image.open(table.source.path(r)).convert("RGB") for r in rows]
 
 
 ROWS = [0, 9, 33, 59]

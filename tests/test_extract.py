@@ -53,8 +53,8 @@ def _assert_same_store(a, b):
 def test_each_image_decoded_once_for_all_backbones(manifest_csv, tmp_path, monkeypatch):
     table = load_dataset("manifest", manifest_csv)
     calls = []
-    real = engine.load_rgb
-    monkeypatch.setattr(engine, "load_rgb", lambda p: calls.append(p) or real(p))
+    real = engine.read_rgb
+    monkeypatch.setattr(engine, "read_rgb", lambda source, row: calls.append(row) or real(source, row))
     summary = extract(table, tmp_path / "s.zarr", list(TIMM_TINY), _opts())
     assert len(calls) == len(table) == summary.processed
     assert summary.backbones == {"timm:test_vit": 64, "timm:test_convnext": 64, "timm:test_resnet": 96}

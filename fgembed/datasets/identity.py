@@ -1,7 +1,8 @@
 """Dataset identity: which files a store's rows were read from, cheap enough for 500k images.
 
-Identity = the resolved root + every row's file size and mtime (one `stat` each) + a sampled
-content hash (the first and last 2 KB of a seeded sample of files). Never a full hash of every
+Identity = the images' location (a resolved root, or a URL) + every row's record size and mtime
+(one `stat` each, through the table's `source`) + a sampled content hash (the first and last
+2 KB of a seeded sample of records). Never a full hash of every
 image: that would cost a full read of the dataset on every resume. Two copies of a dataset
 under different roots, a file replaced by another, or an edited file (size or mtime moved) are
 told apart; what differs is said in one line.
@@ -9,16 +10,14 @@ told apart; what differs is said in one line.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from .sources import SAMPLE_BYTES
 from .table import SampleTable
 
 SAMPLE_FILES = 16
-SAMPLE_BYTES = 2048  # from each end of a sampled file
 SAMPLE_SEED = 0
 
 
@@ -36,34 +35,19 @@ class FileIdentity:
                 "sample_bytes": SAMPLE_BYTES, "schema": 1}
 
 
-def _ends(path: Path) -> bytes:
-    try:
-        with path.open("rb") as f:
-            head = f.read(SAMPLE_BYTES)
-            f.seek(0, os.SEEK_END)
-            f.seek(max(len(head), f.tell() - SAMPLE_BYTES))
-            return head + f.read(SAMPLE_BYTES)
-    except OSError:
-        return b"<unreadable>"
-
-
 def file_identity(table: SampleTable) -> FileIdentity:
-    """Stat every row's file and hash the ends of a seeded sample of them."""
-    n = len(table)
+    """Stat every row's record and hash the ends of a seeded sample of them."""
+    n, source = len(table), table.source
     sizes, mtimes = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
     for row in range(n):
-        try:
-            st = table.absolute_path(row).stat()
-        except OSError:
-            continue
-        sizes[row], mtimes[row] = st.st_size, st.st_mtime_ns
+        sizes[row], mtimes[row] = source.stat(row)
     rng = np.random.default_rng(SAMPLE_SEED)
     rows = sorted(int(r) for r in rng.choice(n, size=min(SAMPLE_FILES, n), replace=False))
     digest = hashlib.sha256()
     for row in rows:
         digest.update(table.paths[row].encode())
-        digest.update(_ends(table.absolute_path(row)))
-    return FileIdentity(str(Path(table.root).resolve()), sizes, mtimes, rows, digest.hexdigest())
+        digest.update(source.ends(row))
+    return FileIdentity(source.location, sizes, mtimes, rows, digest.hexdigest())
 
 
 def identity_differences(old_attrs: dict, old_sizes: np.ndarray | None, old_mtimes: np.ndarray | None,

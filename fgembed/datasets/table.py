@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from ..errors import FgembedError
+from .sources import ImageSource, LocalFiles
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = {"train": TRAIN, "val": VAL, "test": TEST}
@@ -29,7 +29,11 @@ class Level:
 
 @dataclass
 class SampleTable:
-    """One row per image, in the dataset's own order; paths are relative to `root`."""
+    """One row per image, in the dataset's own order; paths are relative to `root`.
+
+    `source` reads each row's image bytes (`sources.ImageSource`); by default the files
+    `root / path`. A reader of another format (tar shards, a Hugging Face dataset) gives its own,
+    and `paths` are then the records' names within it."""
 
     kind: str
     root: str
@@ -41,8 +45,11 @@ class SampleTable:
     levels: dict[str, Level] = field(default_factory=dict)
     split_recipe: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)  # e.g. which taxonomy the levels came from
+    source: ImageSource | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = LocalFiles(self.root, self.paths)
         self.ids = np.asarray(self.ids, dtype=np.int64)
         self.labels = np.asarray(self.labels, dtype=np.int32)
         self.split = np.asarray(self.split, dtype=np.uint8)
@@ -56,9 +63,6 @@ class SampleTable:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def absolute_path(self, row: int) -> Path:
-        return Path(self.root) / self.paths[row]
 
     def sha256(self) -> str:
         """Hash of everything that defines the rows: extraction into a store checks it."""

@@ -41,7 +41,7 @@ from ..devices import (
     resolve_precision,
 )
 from ..errors import FgembedError
-from ..images import TRANSFORM_FAILED, load_rgb
+from ..images import TRANSFORM_FAILED, read_rgb
 from ..progress import progress_bar
 from ..store import DEFAULT_SHARD_ROWS, FeatureStore
 from ._ranks import failures_shared, process_group
@@ -142,7 +142,7 @@ class DecodedImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, table: SampleTable, backbones: list[Backbone], kinds: list[str]) -> None:
-        self.root, self.paths = Path(table.root), table.paths
+        self.source, self.rows = table.source, len(table)
         keys = ["device-resize" if k == "device-resize" else f"{k}:{b.preprocessing_key()}"
                 for b, k in zip(backbones, kinds)]
         unique = list(dict.fromkeys(keys))
@@ -150,14 +150,14 @@ class DecodedImages(torch.utils.data.Dataset):
         self.feeds = [_feed(backbones[keys.index(k)], kinds[keys.index(k)]) for k in unique]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return self.rows
 
     def _zeros(self) -> list[torch.Tensor]:
         return [torch.zeros(f.shape or (3, 8, 8), dtype=f.dtype) for f in self.feeds]
 
     def __getitem__(self, row: int):
         start = time.perf_counter()
-        image, status = load_rgb(self.root / self.paths[row])
+        image, status = read_rgb(self.source, row)
         decoded = time.perf_counter()
         if image is None:
             return (row, status, decoded - start, 0.0), self._zeros()
