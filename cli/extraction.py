@@ -17,7 +17,7 @@ from ._common import app, err, fits, out, plural, print_json
 # The dataset formats of `--help`, spelled here rather than imported: `fgembed.datasets` loads numpy and
 # scikit-learn, which `fgembed --help` and every other command would then pay for at start-up.
 # tests/test_cli.py checks this against the registry (`fgembed.datasets.KINDS`), which stays the dispatch.
-DATASET_KINDS = ("cub", "inat21", "folder", "manifest")
+DATASET_KINDS = ("cub", "inat21", "folder", "manifest", "webdataset", "hf")
 
 
 @app.command()
