@@ -63,7 +63,7 @@ def main() -> None:
         linear = torch.nn.Linear(1024, classes).to(device)
         torch.nn.init.zeros_(linear.weight)
         torch.nn.init.zeros_(linear.bias)
-        value = minimise_logreg(linear, Xd, yd, args.C, args.max_iter, 1e-6)
+        value, _ = minimise_logreg(linear, Xd, yd, args.C, args.max_iter, 1e-6)
         return linear, value
 
     sk_times, model = timed(sklearn_fit, args.repeats)

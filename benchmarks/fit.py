@@ -31,7 +31,8 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
-from fgembed.analysis.ensemble import Combination, score
+from fgembed.analysis.ensemble import score
+from fgembed.analysis.plan import Combination
 from fgembed.classify.heads import MLPHead
 from fgembed.classify.runs import HeadConfig, RunConfig
 from fgembed.classify.train import train_grid

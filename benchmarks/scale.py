@@ -232,7 +232,8 @@ def run_case(case: str, work: Path, device: torch.device) -> dict:
         (old / "concat").mkdir(parents=True, exist_ok=True)
         previous_fit_run(store, MEMBERS, old / "concat", 1, device)
     elif case.startswith("late-"):
-        from fgembed.analysis.ensemble import plan, score
+        from fgembed.analysis.ensemble import score
+        from fgembed.analysis.plan import plan
         singles = {m: _fit(store, (m,), runs, device).path for m in MEMBERS}  # reused, not trained
         combos = [c for c in plan(list(MEMBERS), ["late"], ["all"]) if c.strategy == "late"]
         started = time.perf_counter()

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from fgembed import __version__
+from fgembed._version import __version__
 from fgembed.errors import FgembedError
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # results

@@ -195,9 +195,10 @@ def ensemble(
     every format and a bar chart of the ranking next to the runs. With --levels every run is
     multi-level and late fusion is scored level by level.
     """
-    from fgembed.analysis.ensemble import plan, score, split_member
+    from fgembed.analysis.ensemble import score
+    from fgembed.analysis.plan import plan, split_member
     from fgembed.analysis.report import extra_columns, format_table, write_report
-    from fgembed.classify.fusion import STRATEGIES
+    from fgembed.classify.fusion import fusion_strategies
     from fgembed.classify.options import ensemble_config
     from fgembed.classify.runs import check_levels
     from fgembed.store import FeatureStore
@@ -217,7 +218,7 @@ def ensemble(
     given = run_options(typed(ctx, "store", "members", "strategies", "combinations", "late_mode", "late_weights",
                               "by_frequency", "cost", "fmt", "name", "title", "device", "runs", "force", "quiet"),
                         opened.class_names)
-    base = ensemble_config(names, [s for s in STRATEGIES if s in used], **given)
+    base = ensemble_config(names, [s for s in fusion_strategies() if s in used], **given)
     check_levels(opened, base)
     err.print(f"ensemble: {len(combos)} rows from {len(names)} member{'s' * (len(names) != 1)}", highlight=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -242,7 +243,7 @@ def ensemble(
 def _add_costs(opened, entries, store_path: Path) -> None:
     """Each row's cost (`report.combine_costs` of its members' `fgembed bench` records) into its
     metrics; one warning line names the members never benchmarked and the command that fixes it."""
-    from fgembed.analysis.ensemble import split_member
+    from fgembed.analysis.plan import split_member
     from fgembed.analysis.report import combine_costs
     from fgembed.extraction.bench import read_cost
 

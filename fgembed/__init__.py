@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # name → the module that defines it, in the order data flows (datasets → store → views → heads → runs)
 _API = {
@@ -23,8 +23,8 @@ _API = {
     "build_view": "fgembed.classify.views",
     "MLPHead": "fgembed.classify.heads",
     "LinearHead": "fgembed.classify.heads",
-    "create_head": "fgembed.classify.heads",
-    "list_heads": "fgembed.classify.heads",
+    "create_head": "fgembed.classify.registry",
+    "list_heads": "fgembed.classify.registry",
     "HeadConfig": "fgembed.classify.runs",
     "RunConfig": "fgembed.classify.runs",
     "Run": "fgembed.classify.runs",
@@ -40,7 +40,8 @@ __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports on demand
     from .backbones import load_backbone
-    from .classify.heads import LinearHead, MLPHead, create_head, list_heads
+    from .classify.heads import LinearHead, MLPHead
+    from .classify.registry import create_head, list_heads
     from .classify.runs import HeadConfig, Run, RunConfig, fit_run
     from .classify.views import ViewConfig, build_view
     from .datasets import load_dataset

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis.ensemble import Entry, plan, score
+from .analysis.ensemble import Entry, score
+from .analysis.plan import plan
 from .analysis.report import write_report
 from .backbones import LoadOptions
-from .classify.fusion import STRATEGIES
+from .classify.fusion import fusion_strategies
 from .classify.runs import HeadConfig, RunConfig
 from .classify.views import ViewConfig
 from .datasets import load_dataset
@@ -43,7 +44,7 @@ def run_demo(out: str | Path = "demo-output", progress: bool = True, epochs: int
     table = load_dataset("folder", images)
     summary = extract(table, out / "demo.zarr", list(DEMO_BACKBONES),
                       ExtractOptions(load=LoadOptions(pretrained=False), progress=progress, batch_size=32))
-    combinations = plan(list(DEMO_BACKBONES), list(STRATEGIES), ["all"])
+    combinations = plan(list(DEMO_BACKBONES), list(fusion_strategies()), ["all"])
     entries = score(FeatureStore.open(out / "demo.zarr"), out / "runs", combinations,
                     RunConfig(ViewConfig(features=DEMO_BACKBONES, fusion="sum"), HeadConfig(epochs=epochs)), progress=progress)
     report = write_report(entries, out, "demo-ranking", "demo: weighted F1 on the test split (random-init backbones)")

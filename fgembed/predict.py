@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from .backbones import LoadOptions
-from .classify.fusion import late_fusion
+from .classify.late import late_fusion
 from .classify.runs import Run, same_rows
-from .classify.views import design_rows, level_key
+from .classify.views import level_key
 from .datasets import SampleTable
 from .datasets.folder import IMAGE_SUFFIXES
 from .datasets.table import TEST
@@ -201,7 +201,7 @@ def _run_scores(run: Run, store: FeatureStore, late_mode: str) -> np.ndarray:
     """The run's scores for every work-store row: seeds fused like ensemble members. Rows with a
     failed member image get zeros (they are reported by status, never predicted)."""
     embeddings = [np.nan_to_num(store.features(name)) for name in run.config.view.features]
-    X = design_rows(run.config.view, embeddings, run.load_projection())
+    X = run.load_fusion([e.shape[1] for e in embeddings]).transform(embeddings)
     if run.config.head.levels:  # a multi-level run: its finest level (coarser names follow from the taxonomy)
         from .classify.hierarchy import predict_levels
         per_seed = [predict_levels(module, X)[-1] for module in run.load_heads()]

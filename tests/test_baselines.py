@@ -14,7 +14,7 @@ from fgembed.classify.baselines import (
     ZeroShotHead,
     minimise_logreg,
 )
-from fgembed.classify.heads import create_head, list_heads
+from fgembed.classify.registry import create_head, list_heads
 from fgembed.errors import FgembedError
 
 
@@ -71,7 +71,7 @@ def test_logreg_minimises_sklearns_objective():
     linear = torch.nn.Linear(X.shape[1], 5)
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
-    ours = minimise_logreg(linear, torch.as_tensor(X), torch.as_tensor(y), C, 500, 1e-9)
+    ours, _ = minimise_logreg(linear, torch.as_tensor(X), torch.as_tensor(y), C, 500, 1e-9)
     theirs = _sklearn_objective(reference, X, y, C) / (C * len(X))
     assert ours == pytest.approx(theirs, rel=1e-4)
     pred = linear(torch.as_tensor(X)).argmax(1).numpy()
@@ -115,7 +115,8 @@ def test_baselines_are_runs_tables_and_late_fusion_members(tmp_path):
     from fgembed.cli.main import app
     from typer.testing import CliRunner
 
-    from fgembed.analysis.ensemble import plan, score
+    from fgembed.analysis.ensemble import score
+    from fgembed.analysis.plan import plan
     from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
     from fgembed.classify.views import ViewConfig, build_view
 
@@ -127,7 +128,7 @@ def test_baselines_are_runs_tables_and_late_fusion_members(tmp_path):
                   tmp_path / "runs", device="cpu")
     view = build_view(store, ViewConfig(features=("a",)))
     reference = LogRegHead(device="cpu").fit(view.X("train"), view.labels("train"), view.X("val"),
-                                             view.labels("val"), n_classes=view.n_classes())
+                                             view.labels("val"))  # scikit-learn's face: its classes are the store's
     rows, logits = run.logits("test")
     np.testing.assert_array_equal(np.asarray(logits[0], np.float32).argmax(1), reference.predict(view.X("test")))
     assert run.metrics["accuracy_std"] == 0.0 and run.metrics["chosen"][0]["C"] == reference.chosen_["C"]

@@ -16,8 +16,9 @@ from fgembed.cli.main import app
 from scipy.special import softmax
 from typer.testing import CliRunner
 
-from fgembed.analysis import ensemble
-from fgembed.analysis.ensemble import Combination, fused_levels, late_entries
+from fgembed.analysis import late_stream
+from fgembed.analysis.ensemble import fused_levels, late_entries
+from fgembed.analysis.plan import Combination
 from fgembed.classify.longtail import by_frequency
 from fgembed.classify.runs import HeadConfig, Run, RunConfig
 from fgembed.classify.views import ViewConfig
@@ -107,14 +108,14 @@ def test_logit_average_and_validation_weights_per_level(fused):
         ours = [m["levels"][level]["accuracy"] for m in entry.metrics["per_seed"]]
         np.testing.assert_allclose(ours, reference(runs, store, level, "logits"), atol=2.5 / entry.metrics["n_test"])
     calls = []
-    fit_late_weights = ensemble.fit_late_weights
+    fit_late_weights = late_stream.fit_late_weights
 
     def spy(parts, labels, mode):
         calls.append((parts, labels, fit := fit_late_weights(parts, labels, mode)))
         return fit
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(ensemble, "fit_late_weights", spy)
+        m.setattr(late_stream, "fit_late_weights", spy)
         weighted, = late_entries(store, singles, [Combination("late", tuple(trio["members"]))], None, "logits", "val")
     assert len(weighted.weights) == 3 and weighted.metrics["levels"].keys() == {"group", "label"}
     # per level, per seed: weights fitted on that level's validation logits and labels (every val row
@@ -216,8 +217,8 @@ def test_late_fusion_consistency_severity_and_by_frequency_equal_numpy(fused, mo
     singles = {m: Run.load(p) for m, p in zip(trio["members"], trio["runs"])}
     combo = [Combination("late", tuple(trio["members"]))]
     whole = late_entries(store, singles, combo, None, "proba", "equal")[0].metrics["per_seed"]
-    monkeypatch.setattr(ensemble, "BLOCK_ELEMENTS", 1)
-    assert ensemble._block_rows(3, 8) < trio["n_test"]
+    monkeypatch.setattr(late_stream, "BLOCK_ELEMENTS", 1)
+    assert late_stream._block_rows(3, 8) < trio["n_test"]
     assert late_entries(store, singles, combo, None, "proba", "equal")[0].metrics["per_seed"] == whole
 
 

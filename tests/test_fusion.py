@@ -9,15 +9,10 @@ from safetensors.numpy import load_file, save_file
 from scipy.special import log_softmax, softmax
 from sklearn.decomposition import PCA
 
-from fgembed.classify.fusion import (
-    FUSIONS,
-    PCASum,
-    SumProjection,
-    _components_on_device,
-    concat,
-    fit_late_weights,
-    late_fusion,
-)
+from fgembed.classify.fusion import FUSIONS, SumProjection, concat, create_fusion
+from fgembed.classify.late import fit_late_weights, late_fusion
+from fgembed.classify.pca import PCASum, _components_on_device
+from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
 
 from .formats import write_feature_store
@@ -125,8 +120,10 @@ def test_concat_and_l2_and_the_fusion_registry():
     assert concat([a, b]).shape == (2, 5)
     np.testing.assert_allclose(np.linalg.norm(concat([a, b], l2=True)[:, :3], axis=1), 1.0)
     np.testing.assert_allclose(np.linalg.norm(concat([a, b], l2=True)[:, 3:], axis=1), 1.0)
-    assert sorted(FUSIONS) == ["concat", "single", "sum"]
-    np.testing.assert_array_equal(FUSIONS["sum"]([a, b], False, None), concat([a, b]))  # learned: the head projects
+    assert {"concat", "single", "sum"} <= set(FUSIONS)
+    learned = create_fusion(ViewConfig(features=("a", "b"), fusion="sum", project="linear"), [3, 2])
+    np.testing.assert_array_equal(learned.apply([a, b]), concat([a, b]))  # learned: the head projects
+    assert learned.head_params() == {"sum_blocks": (3, 2), "sum_dim": None} and not learned.stateful
 
 
 def test_late_fusion_averages_logits_or_probabilities():

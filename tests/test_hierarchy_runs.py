@@ -170,7 +170,7 @@ def test_a_multi_level_pca_sum_run_predicts_its_own_test_images(cub_root, tmp_pa
     store = FeatureStore.open(tmp_path / "cub.zarr")
     head = HeadConfig(epochs=3, seeds=(0, 1), levels=("family", "label"))
     run = fit_run(store, RunConfig(ViewConfig(features=MEMBERS, fusion="sum"), head), tmp_path / "runs", device="cpu")
-    assert run.load_projection() is not None and Run.load(run.path).load_projection() is not None
+    assert run.load_fusion().state() and Run.load(run.path).load_fusion().state()
     rows, logits = run.logits("test", level="label")
     files = [Path(table.root) / table.paths[r] for r in rows]
     predictions = predict([run.path], files, top_k=2, device="cpu", workers=0, progress=False)

@@ -225,7 +225,8 @@ def test_late_fusion_by_frequency_equals_numpy_on_stored_logits(tmp_path):
     from scipy.special import softmax
     from typer.testing import CliRunner
 
-    from fgembed.analysis.ensemble import Combination, late_entries
+    from fgembed.analysis.ensemble import late_entries
+    from fgembed.analysis.plan import Combination
     from fgembed.classify.runs import Run
 
     store = write_long_tail_store(tmp_path / "lt.zarr")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fgembed.analysis.ensemble import plan
+from fgembed.analysis.plan import plan
 from fgembed.analysis.report import compare, row_key
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,12 +7,13 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
-from fgembed.analysis.ensemble import Combination, Entry
+from fgembed.analysis.ensemble import Entry
+from fgembed.analysis.plan import Combination
 from fgembed.analysis.report import (
-    STRATEGY_NAMES,
     bar_chart,
     member_keys,
     ranking_table,
+    strategy_name,
 )
 
 FIVE = ("dinov3_vitl16", "dinov2_vitl14", "convnextv2_large", "openclip_vitl14", "siglip_vitl16_256")
@@ -83,7 +84,7 @@ def test_chart_has_a_legend_and_a_wrapped_title(tmp_path, monkeypatch):
     assert imread(path).shape[1] == 9 * 120  # 9 in at 120 dpi
     assert max(len(line) for line in seen["title"].splitlines()) <= 60 and " ".join(seen["title"].split()) == long_title
     # one entry per strategy, best-ranked first
-    assert seen["legend"] == list(dict.fromkeys(STRATEGY_NAMES[e.combination.strategy] for e in entries))
+    assert seen["legend"] == list(dict.fromkeys(strategy_name(e.combination.strategy) for e in entries))
     assert len(seen["legend"]) == 4
 
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from sklearn import metrics as skm
 
 import fgembed
-from fgembed.analysis.ensemble import Combination, late_entries, plan, score
+from fgembed.analysis.ensemble import late_entries, score
+from fgembed.analysis.plan import Combination, plan
 from fgembed.analysis.report import compare, entry_record, format_table, write_report
 from fgembed.classify import runs as runs_module
 from fgembed.classify._logits import create_logits, write_logits
@@ -35,7 +36,7 @@ from fgembed.classify.runs import (
     keyed_fields,
     run_key,
 )
-from fgembed.classify.views import ViewConfig, design_rows
+from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
 from fgembed.store import FeatureStore
 
@@ -175,7 +176,8 @@ def test_a_format1_run_is_read_and_reused(store, tmp_path, fusion, view):
     assert old.config == cfg and old.meta["format_version"] == 1 and old.meta["n_classes"] == 6
     old_rows, z32 = old.logits("test")
     assert z32.dtype == np.float32 and np.array_equal(old_rows, rows) and np.array_equal(z32, z16.astype(np.float32))
-    X = design_rows(cfg.view, [store.features(n)[rows] for n in features], None)
+    X = old.load_fusion([store.backbone_info(n).dim for n in features]).transform(
+        [store.features(n)[rows] for n in features])
     np.testing.assert_allclose(old.load_heads()[0].predict_logits(X), z32[0], rtol=2e-3, atol=2e-2)
     reused = fit_run(store, cfg, tmp_path)  # at the path today's key gives: reused as it is
     assert reused.reused and reused.metrics == run.metrics
@@ -342,10 +344,10 @@ def test_fusion_runs(store, tmp_path):
     pca = fit_run(store, config("a", "c", fusion="sum"), tmp_path)
     assert pca.metrics["input_dim"] == 24 and (pca.path / "projection.safetensors").is_file()
     assert pca.metrics["test_rows_dropped"] == 1 and pca.metrics["dropped"]["test"] == 1  # failed in c
-    assert pca.load_projection().n_components_ == 24
+    assert pca.load_fusion().width() == 24
     # the saved projection and heads reproduce the stored logits from the members' embeddings
     rows, z = pca.logits("test")
-    X = design_rows(pca.config.view, [store.features(n)[rows] for n in ("a", "c")], pca.load_projection())
+    X = pca.load_fusion().transform([store.features(n)[rows] for n in ("a", "c")])
     assert (pca.load_heads()[0].predict_logits(X).argmax(1) != z[0].astype(np.float32).argmax(1)).sum() <= 2
     linear = fit_run(store, config("a", "c", fusion="sum", view={"project": "linear", "project_dim": 8}), tmp_path)
     weights = load_file(str(linear.path / "head-seed0.safetensors"))

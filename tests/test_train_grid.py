@@ -8,7 +8,8 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
-from fgembed.classify.heads import HEADS, LinearHead, MLPHead, create_head, list_heads
+from fgembed.classify.heads import LinearHead, MLPHead
+from fgembed.classify.registry import HEADS, create_head, list_heads
 from fgembed.classify.train import train_grid, weighted_f1
 from fgembed.errors import FgembedError
 

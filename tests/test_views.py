@@ -12,12 +12,14 @@ import torch
 from sklearn.decomposition import PCA
 from typer.testing import CliRunner
 
-from fgembed.analysis import ensemble
-from fgembed.analysis.ensemble import LogitSource, stream_late
-from fgembed.classify.fusion import l2_normalise, late_fusion
+from fgembed.analysis import late_stream
+from fgembed.analysis.late_stream import LogitSource, stream_late
+from fgembed.classify.fusion import l2_normalise
+from fgembed.classify.late import late_fusion
 from fgembed.classify.metrics import classification_metrics
 from fgembed.classify.runs import HeadConfig
-from fgembed.classify.views import ViewConfig, build_view, design_rows
+from fgembed.classify.fusion import create_fusion
+from fgembed.classify.views import ViewConfig, build_view
 from fgembed.errors import FgembedError
 
 from .formats import write_feature_store
@@ -60,16 +62,16 @@ def test_pca_sum_rows_equal_sklearn_and_new_embeddings(store, l2):
         expected = sum(PCA(16, random_state=0).fit(prepare(store.features(n)[train]))
                        .transform(prepare(store.features(n)[view.rows[s]])) for n in "abc")
         np.testing.assert_allclose(view.X(s).astype(np.float32), expected, rtol=1e-2, atol=2e-3)
-    # design_rows: the same fusion on "new" embeddings of the test rows gives the view's rows
+    # the view's fitted fusion on "new" embeddings of the test rows gives the view's rows
     new = [store.features(n)[view.rows["test"]] for n in "abc"]
-    np.testing.assert_allclose(design_rows(config, new, view.projection).astype(np.float32),
-                               view.X("test").astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(view.fusion.transform(new).astype(np.float32), view.X("test").astype(np.float32),
+                               atol=2e-3)
     concat = ViewConfig(features=("a", "c"), fusion="concat")
     cview = build_view(store, concat)
-    np.testing.assert_array_equal(design_rows(concat, [store.features(n)[cview.rows["val"]] for n in "ac"], None),
+    np.testing.assert_array_equal(cview.fusion.transform([store.features(n)[cview.rows["val"]] for n in "ac"]),
                                   cview.X("val"))
     with pytest.raises(FgembedError, match="projection"):
-        design_rows(config, new, None)
+        create_fusion(config, view.dims).load({})  # a PCA sum without its fitted state
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
@@ -156,7 +158,7 @@ def _sources(rng, n_rows, n_classes, members, seeds, dtype, missing=()):
 
 @pytest.mark.parametrize("mode", ["logits", "proba"])
 def test_streamed_late_fusion_equals_direct_per_subset(monkeypatch, mode):
-    monkeypatch.setattr(ensemble, "BLOCK_ELEMENTS", 3 * 8 * 64)  # many small blocks
+    monkeypatch.setattr(late_stream, "BLOCK_ELEMENTS", 3 * 8 * 64)  # many small blocks
     rng = np.random.default_rng(0)
     y, sources = _sources(rng, 700, 8, 3, 2, np.float32, missing=([3, 50, 699], [], [10, 50]))
     subsets = [(0, 1), (0, 2), (1, 2), (0, 1, 2), (1,)]

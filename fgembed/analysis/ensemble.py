@@ -1,46 +1,27 @@
-"""Score combinations of backbones: single heads, concat and sum fusions (each a trained run)
-and late fusion (averaging the single runs' logits, seed by seed), ranked by weighted F1.
+"""Score combinations of backbones: single heads, embedding fusions (each a trained run) and late
+fusion (averaging the single runs' logits, seed by seed), ranked by weighted F1.
 
-Combinations are written as tokens: `all` (every subset of two or more members), `pairs`,
-`full` (all members together), `singles` (no fusion rows), or an explicit `a+b+c`; a
-`strategy:` prefix limits a token to one strategy (`late:full`). Single-backbone rows are always
-included: they are the baseline every fusion is read against, and late fusion needs them anyway.
-
-Late fusion is streamed: every requested subset is scored in one pass over row blocks of the
-test split — each member's float16 logits read once per seed per block, widened to float32 for
-that block only, and each subset's per-class counts accumulated (`metrics.MetricCounts`). Peak
-memory depends on the block and the number of classes, not on the rows or the subsets.
-`late_weights="val"` fits each subset's weights on a bounded, seeded sample of validation rows.
-
-A late-fusion row carries what a trained run's metrics.json does. `by_frequency` (many / medium /
-few-shot accuracy, `longtail`) comes from the same per-class counts, binned by the training rows
-the subset's members share (as a concat run of them would train on). Multi-level runs
-(`--levels order,family,species`) are fused level by level in the same pass — every level's
-logits of a block (`logits.zarr/<level>/{val,test}`, weights fitted per level) fused together —
-so each row's fused predictions at all levels are at hand at once: besides `levels.<level>.*` and
-`avg_accuracy`, the row gets `consistency` and `mistake_severity` (`hierarchy_metrics`), summed
-row by row block by block; its top-level keys are the finest level's. Members must share their
-levels; a mix of single-level members (e.g. `member@knn`, which predicts the finest level only)
-and multi-level ones fuses that finest level alone, with one warning — no member is refused for
-lacking levels.
+`score` trains the runs the rows need (reusing finished ones, building each view once for the
+runs that share it) and scores every row: a fused run's metrics are its own; late-fusion rows
+come from one streamed pass over the single runs' stored logits (`late_stream`). A late row
+carries what a trained run's metrics.json does, `by_frequency` included (binned by the training
+rows its members share, as a concat run of them would train on). Multi-level runs
+(`--levels order,family,species`) are fused level by level: besides `levels.<level>.*` and
+`avg_accuracy`, the row gets `consistency` and `mistake_severity`; its top-level keys are the
+finest level's. Members must share their levels; a mix of single-level members (e.g.
+`member@knn`, which predicts the finest level only) and multi-level ones fuses that finest level
+alone, with one warning.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
-from ..classify.fusion import LATE_MODES, STRATEGIES, fit_late_weights
-from ..classify.hierarchy_metrics import Taxonomy, consistent_rows, lca_depth
-from ..classify.longtail import SHOT_BINS, frequency_bins
-from ..classify.metrics import MetricCounts
+from ..classify.hierarchy_metrics import Taxonomy
+from ..classify.late import LATE_MODES
 from ..classify.runs import Run, RunConfig, check_levels, finished, fit_run, run_path, same_rows, summarise
 from ..classify.views import build_view, level_key
 from ..datasets.table import SPLIT_NAMES
@@ -48,21 +29,10 @@ from ..errors import FgembedError
 from ..images import FAILED
 from ..progress import progress_bar
 from ..store import FeatureStore
+from .late_stream import LogitSource, fit_subset_weights, stream_late_levels
+from .plan import Combination, run_config
 
 LATE_WEIGHTS = ("equal", "val")
-BLOCK_ELEMENTS = 2 ** 25      # float32 logits held per block, over all members (128 MB)
-WEIGHT_ELEMENTS = 2 ** 26     # float32 logits of the validation sample, over a subset's members
-WEIGHT_ROWS = 20_000          # at most this many validation rows fit the late weights
-
-
-@dataclass(frozen=True)
-class Combination:
-    strategy: str               # single, concat, sum or late
-    members: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return " + ".join(self.members)
 
 
 @dataclass
@@ -73,62 +43,6 @@ class Entry:
     metrics: dict
     runs: list[Path]
     weights: list[float] | None = None
-
-
-def plan(members: list[str], strategies: list[str], combinations: list[str]) -> list[Combination]:
-    """The rows to score, singles first, each combination once, in a stable order."""
-    if len(set(members)) != len(members):
-        raise FgembedError(f"a member is named twice in {','.join(members)}")
-    for strategy in strategies:
-        if strategy not in STRATEGIES:
-            raise FgembedError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    rows = [Combination("single", (m,)) for m in members]
-    for token in combinations:
-        prefix, sep, rest = token.partition(":")  # member names may hold ':' too (timm:test_vit)
-        chosen, selector = ([prefix], rest) if sep and prefix in STRATEGIES else (strategies, token)
-        for subset in _subsets(members, selector):
-            rows += [Combination(s, subset) for s in chosen]
-    return list(dict.fromkeys(rows))
-
-
-def _subsets(members: list[str], selector: str) -> list[tuple[str, ...]]:
-    if selector == "all":
-        return [c for k in range(2, len(members) + 1) for c in itertools.combinations(members, k)]
-    if selector == "pairs":
-        return list(itertools.combinations(members, 2))
-    if selector == "full":
-        return [tuple(members)] if len(members) > 1 else []
-    if selector == "singles":  # the single rows only (they are always in the plan)
-        return []
-    subset = tuple(selector.split("+"))
-    unknown = [m for m in subset if m not in members]
-    if unknown or len(subset) < 2:
-        raise FgembedError(f"combination {selector!r} must be all, pairs, full, singles or two or more members "
-                           f"joined by + ({', '.join(members)})")
-    return [subset]
-
-
-def split_member(member: str) -> tuple[str, str | None]:
-    """`backbone@head` → (backbone, head); a plain backbone name → (name, None): the base head."""
-    name, sep, head = member.rpartition("@")
-    return (name, head) if sep and name and head else (member, None)
-
-
-def run_config(base: RunConfig, strategy: str, members: tuple[str, ...]) -> RunConfig:
-    """`base` with these members fused this way (its view's l2 / projection / row selection kept).
-    A single member may name its own head (`dinov2_vitl14@knn`, `openclip_vitl14@zeroshot`)."""
-    fusion = "single" if strategy in ("single", "late") else strategy
-    names, heads = zip(*(split_member(m) for m in members))
-    config = base
-    if any(heads):
-        if len(members) > 1:
-            raise FgembedError(f"{strategy} fusion trains one head on all its members: member@head goes with "
-                               f"late fusion only (--strategies late), got {' + '.join(members)}")
-        # a named head predicts one level: with --levels, the finest (late fusion then scores that level)
-        one_level = {"levels": (), "level": base.head.levels[-1]} if base.head.levels else {}
-        config = dataclasses.replace(base, head=dataclasses.replace(base.head, head=heads[0], **one_level))
-    view = dataclasses.replace(base.view, features=names, fusion=fusion if len(members) > 1 else "single")
-    return dataclasses.replace(config, view=view)
 
 
 def score(store: FeatureStore, runs_dir: str | Path, combinations: list[Combination], base: RunConfig,
@@ -196,30 +110,6 @@ def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: 
 
 
 # ---- streamed late fusion ---------------------------------------------------------------------------
-@dataclass
-class LogitSource:
-    """One member's logits of a split: sorted store `rows` and `array` [seeds, rows, classes]
-    (a zarr array or anything numpy-indexable, e.g. float16 or float32 numpy)."""
-
-    rows: np.ndarray
-    array: Any
-
-    @classmethod
-    def of(cls, run: Run, split: str, group_name: str | None = None) -> LogitSource:
-        """The split's logits at the root of `logits.zarr`, or in its `group_name` (a level of a
-        multi-level run)."""
-        import zarr
-        group = zarr.open_group(run.path / "logits.zarr", mode="r")
-        return cls(group[f"{split}_rows"][:], group[f"{group_name}/{split}" if group_name else split])
-
-    @property
-    def n_seeds(self) -> int:
-        return int(self.array.shape[0])
-
-    def take(self, seed: int, positions: np.ndarray) -> np.ndarray:
-        if hasattr(self.array, "get_orthogonal_selection"):
-            return self.array.get_orthogonal_selection((seed, positions, slice(None)))
-        return np.asarray(self.array[seed][positions])
 
 
 @dataclass(frozen=True)
@@ -334,151 +224,3 @@ def shared_train_counts(store: FeatureStore, runs: list[Run], subsets: list[tupl
         shots = np.minimum(np.bincount(fine[ok], minlength=len(kept)), view.shots)
         out.append(np.bincount(group, weights=shots, minlength=n_classes).astype(np.int64))
     return out
-
-
-def level_block(per_level: dict[str, dict]) -> dict:
-    """One seed's `levels` block and `avg_accuracy` (the mean accuracy over levels), as a
-    multi-level run's metrics.json holds them."""
-    return {"levels": per_level, "avg_accuracy": float(np.mean([m["accuracy"] for m in per_level.values()]))}
-
-
-def frequency_block(counts: MetricCounts, train_counts: np.ndarray,
-                    bins: tuple[int, int] = SHOT_BINS) -> dict[str, dict]:
-    """`longtail.by_frequency` from per-class counts (correct and test rows per class), as a
-    run's metrics.json holds it: an empty bin's accuracy is None."""
-    out = {}
-    for name, mask in frequency_bins(train_counts, bins).items():
-        n = int(counts.support[torch.as_tensor(mask)].sum())
-        correct = float(counts.tp[torch.as_tensor(mask)].sum())
-        out[name] = {"accuracy": correct / n if n else None, "n_classes": int(mask.sum()), "n_test": n}
-    return out
-
-
-class LateScores:
-    """One subset's running scores for one seed: per-class counts at every level, and with a
-    taxonomy the row sums behind consistency and mistake severity. O(classes) memory."""
-
-    def __init__(self, widths: list[int]) -> None:
-        self.counts = [MetricCounts(w) for w in widths]
-        self.consistent = self.mistakes = self.lca_sum = 0
-
-    def update(self, fused: list[torch.Tensor], ys: list[torch.Tensor], taxonomy: Taxonomy | None) -> None:
-        for counts, z, y in zip(self.counts, fused, ys):
-            counts.update(z, y)
-        if taxonomy is None:
-            return
-        preds = [z.argmax(1).numpy() for z in fused]
-        truth = ys[-1].numpy()
-        wrong = preds[-1] != truth
-        self.consistent += int(consistent_rows(preds, taxonomy).sum())
-        self.mistakes += int(wrong.sum())
-        self.lca_sum += int(lca_depth(preds[-1][wrong], truth[wrong], taxonomy).sum())
-
-    def metrics(self, taxonomy: Taxonomy | None, train_counts: np.ndarray | None,
-                bins: tuple[int, int]) -> dict:
-        """The finest level's metrics (+ `by_frequency`), and with a taxonomy the `levels` block,
-        `avg_accuracy`, `consistency` and `mistake_severity` (None without a mistake)."""
-        per_level = [c.metrics() for c in self.counts]
-        out = dict(per_level[-1])
-        if taxonomy is not None:
-            out |= level_block(dict(zip(taxonomy.order, per_level))) | {
-                "consistency": self.consistent / max(self.counts[-1].rows, 1),
-                "mistake_severity": self.lca_sum / self.mistakes if self.mistakes else None}
-        if train_counts is not None:
-            out["by_frequency"] = frequency_block(self.counts[-1], train_counts, bins)
-        return out
-
-
-def _block_rows(n_members: int, n_classes: int) -> int:
-    return int(np.clip(BLOCK_ELEMENTS // max(1, n_members * n_classes), 64, 4096))
-
-
-def stream_late(sources: list[LogitSource], subsets: list[tuple[int, ...]], labels: np.ndarray, mode: str = "logits",
-                weights: list[list[np.ndarray]] | None = None,
-                skip: np.ndarray | None = None) -> list[tuple[list[dict], int]]:
-    """One level's late fusion (`stream_late_levels` of that level alone): per subset, the
-    classification metrics per seed and the rows scored."""
-    return stream_late_levels([sources], subsets, [labels], mode, None if weights is None else [weights], skip)
-
-
-def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int, ...]], labels: list[np.ndarray],
-                       mode: str = "logits", weights: list[list[list[np.ndarray]]] | None = None,
-                       skip: np.ndarray | None = None, *, taxonomy: Taxonomy | None = None,
-                       train_counts: list[np.ndarray] | None = None,
-                       bins: tuple[int, int] = SHOT_BINS) -> list[tuple[list[dict], int]]:
-    """Per subset (member indices): (metrics per seed, `LateScores.metrics`; rows scored).
-
-    sources[level][member], coarse → fine (a member's levels share its rows); labels[level] and
-    `skip` are indexed by store row; weights[level][subset][seed]: member weights (None: equal).
-    A subset is scored on the rows all its members have (a failed image drops out of its
-    backbone's run only). Every level of a block is fused before the next block is read, so
-    consistency and mistake severity see each row's predictions at all levels; `train_counts`
-    (per subset) adds `by_frequency` of the finest level."""
-    union = functools.reduce(np.union1d, [s.rows for s in sources[-1]])
-    if skip is not None:
-        union = union[~skip[union]]
-    widths = [int(level[0].array.shape[2]) for level in sources]
-    block = _block_rows(len({m for s in subsets for m in s}), sum(widths))
-    n_seeds = [min(sources[-1][m].n_seeds for m in subset) for subset in subsets]
-    scores = [[LateScores(widths) for _ in range(n)] for n in n_seeds]
-    n_rows = [0] * len(subsets)
-    for k in range(max(n_seeds)):
-        active = [i for i, n in enumerate(n_seeds) if n > k]
-        needed = sorted({m for i in active for m in subsets[i]})
-        for start in range(0, len(union), block):
-            rows = union[start:start + block]
-            # each member's block read once per level for every subset
-            aligned = [{m: _aligned(level[m], k, rows, w, mode) for m in needed} for level, w in zip(sources, widths)]
-            ys = [torch.as_tensor(y[rows]) for y in labels]
-            for i in active:
-                mask = np.logical_and.reduce([aligned[-1][m][0] for m in subsets[i]])
-                if not mask.any():
-                    continue
-                select = slice(None) if mask.all() else torch.as_tensor(mask)
-                fused = []
-                for lv, level in enumerate(aligned):
-                    w = weights[lv][i][k] if weights is not None else np.full(len(subsets[i]), 1 / len(subsets[i]))
-                    z = sum(float(wm) * level[m][1][select] for wm, m in zip(w, subsets[i]))
-                    fused.append(z.clamp_min(1e-30).log() if mode == "proba" else z)
-                scores[i][k].update(fused, [y[select] for y in ys], taxonomy)
-                if k == 0:
-                    n_rows[i] += int(mask.sum())
-    return [([s.metrics(taxonomy, None if train_counts is None else train_counts[i], bins) for s in per_subset], n)
-            for i, (per_subset, n) in enumerate(zip(scores, n_rows))]
-
-
-def _aligned(source: LogitSource, seed: int, rows: np.ndarray, n_classes: int,
-             mode: str) -> tuple[np.ndarray, torch.Tensor]:
-    """The member's float32 scores (probabilities for `proba`) at `rows` (zeros where it has none)."""
-    lo, hi = np.searchsorted(source.rows, [rows[0], rows[-1] + 1])
-    own = source.rows[lo:hi]
-    out = torch.zeros(len(rows), n_classes)
-    if len(own) == 0:
-        return np.zeros(len(rows), bool), out
-    idx = np.minimum(np.searchsorted(own, rows), len(own) - 1)
-    present = own[idx] == rows
-    z = torch.as_tensor(np.asarray(source.array[seed, lo:hi]), dtype=torch.float32)
-    if mode == "proba":
-        z = torch.softmax(z, dim=1)
-    out[torch.as_tensor(present)] = z[torch.as_tensor(idx[present])]
-    return present, out
-
-
-def fit_subset_weights(sources: list[LogitSource], subsets: list[tuple[int, ...]], labels: np.ndarray,
-                       mode: str, seed: int = 0) -> tuple[list[list[np.ndarray]], list[int]]:
-    """Per subset, per seed: member weights fitted on a seeded sample of the validation rows all
-    its members have (at most WEIGHT_ROWS, fewer when classes are many); and the sample sizes."""
-    n_classes = int(sources[0].array.shape[2])
-    weights, sizes = [], []
-    for subset in subsets:
-        common = functools.reduce(np.intersect1d, [sources[m].rows for m in subset])
-        limit = int(min(WEIGHT_ROWS, max(1000, WEIGHT_ELEMENTS // (len(subset) * n_classes))))
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(common, limit, replace=False)) if len(common) > limit else common
-        per_seed = []
-        for k in range(min(sources[m].n_seeds for m in subset)):
-            parts = [sources[m].take(k, np.searchsorted(sources[m].rows, sample)).astype(np.float32) for m in subset]
-            per_seed.append(fit_late_weights(parts, labels[sample], mode))
-        weights.append(per_seed)
-        sizes.append(len(sample))
-    return weights, sizes

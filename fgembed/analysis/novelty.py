@@ -43,11 +43,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 
-from ..classify.fusion import l2_normalise, late_fusion
+from ..classify.blocks import BLOCK_ROWS
+from ..classify.fusion import l2_normalise
+from ..classify.late import late_fusion
 from ..errors import FgembedError
 from ..plots import save_figure
 
-BLOCK_ROWS = 16384
 MAHALANOBIS_ELEMENTS = 1 << 24             # rows × classes per distance chunk
 DEFAULT_TAU = {"coarse": 0.7, "fine": 0.5}   # 001 §4.3: τ_super = 0.7, τ_sub = 0.5 (MSP)
 

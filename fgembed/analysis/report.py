@@ -30,8 +30,20 @@ if TYPE_CHECKING:  # tables only read entries: importing the report stays free o
 FORMATS = ("md", "csv", "latex", "json")
 METRICS = (("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", "Recall (w)"),
            ("f1", "F1 (w)"), ("f1_macro", "F1 (macro)"), ("top5", "Top-5"))
-STRATEGY_NAMES = {"single": "single", "concat": "concat", "sum": "sum", "late": "late fusion"}
-STRATEGY_COLOURS = {"single": "#7f7f7f", "concat": "#1f77b4", "sum": "#2ca02c", "late": "#d62728"}
+LATE = ("late fusion", "#d62728")  # late fusion is no embedding fusion: named here
+
+
+def strategy_name(strategy: str) -> str:
+    """How tables name a row's strategy: a registered fusion's title, or late fusion."""
+    from ..classify.fusion import FUSIONS
+
+    return LATE[0] if strategy == "late" else FUSIONS[strategy].title
+
+
+def strategy_colour(strategy: str) -> str:
+    from ..classify.fusion import FUSIONS
+
+    return LATE[1] if strategy == "late" else FUSIONS[strategy].colour
 FREQUENCY_METRICS = (("many", "Acc many"), ("medium", "Acc medium"), ("few", "Acc few"))  # --by-frequency
 HIERARCHY_METRICS = (("consistency", "Consistency"), ("mistake_severity", "Mistake depth"))  # with levels
 NUMBERS = ("gmacs", "mistake_severity")  # cells printed as numbers, not percentages
@@ -139,7 +151,7 @@ def format_table(entries: list[Entry], fmt: str, extra: list[tuple[str, str]] = 
         return json.dumps(records, indent=2)
     columns = [*METRICS, *level_columns(records, level_names), *extra]
     header = ["#", "Method", "Members", *(title for _, title in columns)]
-    rows = [[str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(cell(r, k) for k, _ in columns)]
+    rows = [[str(i), strategy_name(r["strategy"]), " + ".join(r["members"]), *(cell(r, k) for k, _ in columns)]
             for i, r in enumerate(records, 1)]
     if fmt == "csv":
         keys = [k for k, _ in columns]
@@ -217,7 +229,7 @@ def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 
     fig, ax = plt.subplots(figsize=(9, 0.3 * lines + 0.12 * len(records) + 1.6))
     values = [100 * r["f1"] for r in records]
     ax.barh(range(len(records)), values, xerr=[100 * r["f1_std"] for r in records],
-            color=[STRATEGY_COLOURS[r["strategy"]] for r in records])
+            color=[strategy_colour(r["strategy"]) for r in records])
     ax.set_yticks(range(len(records)), labels, fontsize=8)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
@@ -225,7 +237,7 @@ def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 
     ax.set_xlabel("F1 (weighted, %)")
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
     present = dict.fromkeys(r["strategy"] for r in records[::-1])
-    ax.legend(handles=[Patch(color=STRATEGY_COLOURS[s], label=STRATEGY_NAMES[s]) for s in present],
+    ax.legend(handles=[Patch(color=strategy_colour(s), label=strategy_name(s)) for s in present],
               loc="lower right", fontsize=8, framealpha=0.9)
     return save_figure(fig, path)
 
@@ -297,7 +309,7 @@ def pareto_plot(entries: list[Entry], path: str | Path) -> Path:
         rows = [r for r in records if r[key] is not None]
         x, f1 = [r[key] for r in rows], [100 * r["f1"] for r in rows]
         front = pareto_front([sign * v for v in x], f1)
-        ax.scatter(x, f1, c=[STRATEGY_COLOURS[r["strategy"]] for r in rows], s=24, alpha=0.6)
+        ax.scatter(x, f1, c=[strategy_colour(r["strategy"]) for r in rows], s=24, alpha=0.6)
         best = sorted((v, f, r) for v, f, r, on in zip(x, f1, rows, front) if on)
         ax.plot([b[0] for b in best], [b[1] for b in best], "k--", lw=1, label="Pareto front")
         for v, f, r in best:

@@ -17,50 +17,40 @@ split by weighted F1, as the MLP's epoch is.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Callable
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
 from ..devices import resolve_device
 from ..errors import FgembedError
-from .heads import register_head
+from .base import Head, as_rows
+from .blocks import blocks
 from .metrics import f1_torch
+from .registry import register_head
 
-BLOCK_ROWS = 4096
 KNN_KS = (10, 20, 100, 200)
 LOGREG_CS = (0.01, 0.1, 1.0, 10.0)
 
 
-def _as_tensor(X, device: torch.device) -> torch.Tensor:
-    """Rows on the device in their own dtype (float16 stays float16; blocks are cast later)."""
-    X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
-    if X.ndim != 2:
-        raise FgembedError(f"X must be [n, d]; got shape {tuple(X.shape)}")
-    return X.to(device)
+def _float_blocks(X: torch.Tensor, size: int = 4096):
+    for rows in blocks(len(X), size):
+        yield X[rows].float()
 
 
-def _blocks(X: torch.Tensor, size: int = BLOCK_ROWS):
-    for start in range(0, X.shape[0], size):
-        yield X[start:start + size].float()
-
-
-class _BaselineHead(ClassifierMixin, BaseEstimator):
-    """Shared predict/copy plumbing; subclasses build `module_` in `_fit_one`."""
-
-    def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> "_BaselineHead":
-        self.fit_grid(X, y, X_val, y_val, seeds=[getattr(self, "random_state", 0)], n_classes=n_classes)
-        return self
+class BaselineHead(Head):
+    """A head whose fit is deterministic given its data (kNN, a convex problem, or no training):
+    every seed gets the same head, so their std is 0, honestly. Subclasses build `module_` in
+    `_fit_one` and record `grid_` (each candidate's validation F1) and `chosen_`."""
 
     def fit_grid(self, X, y, X_val, y_val, *, seeds, lrs=None, weight_decays=None, n_classes: int | None = None,
-                 on_epoch: Callable[[int], None] | None = None) -> list["_BaselineHead"]:
-        """One fitted head per seed. kNN and zero-shot are deterministic and logistic regression is
-        a convex problem, so every seed gets the same head (their std is 0, honestly)."""
+                 on_epoch: Callable[[int], None] | None = None, balance: str = "none") -> list[BaselineHead]:
+        if lrs is not None or weight_decays is not None or balance != "none":
+            raise FgembedError(f"the {self.registered_name} head is not trained by gradient descent: it takes no "
+                               "learning rate, weight decay or re-balancing")
         device = resolve_device(self.device)
-        X, X_val = _as_tensor(X, device), _as_tensor(X_val, device)
+        X, X_val = as_rows(X, device), as_rows(X_val, device)
         y = torch.as_tensor(np.asarray(y), dtype=torch.long, device=device)
         y_val = torch.as_tensor(np.asarray(y_val), dtype=torch.long, device=device)
         if len(X) != len(y) or len(X_val) != len(y_val):
@@ -68,41 +58,16 @@ class _BaselineHead(ClassifierMixin, BaseEstimator):
         n_classes = int(n_classes or max(int(y.max()), int(y_val.max())) + 1)
         self._fit_one(X, y, X_val, y_val, n_classes)
         self.module_.eval()
-        self.classes_, self.n_features_in_ = np.arange(n_classes), int(X.shape[1])
+        self._fitted(int(X.shape[1]), n_classes)
         self.history_, self.best_epoch_ = [], 0
         self.best_val_f1_ = max(g["best_val_f1"] for g in self.grid_)
         if on_epoch:
             on_epoch(1)
         return [self] + [self._copy(seed) for seed in list(seeds)[1:]]
 
-    def _copy(self, seed: int) -> "_BaselineHead":
-        head = self.__class__(**self.get_params())
+    def _copy(self, seed: int) -> BaselineHead:
+        head = self.__class__(**{**self.get_params(), "random_state": seed})
         head.__dict__.update({k: v for k, v in self.__dict__.items() if k.endswith("_")})
-        if "random_state" in head.get_params():
-            head.random_state = seed
-        return head
-
-    def predict_logits(self, X) -> np.ndarray:
-        X = _as_tensor(X, next(itertools.chain(self.module_.parameters(), self.module_.buffers())).device)
-        if X.shape[1] != self.n_features_in_:
-            raise FgembedError(f"X has {X.shape[1]} features; this head was fitted on {self.n_features_in_}")
-        with torch.no_grad():
-            return torch.cat([self.module_(block).cpu() for block in _blocks(X)]).numpy()
-
-    def predict_proba(self, X) -> np.ndarray:
-        return torch.softmax(torch.as_tensor(self.predict_logits(X)), 1).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        return self.predict_logits(X).argmax(1)
-
-    @classmethod
-    def from_state(cls, params: dict, d: int, n_classes: int, state_dict: dict) -> "_BaselineHead":
-        """Rebuild a saved head from its constructor parameters and `module_.state_dict()`."""
-        head = cls(**params)
-        head.module_ = head._empty_module(d, n_classes, state_dict)
-        head.module_.load_state_dict(state_dict)
-        head.module_.eval()
-        head.classes_, head.n_features_in_ = np.arange(n_classes), d
         return head
 
 
@@ -143,7 +108,7 @@ class KNNModule(nn.Module):
 
 
 @register_head("knn")
-class KNNHead(_BaselineHead):
+class KNNHead(BaselineHead):
     """Cosine kNN with temperature-weighted votes (dinov2's kNN evaluation); k chosen on val."""
 
     def __init__(self, ks: tuple[int, ...] = KNN_KS, temperature: float = 0.07, device: str = "auto",
@@ -154,11 +119,11 @@ class KNNHead(_BaselineHead):
         ks = sorted({int(k) for k in self.ks})
         if not ks or ks[0] < 1 or not self.temperature > 0:
             raise FgembedError(f"knn needs ks ≥ 1 and temperature > 0; got ks={self.ks}, T={self.temperature}")
-        train = torch.cat([nn.functional.normalize(b, dim=1).to(X.dtype) for b in _blocks(X)])
+        train = torch.cat([nn.functional.normalize(b, dim=1).to(X.dtype) for b in _float_blocks(X)])
         module = KNNModule(train, y, n_classes, ks[-1], self.temperature)
         pred = {k: [] for k in ks}
         with torch.no_grad():
-            for block in _blocks(X_val):
+            for block in _float_blocks(X_val):
                 sims, labels = module.topk(block, ks[-1])
                 for k in ks:
                     pred[k].append(module.votes(sims, labels, k).argmax(1))
@@ -174,7 +139,7 @@ class KNNHead(_BaselineHead):
 
 # ---- logistic regression ------------------------------------------------------------------
 @register_head("logreg")
-class LogRegHead(_BaselineHead):
+class LogRegHead(BaselineHead):
     """Multinomial logistic regression (scikit-learn's L2 objective) by L-BFGS; C chosen on val."""
 
     def __init__(self, Cs: tuple[float, ...] = LOGREG_CS, max_iter: int = 200, tol: float = 1e-6,
@@ -190,13 +155,14 @@ class LogRegHead(_BaselineHead):
         nn.init.zeros_(linear.bias)
         self.grid_, best_f1, best_state = [], -1.0, None
         for C in Cs:  # small C first: each solution warm-starts the next
-            minimise_logreg(linear, X, y, C, self.max_iter, self.tol)
+            _, iterations = minimise_logreg(linear, X, y, C, self.max_iter, self.tol)
             with torch.no_grad():
-                pred = torch.cat([linear(b).argmax(1) for b in _blocks(X_val)])
+                pred = torch.cat([linear(b).argmax(1) for b in _float_blocks(X_val)])
             f1 = f1_torch(y_val, pred, n_classes)
-            self.grid_.append({"C": C, "best_val_f1": f1})
+            self.grid_.append({"C": C, "best_val_f1": f1, "iterations": iterations})
             if f1 > best_f1:
                 best_f1, best_state = f1, {k: v.clone() for k, v in linear.state_dict().items()}
+                self.n_iter_ = iterations  # of the kept C (warm-started from the smaller ones)
         linear.load_state_dict(best_state)
         self.module_ = linear
         self.chosen_ = {"C": max(self.grid_, key=lambda g: g["best_val_f1"])["C"]}
@@ -206,10 +172,10 @@ class LogRegHead(_BaselineHead):
 
 
 def minimise_logreg(linear: nn.Linear, X: torch.Tensor, y: torch.Tensor, C: float, max_iter: int,
-                    tol: float) -> float:
+                    tol: float) -> tuple[float, int]:
     """scikit-learn's objective divided by C·n — mean cross-entropy + ‖W‖² / (2·C·n), intercept
     unpenalised — by full-batch L-BFGS; gradients accumulate over row blocks, so the float16
-    matrix is cast one block at a time. Returns the final objective."""
+    matrix is cast one block at a time. Returns the final objective and L-BFGS's iterations."""
     n = len(X)
     optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=max_iter, tolerance_grad=tol,
                                   tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
@@ -227,7 +193,8 @@ def minimise_logreg(linear: nn.Linear, X: torch.Tensor, y: torch.Tensor, C: floa
         return torch.tensor(value)
 
     optimizer.step(objective)
-    return float(objective())
+    iterations = int(optimizer.state[optimizer.param_groups[0]["params"][0]].get("n_iter", 0))
+    return float(objective()), iterations
 
 
 # ---- zero-shot ----------------------------------------------------------------------------
@@ -242,7 +209,7 @@ class ZeroShotModule(nn.Module):
 
 
 @register_head("zeroshot")
-class ZeroShotHead(_BaselineHead):
+class ZeroShotHead(BaselineHead):
     """Class scores from text embeddings of the class names: no training rows are used (the
     training call only checks shapes, so the head joins runs and late fusion like any other)."""
 
@@ -263,15 +230,9 @@ class ZeroShotHead(_BaselineHead):
                                f"{X.shape[1]} dims] (zeroshot works on a single open_clip member)")
         self.module_ = ZeroShotModule(text, self.logit_scale)
         with torch.no_grad():
-            pred = torch.cat([self.module_(b).argmax(1) for b in _blocks(X_val)])
+            pred = torch.cat([self.module_(b).argmax(1) for b in _float_blocks(X_val)])
         self.grid_ = [{"best_val_f1": f1_torch(y_val, pred, n_classes)}]
         self.chosen_ = {}
 
     def _empty_module(self, d: int, n_classes: int, state: dict) -> nn.Module:
         return ZeroShotModule(torch.ones(n_classes, d), 1.0)
-
-    def get_params(self, deep: bool = True) -> dict:
-        # the text rows are data, not a hyper-parameter: they are saved in module_, not config
-        params = super().get_params(deep)
-        params["text_embeddings"] = None
-        return params

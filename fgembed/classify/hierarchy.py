@@ -33,7 +33,8 @@ from torch.nn import functional as F
 from ..devices import resolve_device
 from ..errors import FgembedError
 from .metrics import f1_torch
-from .train import BLOCK_ROWS, cpu_threads
+from .blocks import blocks
+from .train import cpu_threads
 
 
 # ---- multi-level heads ---------------------------------------------------------------------
@@ -147,8 +148,8 @@ def _forward_blocks(module: nn.Module, X: torch.Tensor) -> list[torch.Tensor]:
     """Eval-mode logits per level on the module's device, row blocks cast to float32 one at a time."""
     device = next(module.parameters()).device
     module.eval()
-    blocks = [module(X[i:i + BLOCK_ROWS].to(device).float()) for i in range(0, len(X), BLOCK_ROWS)]
-    return [torch.cat(level) for level in zip(*blocks)]
+    outputs = [module(X[rows].to(device).float()) for rows in blocks(len(X))]
+    return [torch.cat(level) for level in zip(*outputs)]
 
 
 def predict_levels(module: nn.Module, X) -> list[np.ndarray]:

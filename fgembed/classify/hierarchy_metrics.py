@@ -22,9 +22,9 @@ import torch
 
 from ..errors import FgembedError
 from ..plots import save_figure
+from .blocks import BLOCK_ROWS
 from .metrics import classification_metrics, f1_torch
 
-BLOCK_ROWS = 16384          # rows per decoding block
 LEVEL_ALIASES = {"species": "label"}  # CUB and iNat fine labels are species (CONVENTIONS)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 from safetensors.torch import load_file as load_torch
 
-from .. import __version__
+from .._version import __version__
 from ..devices import resolve_device
 from ..store import FeatureStore
 from ._logits import create_logits, write_logits
@@ -97,7 +97,7 @@ def train_levels(store: FeatureStore, config, view: View, identity: dict, path: 
             "decoder": {name: decoded_metrics(decode(z, taxonomy), y, taxonomy) for name, decode in DECODERS.items()},
             "selective": selective_points(z, y),
             "by_frequency": frequency_metrics(y[-1], fine_preds[k][seen], train_counts, h.shot_bins)})
-    save_weights(tmp, {fit.seed: fit.module for fit in fits}, view.projection)
+    save_weights(tmp, {fit.seed: fit.module for fit in fits}, view.fusion)
     (tmp / "history.json").write_text(json.dumps({str(f.seed): f.history for f in fits}))
     meta = {"format_version": FORMAT_VERSION, "fgembed_version": __version__, "config": config.to_json(),
             "store": identity, "store_path": str(store.path), "dims": view.dims,

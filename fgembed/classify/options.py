@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import FgembedError
-from .runs import HeadConfig, RunConfig
+from .registry import head_class
+from .runs import TRAINING, HeadConfig, RunConfig
 from .views import ViewConfig
 
 VIEW_OPTIONS = frozenset(f.name for f in dataclasses.fields(ViewConfig)) - {"features"}
@@ -25,7 +26,6 @@ NEEDS = {
     "hierarchy": ("levels", "chooses the multi-level head of --levels"),
     "level_weights": ("levels", "weights the losses of the --levels"),
 }
-TRAINING = ("epochs", "lr", "weight_decay", "batch_size")  # what only gradient-trained heads take
 
 
 def flag(name: str) -> str:
@@ -40,8 +40,8 @@ def _check_needs(given: dict) -> None:
 
 def _check_head(given: dict) -> None:
     head = given.get("head", HeadConfig.head)
-    accepted = HeadConfig(head=head).head_params()  # an unknown head: the registry's one line, close names
-    unused = [flag(name) for name in TRAINING if name in given and name not in accepted]
+    trained = head_class(head).trained  # an unknown head: the registry's one line, with close names
+    unused = [flag(name) for name in TRAINING if name in given and not trained]
     if unused:
         raise FgembedError(f"--head {head} is not trained by gradient descent: {', '.join(unused)} "
                            "would have no effect (its own grid is chosen on val)")

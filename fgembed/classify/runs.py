@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -55,14 +54,14 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-from .. import __version__
+from .._version import __version__
 from ..devices import release_freed_host_memory
 from ..errors import FgembedError
 from ..progress import Tick, progress_bar
 from ..store import FeatureStore
 from ._logits import LOGIT_ROWS, write_head_logits
-from .fusion import PCASum
-from .heads import HEADS, create_head
+from .fusion import Fusion, create_fusion
+from .registry import create_head, head_class
 from .longtail import SHOT_BINS, by_frequency, parse_shot_bins
 from .train import BALANCES, SECOND_STAGE_EPOCHS, selection
 from .views import View, ViewConfig, build_view, level_key
@@ -77,11 +76,14 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 3
 
 
+TRAINING = ("epochs", "lr", "weight_decay", "batch_size")  # what only a gradient-trained head takes
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """What describes the head and its training (the view is described by ViewConfig)."""
 
-    head: str = "mlp"               # a name in fgembed.classify.heads.HEADS
+    head: str = "mlp"               # a name in fgembed.classify.registry.HEADS
     level: str | None = None        # target level; None = fine label ('species' alias)
     epochs: int = 150
     lr: tuple[float, ...] = (1e-3,)
@@ -107,10 +109,9 @@ class HeadConfig:
         fix("shot_bins", parse_shot_bins(",".join(str(v) for v in as_tuple(self.shot_bins))))
         if self.balance not in BALANCES:
             raise FgembedError(f"unknown --balance {self.balance!r}; choose from {', '.join(BALANCES)}")
-        if self.balance != "none" and "epochs" not in self.head_params():
+        head = head_class(self.head)  # an unknown head: one line with the close names
+        if self.balance != "none" and not head.trained:
             raise FgembedError(f"--balance {self.balance} re-balances a trained head; {self.head} is not trained")
-        if self.head not in HEADS:
-            create_head(self.head)  # raises the one-line error with close names
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise FgembedError(f"seeds must be distinct and at least one; got {self.seeds}")
         for name in ("lr", "weight_decay"):
@@ -123,10 +124,10 @@ class HeadConfig:
             raise FgembedError(f"epochs must be ≥ 1 and batch size ≥ 2; got {self.epochs}, {self.batch_size}")
         self._fix_levels(fix, as_tuple)
         # settings the head does not take cannot matter: reset, so they never split a key
-        accepted = self.head_params()
+        taken = self.head_settings()
         defaults = HeadConfig.__dataclass_fields__
-        for name in ("dropout", "hidden", "epochs", "batch_size", "lr", "weight_decay"):
-            if name not in accepted:
+        for name in ("dropout", "hidden", *TRAINING):
+            if name not in taken:
                 fix(name, defaults[name].default)
 
     def _fix_levels(self, fix, as_tuple) -> None:
@@ -158,8 +159,10 @@ class HeadConfig:
         """Epochs a progress bar counts: `second-stage` adds its balanced epochs."""
         return self.epochs + (SECOND_STAGE_EPOCHS if self.balance == "second-stage" else 0)
 
-    def head_params(self) -> set[str]:
-        return set(inspect.signature(HEADS[self.head].__init__).parameters) - {"self"}
+    def head_settings(self) -> set[str]:
+        """The settings of this config its head takes, as the head class declares them."""
+        head = head_class(self.head)
+        return {*(TRAINING if head.trained else ()), *head.architecture}
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,9 @@ class RunConfig:
     head: HeadConfig = HeadConfig()
 
     def __post_init__(self) -> None:
+        if self.view.learned_projection and not head_class(self.head.head).learned_projection:
+            raise FgembedError(f"--project linear is learned with the head; the {self.head.head} head learns no "
+                               "projection: use --project pca")
         if self.head.levels and self.view.learned_projection:  # the multi-level heads have no projection layer
             raise FgembedError("--levels trains on a fixed view; a learned --project linear sum needs a single-level "
                                "head: use --project pca")
@@ -191,11 +197,10 @@ class RunConfig:
         """The head estimator, at the grid's first setting (fit_grid is given the whole grid)."""
         h = self.head
         values = {"lr": h.lr[0], "weight_decay": h.weight_decay[0], "batch_size": h.batch_size, "epochs": h.epochs,
-                  "dropout": h.dropout, "hidden": h.hidden, "random_state": h.seeds[0], "device": device}
-        if self.view.learned_projection:
-            values.update(sum_blocks=tuple(dims), sum_dim=self.view.project_dim)
-        accepted = h.head_params()
-        return create_head(h.head, **{k: v for k, v in values.items() if k in accepted})
+                  "dropout": h.dropout, "hidden": h.hidden}
+        params = {k: v for k, v in values.items() if k in h.head_settings()}
+        params.update(create_fusion(self.view, dims or []).head_params())  # a projection the head learns itself
+        return create_head(h.head, random_state=h.seeds[0], device=device, **params)
 
 
 def store_identity(store: FeatureStore, features: tuple[str, ...]) -> dict:
@@ -318,8 +323,10 @@ class Run:
         """Logit columns the heads cannot know (unselected or held-out classes): masked."""
         return np.asarray(self.meta.get("excluded_classes", []), np.int64)
 
-    def load_projection(self) -> PCASum | None:
-        return load_projection(self.path)
+    def load_fusion(self, dims: list[int] | None = None) -> Fusion:
+        """The view's fusion as it was fitted (its saved state loaded); `dims` of the members
+        where the run did not record them (format 1)."""
+        return load_fusion(self.path, self.config.view, dims or self.meta["dims"])
 
     def load_heads(self, device: str = "cpu") -> list:
         """The kept head of every seed, rebuilt from its saved state dict (a multi-level run's:
@@ -349,10 +356,10 @@ def _to_device(head, device: str):
     return head
 
 
-def load_projection(run_dir: str | Path) -> PCASum | None:
-    """The PCA sum projection saved in a run directory (None when its view has none)."""
+def load_fusion(run_dir: str | Path, view: ViewConfig, dims: list[int]) -> Fusion:
+    """A run's fusion with its saved state (`projection.safetensors`, when it has one)."""
     path = Path(run_dir) / "projection.safetensors"
-    return PCASum.from_arrays(load_numpy(str(path))) if path.is_file() else None
+    return create_fusion(view, dims).load(load_numpy(str(path)) if path.is_file() else {})
 
 
 def _read_format1(path: Path, meta: dict) -> dict:
@@ -437,12 +444,12 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     release_freed_host_memory()  # the view's reading scratch: each phase's peak starts from the rows alone
     started = time.perf_counter()
     head = config.make_head(view.dims, device)
-    if getattr(head, "needs_text", False):  # the zero-shot head's weights are the stored text embeddings
+    if head.needs_text:  # the zero-shot head's weights are the stored text embeddings
         text, scale = view.text()
         head.set_params(text_embeddings=text, logit_scale=scale)
-    heads = head.fit_grid(view.X("train"), y_train, view.X("val"), y_val, seeds=list(h.seeds), lrs=list(h.lr),
-                          weight_decays=list(h.weight_decay), n_classes=n_classes, on_epoch=on_epoch,
-                          **({"balance": h.balance} if h.balance != "none" else {}))
+    grid = {"lrs": list(h.lr), "weight_decays": list(h.weight_decay), "balance": h.balance} if head.trained else {}
+    heads = head.fit_grid(view.X("train"), y_train, view.X("val"), y_val, seeds=list(h.seeds), n_classes=n_classes,
+                          on_epoch=on_epoch, **grid)
     seconds = time.perf_counter() - started
     excluded = view.excluded_classes(level)
 
@@ -456,7 +463,7 @@ def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, p
     train_counts = view.class_counts("train", level)
     for metrics_k, pred in zip(per_seed, preds):  # argmax of the stored float16 test logits, seen rows only
         metrics_k["by_frequency"] = frequency_metrics(y_test[seen], pred[seen], train_counts, h.shot_bins)
-    save_weights(tmp, {seed: fitted.module_ for seed, fitted in zip(h.seeds, heads)}, view.projection)
+    save_weights(tmp, {seed: fitted.module_ for seed, fitted in zip(h.seeds, heads)}, view.fusion)
     (tmp / "history.json").write_text(json.dumps({str(s): getattr(f, "history_", []) for s, f in zip(h.seeds, heads)}))
     meta = {"format_version": FORMAT_VERSION, "fgembed_version": __version__, "config": config.to_json(),
             "store": identity, "store_path": str(store.path), "dims": view.dims, "n_classes": n_classes,
@@ -493,15 +500,16 @@ def temp_dir(path: Path) -> Path:
     return tmp
 
 
-def save_weights(tmp: Path, modules: dict[int, torch.nn.Module], projection: PCASum | None) -> None:
-    """What a run's predictions are rebuilt from (`Run.load_heads`, `views.design_rows`), for
+def save_weights(tmp: Path, modules: dict[int, torch.nn.Module], fusion: Fusion) -> None:
+    """What a run's predictions are rebuilt from (`Run.load_heads`, `Run.load_fusion`), for
     single- and multi-level runs alike: each seed's kept module as `head-seed<S>.safetensors` (a
-    state dict, never a pickle) and a PCA sum view's fitted projection."""
+    state dict, never a pickle) and the fitted state of the view's fusion, if it has one (a PCA
+    sum's projection), as `projection.safetensors`."""
     for seed, module in modules.items():
         save_torch({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
                    str(tmp / f"head-seed{seed}.safetensors"))
-    if projection is not None:
-        save_numpy(projection.arrays(), str(tmp / "projection.safetensors"))
+    if state := fusion.state():
+        save_numpy({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "projection.safetensors"))
 
 
 def frequency_metrics(y_true: np.ndarray, y_pred: np.ndarray, train_counts: np.ndarray,

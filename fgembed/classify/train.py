@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from ..cpu import available_cores, torch_threads
 from ..errors import FgembedError
+from .blocks import BLOCK_ROWS
 from .fusion import SumProjection
 from .longtail import (
     SECOND_STAGE_EPOCHS,
@@ -46,7 +47,6 @@ from .longtail import (
     log_prior,
 )
 
-BLOCK_ROWS = 16384        # rows per prediction block
 VAL_ELEMENTS = 1 << 24    # activations per validation block (heads × rows × widest layer): 64 MiB of float32
 MASK_STEPS = 16           # dropout masks are drawn per seed for this many steps at once
 WARMUP_STEPS = 3          # eager steps before the CUDA graph is captured (optimizer state exists)

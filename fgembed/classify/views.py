@@ -1,15 +1,14 @@
 """Views: the one place a feature store becomes design rows (DESIGN.md's "fusion view").
 
-A `ViewConfig` says which members and how they fuse (`fusion.FUSIONS`), and which rows and
-classes take part: a class subset (`classes`), classes held out of train and val for an open-set
-protocol (`holdout`, whole taxonomy groups with `holdout_level`), K training rows per class
-(`shots`, draw `draw`). `build_view` reads each member shard by shard straight into one
-preallocated float16 matrix per split (only the selected rows; no float32 copy of a member, no
-concatenation of whole matrices), so a five-member concat costs about the float16 size of the
-rows it reads. A PCA sum is fitted on the training rows of one member at a time (a float32 copy
-of that member's training rows, given to the exact PCA of `fusion.PCASum`
-— scikit-learn's covariance solver on the host, torch's on a GPU with `device`) and applied
-block by block.
+A `ViewConfig` says which members and how they fuse (a name in `fusion.FUSIONS`), and which
+rows and classes take part: a class subset (`classes`), classes held out of train and val for an
+open-set protocol (`holdout`, whole taxonomy groups with `holdout_level`), K training rows per
+class (`shots`, draw `draw`). `build_view` reads the members block by block (whole shards, only
+the selected rows) and has the view's fusion write each block straight into one preallocated
+float16 matrix per split — a concat puts each member into its own columns, so a five-member
+concat costs about the float16 size of the rows it reads. A fusion with state (the PCA sum) is
+first fitted on the training rows of one member at a time (a float32 copy of that member's
+training rows; the exact PCA of `pca.PCASum`, on a GPU with `device`).
 
 Classes are never renumbered: labels and logit columns are the store's class ids; unselected
 and held-out classes are masked by the runs. Rows whose image failed in any member (status, or a
@@ -29,7 +28,7 @@ from ..errors import FgembedError
 from ..images import FAILED
 from ..progress import progress_bar
 from ..store import FeatureStore
-from .fusion import FUSIONS, PROJECTIONS, PCASum, l2_normalise
+from .fusion import FUSIONS, PROJECTIONS, Fusion, create_fusion
 
 SPLITS = ("train", "val", "test")
 FINE = (None, "label", "species")
@@ -46,7 +45,7 @@ class ViewConfig:
     """Everything that decides a view's rows and columns (and so a run's numbers)."""
 
     features: tuple[str, ...]
-    fusion: str = "single"            # a name in fusion.FUSIONS
+    fusion: str = "single"            # a name in fusion.FUSIONS (registered fusions included)
     project: str = "pca"              # sum only: pca (fitted on train rows) | linear (learned by the head)
     project_dim: int | None = None    # sum only: default the smallest member dim
     l2: bool = False                  # concat/sum: L2-normalise each member first
@@ -70,8 +69,11 @@ class ViewConfig:
             raise FgembedError(f"unknown projection {self.project!r}; choose one of {', '.join(PROJECTIONS)}")
         if len(self.features) == 1 and self.fusion != "single":
             fix("fusion", "single")
+        if len(self.features) < FUSIONS[self.fusion].min_members:
+            raise FgembedError(f"--fusion {self.fusion} joins {FUSIONS[self.fusion].min_members} or more features")
         if len(self.features) > 1 and self.fusion == "single":
-            raise FgembedError(f"{len(self.features)} features need a fusion: --fusion concat or sum")
+            raise FgembedError(f"{len(self.features)} features need a fusion: --fusion "
+                               f"{' or '.join(n for n, f in FUSIONS.items() if f.min_members > 1)}")
         if self.project_dim is not None and int(self.project_dim) < 1:
             raise FgembedError(f"--project-dim must be ≥ 1, got {self.project_dim}")
         if self.classes is not None:
@@ -120,7 +122,7 @@ class View:
     dropped: dict[str, int]
     holdout_classes: list[int]
     novel: np.ndarray
-    projection: PCASum | None
+    fusion: Fusion                            # fitted on this view's training rows where it has state
     kept_classes: np.ndarray                  # bool over fine classes: selected and not held out
     store: FeatureStore = field(repr=False)
     _X: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
@@ -184,7 +186,7 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
         rows["train"] = _draw_shots(rows["train"], fine, config.shots, config.draw)
     dims = [info.dim for info in infos]
     reader = _Reader(store, config, rows, dims, progress, resolve_device(device))
-    X, projection = reader.read()
+    X, fusion = reader.read()
     for name in SPLITS:  # rows with a non-finite value that their status did not flag (older stores)
         X[name], rows[name], bad = _drop_nonfinite(X[name], rows[name])
         dropped[name] += bad
@@ -194,7 +196,7 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
     _warn_empty_classes(store, fine, kept & ~held, rows["train"])
     holdout = np.flatnonzero(held).tolist()
     return View(config, list(config.features), dims, X["train"].shape[1], rows, dropped, holdout,
-                held[fine[rows["test"]]], projection, kept & ~held, store, X)
+                held[fine[rows["test"]]], fusion, kept & ~held, store, X)
 
 
 def _no_rows(store: FeatureStore, name: str, split: np.ndarray, dropped: int) -> str:
@@ -208,23 +210,6 @@ def _no_rows(store: FeatureStore, name: str, split: np.ndarray, dropped: int) ->
     if dropped:
         return f"every {name} image of store {store.path} failed in a member ({dropped} rows): see fgembed info"
     return f"no {name} image of store {store.path} is of a class this run keeps (--classes, --holdout)"
-
-
-def design_rows(config: ViewConfig, embeddings: list[np.ndarray], projection: PCASum | None) -> np.ndarray:
-    """The view's fusion applied to new member embeddings (`fgembed predict`), float16."""
-    if len(embeddings) != len(config.features):
-        raise FgembedError(f"{len(embeddings)} member embeddings for a view of {len(config.features)}")
-    if config.fusion == "sum" and not config.learned_projection and projection is None:
-        raise FgembedError("a PCA sum view needs its fitted projection")
-    n = embeddings[0].shape[0]
-    out = None
-    for start in range(0, max(n, 1), READ_ROWS):
-        parts = [np.asarray(e[start:start + READ_ROWS], np.float32) for e in embeddings]
-        block = FUSIONS[config.fusion](parts, config.l2, None if config.learned_projection else projection)
-        if out is None:
-            out = np.empty((n, block.shape[1]), np.float16)
-        out[start:start + len(block)] = block
-    return out
 
 
 def _select_classes(store: FeatureStore, config: ViewConfig, fine: np.ndarray,
@@ -307,7 +292,7 @@ def _drop_nonfinite(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 class _Reader:
-    """Reads members shard-aligned block by block into the preallocated float16 split matrices."""
+    """Reads the members block by block (whole shards) and has the fusion write the split matrices."""
 
     def __init__(self, store: FeatureStore, config: ViewConfig, rows: dict[str, np.ndarray], dims: list[int],
                  progress: bool, device: torch.device) -> None:
@@ -320,62 +305,45 @@ class _Reader:
         return self.store._features(name)["emb"]
 
     def _blocks(self, rows: dict[str, np.ndarray]):
-        """(store start, {split: (positions in the split, store rows)}) per block that holds rows."""
+        """(store rows lo:hi to read, {split: (positions in the split, store rows)}) per block that holds rows."""
         n = self.store.n_rows
         bounds = {s: np.searchsorted(r, np.arange(0, n + self.block, self.block)) for s, r in rows.items()}
         for b, start in enumerate(range(0, n, self.block)):
             picks = {s: (slice(bounds[s][b], bounds[s][b + 1]), r[bounds[s][b]:bounds[s][b + 1]])
                      for s, r in rows.items() if bounds[s][b + 1] > bounds[s][b]}
             if picks:
-                yield start, picks
+                lo = max(start, min(r[0] for _, r in picks.values()))
+                yield slice(lo, max(r[-1] for _, r in picks.values()) + 1), picks
 
-    def _member(self, name: str, rows: dict[str, np.ndarray], l2: bool, tick):
-        """Yield (split, positions, float32 rows) of one member, block by block."""
-        array = self._array(name)
-        for start, picks in self._blocks(rows):
-            stop = min(start + self.block, self.store.n_rows)
-            lo = min(r[0] for _, r in picks.values())
-            hi = max(r[-1] for _, r in picks.values()) + 1
-            lo = max(start, lo)
-            data = array[lo:min(stop, hi)]
-            for split, (positions, r) in picks.items():
-                part = data[r - lo]  # the stored dtype: widened only where arithmetic needs it
-                yield split, positions, (l2_normalise(part.astype(np.float32)) if l2 else part)
-            tick(1)
+    def read(self) -> tuple[dict[str, np.ndarray], Fusion]:
+        fusion = create_fusion(self.config, self.dims, self.device)
+        n_blocks = sum(1 for _ in self._blocks(self.rows))
+        total = n_blocks + (len(self.dims) * sum(1 for _ in self._blocks({"train": self.rows["train"]}))
+                            if fusion.stateful else 0)
+        with progress_bar(total, f"view {self.config.label}", enabled=self.progress, unit="block") as tick:
+            if fusion.stateful:
+                self._fit(fusion, tick)
+            X = {s: np.empty((len(r), fusion.width()), np.float16) for s, r in self.rows.items()}
+            arrays = [self._array(name) for name in self.config.features]
+            for span, picks in self._blocks(self.rows):
+                data = [array[span] for array in arrays]  # the stored dtype: widened only where a fusion computes
+                for split, (positions, r) in picks.items():
+                    fusion.apply_into([d[r - span.start] for d in data], X[split][positions])
+                tick(1)
+        return X, fusion
 
-    def read(self) -> tuple[dict[str, np.ndarray], PCASum | None]:
-        config = self.config
-        pca = config.fusion == "sum" and not config.learned_projection
-        width = (config.project_dim or min(self.dims)) if pca else (self.dims[0] if config.fusion == "single"
-                                                                     else sum(self.dims))
-        n_blocks = -(-self.store.n_rows // self.block)
-        total = len(self.dims) * n_blocks * (2 if pca else 1)
-        with progress_bar(total, f"view {config.label}", enabled=self.progress, unit="block") as tick:
-            if pca:
-                return self._pca_sum(tick)
-            X = {s: np.empty((len(r), width), np.float16) for s, r in self.rows.items()}
-            offset = 0
-            for name, d in zip(self.config.features, self.dims):
-                for split, positions, part in self._member(name, self.rows, config.l2, tick):
-                    X[split][positions, offset:offset + d] = part
-                offset += d
-            return X, None
-
-    def _pca_sum(self, tick) -> tuple[dict[str, np.ndarray], PCASum]:
-        """Fit each member's PCA on its training rows (float32, one member at a time), then add
-        its projection of every row into a float32 accumulator per split; float16 at the end."""
-        projection = PCASum(self.config.project_dim, self.device).prepare(self.dims, len(self.rows["train"]))
-        acc = {s: np.zeros((len(r), projection.n_components_), np.float32) for s, r in self.rows.items()}
+    def _fit(self, fusion: Fusion, tick) -> None:
+        """Fit the fusion's state on the training rows, one member at a time (a float32 copy of
+        that member's training rows only)."""
+        train = self.rows["train"]
+        fusion.start_fit(len(train))
         for i, (name, d) in enumerate(zip(self.config.features, self.dims)):
-            train = np.empty((len(self.rows["train"]), d), np.float32)
-            for _, positions, part in self._member(name, {"train": self.rows["train"]}, self.config.l2, tick):
-                train[positions] = part
-            finite = np.isfinite(train).all(1)
-            projection.fit_member(i, train if finite.all() else train[finite])
-            del train
-            for split, positions, part in self._member(name, self.rows, self.config.l2, tick):
-                acc[split][positions] += projection.transform_member(i, part)
-        X = {}
-        for split in list(acc):
-            X[split] = acc.pop(split).astype(np.float16)
-        return X, projection
+            array, member = self._array(name), np.empty((len(train), d), np.float32)
+            for span, picks in self._blocks({"train": train}):
+                positions, r = picks["train"]
+                member[positions] = array[span][r - span.start]
+                tick(1)
+            member = fusion.members([member])[0]  # L2-normalised with the view's l2
+            finite = np.isfinite(member).all(1)
+            fusion.fit_member(i, member if finite.all() else member[finite])
+            del member
