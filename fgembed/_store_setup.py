@@ -79,7 +79,7 @@ def rows_sha256(ids: np.ndarray, paths: list[str]) -> str:
 def setup(storage: Storage, table: SampleTable, shard_rows: int, overwrite: bool, names: list[str],
           identity: FileIdentity) -> None:
     """Make the store for `table`, finish a half-made one, or reconcile an existing one."""
-    with setup_lock(storage), storage.errors():
+    with storage.errors(), setup_lock(storage):
         clear_debris(storage)
         ready = storage.exists("zarr.json")
         if ready and _attrs(storage, "zarr.json").get("format") != STORE_FORMAT \
@@ -91,7 +91,7 @@ def setup(storage: Storage, table: SampleTable, shard_rows: int, overwrite: bool
         else:
             _reconcile(storage, table, identity, overwrite, names)
         if not storage.exists("features/zarr.json"):
-            zarr.open_group(storage.zarr_store("features"), mode="w")
+            zarr.open_group(storage.zarr_store("features"), mode="w", zarr_format=3)
         if not ready:  # the ready mark, last
             zarr.create_group(storage.zarr_store(), attributes={"format": STORE_FORMAT, "version": STORE_VERSION})
 
@@ -101,12 +101,12 @@ def replace(storage: Storage, *builds: tuple[str, Build]) -> None:
     if not storage.local:
         for node, build in builds:
             storage.remove(node)
-            build(zarr.open_group(storage.zarr_store(node), mode="w"))
+            build(zarr.open_group(storage.zarr_store(node), mode="w", zarr_format=3))
         return
     moves = []
     for node, build in builds:
         staging = scratch(storage.root, "staging", node.rsplit("/", 1)[-1])
-        build(zarr.open_group(staging, mode="w"))
+        build(zarr.open_group(staging, mode="w", zarr_format=3))
         moves.append((staging, storage.root / node))
     swap_in(storage.root, *moves)
 
@@ -202,7 +202,7 @@ def samples_builder(table: SampleTable, shard_rows: int, identity: FileIdentity)
             put(level, data.codes, "int32")
         put("file_size", identity.sizes, "int64")
         put("file_mtime_ns", identity.mtimes_ns, "int64")
-        samples.attrs.update({
+        samples.update_attributes({  # the mark, last: one write, all keys at once
             "kind": table.kind, "root": table.root, "class_names": table.class_names,
             "levels": {k: v.names for k, v in table.levels.items()}, "split_codes": SPLIT_NAMES,
             "split_recipe": table.split_recipe, "provenance": table.provenance,
@@ -229,7 +229,7 @@ def _groups_of_other_rows(storage: Storage, table: SampleTable, overwrite: bool,
 
 def _reconcile(storage: Storage, table: SampleTable, identity: FileIdentity, overwrite: bool, names: list[str]) -> None:
     """An existing store meets `table`: accept it, rewrite samples/, or refuse in one line."""
-    samples = zarr.open_group(storage.zarr_store("samples", read_only=True), mode="r")
+    samples = zarr.open_group(storage.zarr_store("samples", read_only=True), mode="r", zarr_format=3)
     attrs = dict(samples.attrs)
     old_rows = attrs.get("rows_sha256") or rows_sha256(samples["id"][:], list(samples["path"][:]))
     has = "file_size" in samples and "file_mtime_ns" in samples

@@ -212,7 +212,7 @@ class ObjectStorage(Storage):
         return FsspecStore(self._async, path=self._path(node), read_only=read_only)
 
     def exists(self, key: str) -> bool:
-        return self.get(key) is not None if self.protocol in ("http", "https") else self.fs.isfile(self._path(key))
+        return self.get(key) is not None  # one GET of a small document; a HEAD of a missing key costs two requests
 
     def read_json(self, key: str) -> dict | None:
         data = self.get(key)

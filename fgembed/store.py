@@ -143,7 +143,7 @@ class FeatureStore:
                 raise FgembedError(f"{storage} is a feature store whose setup was interrupted; rerun the fgembed "
                                    "extract (or import) command that made it to finish it")
             raise FgembedError(f"no feature store at {storage}")
-        group = zarr.open_group(storage.zarr_store(read_only=mode == "r"), mode=mode)
+        group = zarr.open_group(storage.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
         if group.attrs.get("format") != STORE_FORMAT and "samples" not in group:
             raise FgembedError(f"{storage} is a Zarr group but not a feature store (no samples/)")
         if not samples_complete(storage):
@@ -183,7 +183,7 @@ class FeatureStore:
                         locks[group_key(name)] = features_lock(storage, group_key(name), name)
             setup(storage, table, shard_rows or auto_shard_rows(len(table)), overwrite, list(names), identity)
             with storage.errors():
-                store = cls(storage, zarr.open_group(storage.zarr_store(), mode="r+"))
+                store = cls(storage, zarr.open_group(storage.zarr_store(), mode="r+", zarr_format=3))
         except BaseException:
             for lock in locks.values():
                 lock.release()
@@ -316,7 +316,7 @@ class FeatureStore:
         strict, in_fp = split_fingerprint(fingerprint)
         recorded = {**in_fp, **(recorded or {})}
         key, shape = group_key(name), {"dim": int(dim), "dtype": dtype}
-        with setup_lock(self.storage), self.storage.errors():
+        with self.storage.errors(), setup_lock(self.storage):
             clear_debris(self.storage)
             if group_attrs(self.storage, key) is not None:
                 group = self.group[f"features/{key}"]
@@ -353,13 +353,13 @@ class FeatureStore:
                                fill_value=np.nan)
             group.create_array("done", shape=(n,), chunks=(inner,), shards=(rows,), dtype="bool", fill_value=False)
             group.create_array("status", shape=(n,), chunks=(inner,), shards=(rows,), dtype="uint8", fill_value=0)
-            group.attrs.update(attrs)  # the mark, last
+            group.update_attributes(attrs)  # the mark, last: one write, all keys at once
 
         self._writing.pop(key, None)
         replace(self.storage, (f"features/{key}", build))
-        features = zarr.open_group(self.storage.zarr_store("features"), mode="r+")
-        features.attrs["groups"] = {**features.attrs.get("groups", {}), key: name}
-        self.group = zarr.open_group(self.storage.zarr_store(), mode="r+")
+        features = zarr.open_group(self.storage.zarr_store("features"), mode="r+", zarr_format=3)
+        features.update_attributes({"groups": {**features.attrs.get("groups", {}), key: name}})
+        self.group = zarr.open_group(self.storage.zarr_store(), mode="r+", zarr_format=3)
         self._hold(key, self.group[f"features/{key}"])
 
     def pending_shards(self, name: str) -> list[int]:
@@ -392,7 +392,7 @@ class FeatureStore:
         group = self._features(name)
         complete = bool(group["done"][:].all())
         with self.storage.errors():
-            group.attrs.update({"complete": complete, "throughput_images_per_s": throughput})
+            group.update_attributes({"complete": complete, "throughput_images_per_s": throughput})
         return complete
 
     def write_text(self, name: str, embeddings: np.ndarray, logit_scale: float, templates: tuple[str, ...]) -> None:
@@ -405,7 +405,7 @@ class FeatureStore:
             raise FgembedError(f"{len(embeddings)} text rows for {len(self.class_names)} classes of {self.location}")
         with self.storage.errors():
             group.create_array("text", data=embeddings, overwrite=True)
-            group.attrs.update({"text": {"logit_scale": float(logit_scale), "templates": list(templates)}})
+            group.update_attributes({"text": {"logit_scale": float(logit_scale), "templates": list(templates)}})
 
     def text(self, name: str) -> tuple[np.ndarray, float] | None:
         """(text embeddings, logit scale) of a backbone extracted with `--text`, else None."""
@@ -458,7 +458,8 @@ class FeatureStore:
             raise FgembedError(f"{self.location} can only be read: cannot record {', '.join(attrs)} there")
         self._features(name)  # one line for an unknown name
         with self.storage.errors():
-            zarr.open_group(self.storage.zarr_store(f"features/{group_key(name)}"), mode="r+").attrs.update(attrs)
+            group = zarr.open_group(self.storage.zarr_store(f"features/{group_key(name)}"), mode="r+", zarr_format=3)
+            group.update_attributes(attrs)
 
     def failures(self, *names: str) -> list[tuple[int, str, str]]:
         """(image id, path, status) for every row that any of `names` did not embed plainly, one
