@@ -33,12 +33,13 @@ bench-fit: install
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py $(BENCH_SCALE_FLAGS)
 
-# Fault injection, the long version of tests/test_faults.py: STRESS_KILLS kill -9s per kill test (and
-# as many disk-full faults / concurrent pairs), figures to benchmarks/faults.json (see benchmarks/README.md).
+# Fault injection, the long version of tests/test_faults.py (and of the S3 kill test in
+# tests/test_remote_store.py): STRESS_KILLS kill -9s per kill test (and as many disk-full faults /
+# concurrent pairs), figures to benchmarks/faults.json (see benchmarks/README.md).
 STRESS_KILLS ?= 200
 stress: install
 	FGEMBED_STRESS_KILLS=$(STRESS_KILLS) FGEMBED_FAULTS_REPORT=benchmarks/faults.json \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_faults.py
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_remote_store.py
 	cat benchmarks/faults.json
 
 clean:

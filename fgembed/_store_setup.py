@@ -1,21 +1,36 @@
-"""How a feature store's structure is made and changed: always whole, under the setup lock.
+"""How a feature store's structure is made and changed: under the setup lock, each node made whole
+before a reader counts it, and the layout of its arrays.
 
-samples/, features/ and each backbone group are built whole under `.fgembed/staging/` and
-renamed into place (`swap_in`); what they replace goes to `.fgembed/trash/` and is deleted only
-once every new node is in place, so a failure on the way (a full disk, Ctrl-C) puts the old store
-back as it was. The root `zarr.json` (the "ready" mark) is written last. A kill leaves debris in
-`.fgembed/` that the next writer clears (`clear_debris`) under the setup lock (see `locks.py`).
+A node counts once its marks are in place: samples/ when its zarr.json carries `manifest_sha256`
+and every array it names has metadata; a backbone group when its zarr.json carries `name` and its
+arrays have metadata; the store when its root zarr.json (the "ready" mark, written last) exists.
+Builders write a node's arrays first and its mark last. Placing a node takes one of two routes:
+
+- local disk: the node is built whole under `.fgembed/staging/` and renamed into place
+  (`swap_in`); what it replaces goes to `.fgembed/trash/` and is deleted only once every new node
+  is in place, so a failure on the way (a full disk, Ctrl-C) puts the old store back as it was.
+- object storage (no rename): the old node's mark is deleted first, then its objects, then the new
+  node is written in place, mark last. A failure on the way leaves an unmarked node, which readers
+  ignore and the next set-up rebuilds; what depends on the rows goes before the rows change
+  (features/ before samples/), and each group records the rows it was made for, so no moment
+  pairs groups with other rows.
+
+A kill leaves debris (local: staging, trash, zarr temp files; object storage: an unmarked node)
+that the next writer clears or rebuilds under the setup lock (see `locks.py`).
+
+Arrays are sharded with zarr's sharding codec: one object per `shard_rows` rows of each feature
+array (the unit of resume and of parallel writes: a shard is written whole, by one process), and
+one object per array of samples/ (written once, at set-up). `auto_shard_rows` picks the shard from
+the row count so a store holds a few hundred objects, not tens of thousands.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +41,32 @@ from .datasets.identity import FileIdentity, identity_differences
 from .datasets.table import SPLIT_NAMES, SampleTable
 from .errors import FgembedError
 from .locks import HIDDEN, setup_lock
+from .storage import Storage
 
 STORE_FORMAT, STORE_VERSION = "fgembed-store", 2
 FEATURE_ARRAYS = ("emb", "done", "status")
+# Shards: at most ~TARGET_SHARDS per array, whole powers of two between the bounds (the upper one
+# bounds what a shard costs: the host memory a writer holds for it, the work a kill loses).
+TARGET_SHARDS, MIN_SHARD_ROWS, MAX_SHARD_ROWS = 64, 256, 32768
+INNER_ROWS = 1024  # rows per chunk inside a shard (what a partial read fetches)
+MAX_SAMPLES_SHARD_ROWS = 1 << 20  # samples/ arrays: one object each up to this many rows
+
+Build = Callable[[zarr.Group], None]  # writes a node's arrays, then its mark
 
 
-@contextlib.contextmanager
-def disk_errors(path: Path) -> Iterator[None]:
-    """A full disk or a denied permission is one line that says what to do, not a traceback."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise FgembedError(f"disk full while writing {path} ({exc.strerror}); the store is intact (finished "
-                               "shards are kept, the interrupted one is redone): free space and rerun the same "
-                               "command to resume") from None
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            why = (exc.strerror or "permission denied").lower()
-            raise FgembedError(f"cannot use feature store {path}: {why} on {exc.filename or path}; fix its "
-                               "permissions or choose another --store") from None
-        raise
+def auto_shard_rows(n_rows: int) -> int:
+    """Rows per shard for a store of `n_rows`: ~TARGET_SHARDS shards of a power of two rows."""
+    want = max(1, -(-n_rows // TARGET_SHARDS))
+    return min(MAX_SHARD_ROWS, max(MIN_SHARD_ROWS, 1 << (want - 1).bit_length()))
+
+
+def inner_rows(shard_rows: int) -> int:
+    return INNER_ROWS if shard_rows % INNER_ROWS == 0 else shard_rows
+
+
+def samples_shard_rows(n_rows: int, shard_rows: int) -> int:
+    inner = inner_rows(shard_rows)
+    return inner * max(1, -(-min(n_rows, MAX_SAMPLES_SHARD_ROWS) // inner))
 
 
 def rows_sha256(ids: np.ndarray, paths: list[str]) -> str:
@@ -55,34 +76,58 @@ def rows_sha256(ids: np.ndarray, paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def setup(path: Path, table: SampleTable, shard_rows: int, overwrite: bool, names: list[str],
+def setup(storage: Storage, table: SampleTable, shard_rows: int, overwrite: bool, names: list[str],
           identity: FileIdentity) -> None:
-    """Make the store at `path` for `table`, finish a half-made one, or reconcile an existing one."""
-    with setup_lock(path), disk_errors(path):
-        clear_debris(path)
-        ready = (path / "zarr.json").is_file()
-        if ready and zarr.open_group(path, mode="r").attrs.get("format") != STORE_FORMAT \
-                and not (path / "samples").is_dir():
-            raise FgembedError(f"{path} is a Zarr group but not a feature store; choose another --store")
-        if not ready or not samples_complete(path):
-            swap_in(path, (stage_samples(path, table, shard_rows, identity), path / "samples"))
+    """Make the store for `table`, finish a half-made one, or reconcile an existing one."""
+    with storage.errors(), setup_lock(storage):
+        clear_debris(storage)
+        ready = storage.exists("zarr.json")
+        if ready and _attrs(storage, "zarr.json").get("format") != STORE_FORMAT \
+                and "samples" not in storage.list_dir(""):
+            raise FgembedError(f"{storage} is a Zarr group but not a feature store; choose another --store")
+        if not ready or not samples_complete(storage):
+            stale = _groups_of_other_rows(storage, table, overwrite, names)
+            replace(storage, *stale, ("samples", samples_builder(table, shard_rows, identity)))
         else:
-            _reconcile(path, table, identity, overwrite, names)
-        if not (path / "features" / "zarr.json").is_file():
-            zarr.open_group(path / "features", mode="w")
+            _reconcile(storage, table, identity, overwrite, names)
+        if not storage.exists("features/zarr.json"):
+            zarr.open_group(storage.zarr_store("features"), mode="w", zarr_format=3)
         if not ready:  # the ready mark, last
-            zarr.create_group(path, attributes={"format": STORE_FORMAT, "version": STORE_VERSION})
+            zarr.create_group(storage.zarr_store(), attributes={"format": STORE_FORMAT, "version": STORE_VERSION})
 
 
-def scratch(path: Path, kind: str, label: str) -> Path:
-    folder = path / HIDDEN / kind
+def replace(storage: Storage, *builds: tuple[str, Build]) -> None:
+    """Put each `(node, build)` in place, in order, replacing what is there (see the module docstring)."""
+    if not storage.local:
+        for node, build in builds:
+            storage.remove(node)
+            build(zarr.open_group(storage.zarr_store(node), mode="w", zarr_format=3))
+        return
+    moves = []
+    for node, build in builds:
+        staging = scratch(storage.root, "staging", node.rsplit("/", 1)[-1])
+        build(zarr.open_group(staging, mode="w", zarr_format=3))
+        moves.append((staging, storage.root / node))
+    swap_in(storage.root, *moves)
+
+
+def empty_group(group: zarr.Group) -> None:
+    """The build of an empty features/."""
+
+
+def scratch(root: Path, kind: str, label: str) -> Path:
+    folder = root / HIDDEN / kind
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def clear_debris(path: Path) -> None:
-    """Staging and trash left by a killed setup, and zarr temp files of the root and features/
-    metadata: nothing live writes any of them outside the setup lock."""
+def clear_debris(storage: Storage) -> None:
+    """Local disk: staging and trash left by a killed set-up, and zarr temp files of the root and
+    features/ metadata (nothing live writes any of them outside the setup lock). Object storage
+    leaves no debris beside unmarked nodes, which the set-up rebuilds."""
+    if not storage.local:
+        return
+    path = storage.root
     for kind in ("staging", "trash"):
         for d in (path / HIDDEN / kind).glob("*"):
             shutil.rmtree(d, ignore_errors=True)
@@ -115,56 +160,76 @@ def swap_in(path: Path, *moves: tuple[Path, Path]) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def group_complete(d: Path) -> bool:
-    if not all((d / a / "zarr.json").is_file() for a in ("", *FEATURE_ARRAYS)):
-        return False
-    try:
-        return "name" in json.loads((d / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
+def _attrs(storage: Storage, key: str) -> dict:
+    return (storage.read_json(key) or {}).get("attributes", {})
 
 
-def samples_complete(path: Path) -> bool:
-    s = path / "samples"
-    try:
-        attrs = json.loads((s / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
+def group_attrs(storage: Storage, key: str) -> dict | None:
+    """A backbone group's attrs once it is whole (marked, its arrays in place), else None."""
+    attrs = _attrs(storage, f"features/{key}/zarr.json")
+    if "name" not in attrs or not all(storage.exists(f"features/{key}/{a}/zarr.json") for a in FEATURE_ARRAYS):
+        return None
+    return attrs
+
+
+def feature_groups(storage: Storage) -> dict[str, dict]:
+    """Every whole backbone group: key → attrs. The folders listed, and the index in features/'s
+    attrs (what a store served over plain HTTP, which cannot list, is read by)."""
+    keys = set(storage.list_dir("features")) | set(_attrs(storage, "features/zarr.json").get("groups", {}))
+    return {key: attrs for key in sorted(keys) if (attrs := group_attrs(storage, key)) is not None}
+
+
+def samples_complete(storage: Storage) -> bool:
+    attrs = _attrs(storage, "samples/zarr.json")
     arrays = ("id", "label", "split", "path", *attrs.get("levels", {}))
-    return "manifest_sha256" in attrs and all((s / a / "zarr.json").is_file() for a in arrays)
+    return "manifest_sha256" in attrs and all(storage.exists(f"samples/{a}/zarr.json") for a in arrays)
 
 
-def stage_samples(path: Path, table: SampleTable, shard_rows: int, identity: FileIdentity) -> Path:
-    """samples/ for `table`, written whole under staging; returns where (for `swap_in`)."""
-    staging = scratch(path, "staging", "samples")
-    samples = zarr.open_group(staging, mode="w")
+def samples_builder(table: SampleTable, shard_rows: int, identity: FileIdentity) -> Build:
+    """The build of samples/ for `table`: its arrays, then its attrs (the mark)."""
     n = len(table)
+    chunks, shards = (inner_rows(shard_rows),), (samples_shard_rows(n, shard_rows),)
 
-    def put(name: str, values, dtype) -> None:
-        arr = samples.create_array(name, shape=(n,), chunks=(shard_rows,), dtype=dtype)
-        arr[:] = values
+    def build(samples: zarr.Group) -> None:
+        def put(name: str, values, dtype) -> None:
+            samples.create_array(name, shape=(n,), chunks=chunks, shards=shards, dtype=dtype)[:] = values
 
-    put("id", table.ids, "int64")
-    put("label", table.labels, "int32")
-    put("split", table.split, "uint8")
-    put("path", np.array(table.paths, dtype=object), str)
-    for level, data in table.levels.items():
-        put(level, data.codes, "int32")
-    put("file_size", identity.sizes, "int64")
-    put("file_mtime_ns", identity.mtimes_ns, "int64")
-    samples.attrs.update({
-        "kind": table.kind, "root": table.root, "class_names": table.class_names,
-        "levels": {k: v.names for k, v in table.levels.items()}, "split_codes": SPLIT_NAMES,
-        "split_recipe": table.split_recipe, "provenance": table.provenance,
-        "manifest_sha256": table.sha256(), "rows_sha256": rows_sha256(table.ids, table.paths),
-        "identity": identity.attrs(), "shard_rows": shard_rows, "fgembed_version": __version__,
-    })
-    return staging
+        put("id", table.ids, "int64")
+        put("label", table.labels, "int32")
+        put("split", table.split, "uint8")
+        put("path", np.array(table.paths, dtype=object), str)
+        for level, data in table.levels.items():
+            put(level, data.codes, "int32")
+        put("file_size", identity.sizes, "int64")
+        put("file_mtime_ns", identity.mtimes_ns, "int64")
+        samples.update_attributes({  # the mark, last: one write, all keys at once
+            "kind": table.kind, "root": table.root, "class_names": table.class_names,
+            "levels": {k: v.names for k, v in table.levels.items()}, "split_codes": SPLIT_NAMES,
+            "split_recipe": table.split_recipe, "provenance": table.provenance,
+            "manifest_sha256": table.sha256(), "rows_sha256": rows_sha256(table.ids, table.paths),
+            "identity": identity.attrs(), "shard_rows": shard_rows, "fgembed_version": __version__,
+        })
+
+    return build
 
 
-def _reconcile(path: Path, table: SampleTable, identity: FileIdentity, overwrite: bool, names: list[str]) -> None:
+def _groups_of_other_rows(storage: Storage, table: SampleTable, overwrite: bool, names: list[str]
+                          ) -> list[tuple[str, Build]]:
+    """Before samples/ is (re)made: groups recorded for other rows than `table`'s (left beside a
+    set-up interrupted on object storage) must go first — with --overwrite naming them."""
+    rows = rows_sha256(table.ids, table.paths)
+    stale = sorted(a["name"] for a in feature_groups(storage).values() if a.get("rows_sha256", rows) != rows)
+    if not stale:
+        return []
+    if not overwrite or any(name not in names for name in stale):
+        raise FgembedError(f"store {storage} holds features of other images ({', '.join(stale)}) beside an "
+                           "interrupted set-up; --overwrite naming them replaces them, or use another --store")
+    return [("features", empty_group)]
+
+
+def _reconcile(storage: Storage, table: SampleTable, identity: FileIdentity, overwrite: bool, names: list[str]) -> None:
     """An existing store meets `table`: accept it, rewrite samples/, or refuse in one line."""
-    samples = zarr.open_group(path / "samples", mode="r")
+    samples = zarr.open_group(storage.zarr_store("samples", read_only=True), mode="r", zarr_format=3)
     attrs = dict(samples.attrs)
     old_rows = attrs.get("rows_sha256") or rows_sha256(samples["id"][:], list(samples["path"][:]))
     has = "file_size" in samples and "file_mtime_ns" in samples
@@ -175,32 +240,26 @@ def _reconcile(path: Path, table: SampleTable, identity: FileIdentity, overwrite
     if same_rows and attrs["manifest_sha256"] == table.sha256():
         return
     shard_rows = int(attrs["shard_rows"])
-    root = path / "features"
-    groups = sorted(json.loads((d / "zarr.json").read_text())["attributes"]["name"]
-                    for d in (root.iterdir() if root.is_dir() else ()) if group_complete(d))
+    groups = sorted(a["name"] for a in feature_groups(storage).values())
     if same_rows:  # same images, other labels / splits / classes: embeddings stay valid
         what = (f"split recipe {json.dumps(attrs.get('split_recipe'))} → {json.dumps(table.split_recipe)}"
                 if attrs.get("split_recipe") != table.split_recipe else "labels, classes or splits differ")
         if not overwrite:
-            raise FgembedError(f"store {path} holds the same images with other labels or splits ({what}); "
+            raise FgembedError(f"store {storage} holds the same images with other labels or splits ({what}); "
                                f"--overwrite rewrites samples/ and keeps its backbone groups (their rows are "
                                "unchanged), or use another --store")
-        swap_in(path, (stage_samples(path, table, shard_rows, identity), path / "samples"))
+        replace(storage, ("samples", samples_builder(table, shard_rows, identity)))
         return
     what = "; ".join(moved) or (f"{attrs.get('kind')} at {attrs.get('root')}, {samples['id'].shape[0]} rows → "
                                 f"{table.kind} at {table.root}, {len(table)} rows")
     others = [g for g in groups if g not in names]
     if not overwrite:
-        raise FgembedError(f"store {path} holds another dataset or other files ({what}); use another --store, or "
+        raise FgembedError(f"store {storage} holds another dataset or other files ({what}); use another --store, or "
                            "--overwrite naming every backbone in it" + (f" ({', '.join(groups)})" if groups else ""))
     if others:
-        raise FgembedError(f"store {path} holds another dataset or other files ({what}); --overwrite replaces only "
+        raise FgembedError(f"store {storage} holds another dataset or other files ({what}); --overwrite replaces only "
                            f"the backbones it names, and {', '.join(others)} would have to be re-extracted: name "
                            "them too, or use another --store")
-    # Every group is named, so all are rebuilt. The new samples/ and an empty features/ are made
-    # whole first; only then are the old ones swapped out. features/ goes first, so no moment
-    # pairs the old groups with the new rows.
-    staged_samples = stage_samples(path, table, shard_rows, identity)
-    staged_features = scratch(path, "staging", "features")
-    zarr.open_group(staged_features, mode="w")
-    swap_in(path, (staged_features, root), (staged_samples, path / "samples"))
+    # Every group is named, so all are rebuilt: an empty features/ first, then the new samples/, so no
+    # moment pairs the old groups with the new rows.
+    replace(storage, ("features", empty_group), ("samples", samples_builder(table, shard_rows, identity)))

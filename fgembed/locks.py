@@ -1,15 +1,18 @@
-"""Writer locks for a feature store: OS file locks (`fcntl.flock`) on files inside the store.
-
-The kernel drops a flock when the process holding it exits, however it exits (kill -9 too),
-so a crashed job never leaves a stale lock for a person to delete. Two kinds, both under
-`<store>/.fgembed/locks/`:
+"""Writer locks for a feature store, under `<store>/.fgembed/locks/`. Two kinds:
 
 - `setup`: held briefly while the store's structure changes (samples/ written, a backbone group
   created or replaced); a second job waits for it, since setup takes seconds.
 - `features-<key>`: held by the job that writes one backbone's group, for the whole job; a second
-  job on the same backbone is refused at once, with one line naming the holder.
+  job on the same backbone is refused at once, with one line naming the holder. Jobs on different
+  backbones run at once.
 
-Readers (`info`, `fit`, …) take no lock: shards are written atomically and `done` last. Under
+One design, two mechanisms. On a local disk a lock is an OS file lock (`fcntl.flock`) on a file
+there: the kernel drops it when its process exits, however it exits (kill -9 too), so a crashed
+job never leaves a stale lock. Object storage has no file locks; there a lock is a lease
+(`leases.py`): an object created only where absent, renewed by a heartbeat, taken over at once
+when its holder's process is gone from this machine and after its expiry when it ran elsewhere.
+
+Readers (`info`, `fit`, …) take no lock: shards are written whole and `done` last. Under
 torchrun, rank 0 takes the locks for the job; the ranks write disjoint shards without them.
 """
 from __future__ import annotations
@@ -19,9 +22,11 @@ import fcntl
 import os
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from .errors import FgembedError
+from .leases import Lease, describe
+from .storage import Storage
 
 HIDDEN = ".fgembed"  # fgembed's own bookkeeping inside a store: locks, staging, trash
 
@@ -61,6 +66,9 @@ class FileLock:
         self._fd = fd
         return True
 
+    def check(self) -> None:
+        """The kernel holds a flock until release: nothing can take it away."""
+
     def holder(self) -> str:
         try:
             return self.path.read_text().strip() or "another process"
@@ -76,10 +84,16 @@ class FileLock:
         self.release()
 
 
+class Lock(Protocol):
+    def check(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @contextlib.contextmanager
-def setup_lock(store: Path) -> Iterator[None]:
+def setup_lock(storage: Storage) -> Iterator[None]:
     """Serialise changes to a store's structure across processes (waits for the holder)."""
-    lock = FileLock(lock_dir(store) / "setup")
+    lock = FileLock(lock_dir(storage.root) / "setup") if storage.local else Lease(storage, f"{HIDDEN}/locks/setup")
     lock.acquire(wait=True)
     try:
         yield
@@ -87,10 +101,17 @@ def setup_lock(store: Path) -> Iterator[None]:
         lock.release()
 
 
-def features_lock(store: Path, key: str, name: str) -> FileLock:
+def features_lock(storage: Storage, key: str, name: str) -> Lock:
     """The writer lock of one backbone group; refuses at once when another job holds it."""
-    lock = FileLock(lock_dir(store) / f"features-{key}")
-    if not lock.acquire(wait=False):
-        raise FgembedError(f"another fgembed job ({lock.holder()}) is writing features {name!r} to {store}; "
-                           "let it finish, then rerun this command to resume (nothing to repair)")
-    return lock
+    if storage.local:
+        lock = FileLock(lock_dir(storage.root) / f"features-{key}")
+        if lock.acquire(wait=False):
+            return lock
+        holder = lock.holder()
+    else:
+        lock = Lease(storage, f"{HIDDEN}/locks/features-{key}")
+        if lock.acquire(wait=False):
+            return lock
+        holder = describe(lock.holder)
+    raise FgembedError(f"another fgembed job ({holder}) is writing features {name!r} to {storage.location}; "
+                       "let it finish, then rerun this command to resume (nothing to repair)")

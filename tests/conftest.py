@@ -119,3 +119,39 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300, env: dict | N
     if check and proc.returncode != 0:
         raise AssertionError(f"fgembed {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on a free localhost port: moto's standalone server (the endpoint s3fs's own
+    test suite uses), reached the way s3fs finds any endpoint — through the AWS environment
+    variables, which the fixture sets for the session (and `aws_env` hands to child processes)."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        import fsspec
+
+        fsspec.filesystem("s3").mkdir("fgembed-test")
+        yield env
+    server.stop()
+
+
+@pytest.fixture()
+def s3_url(s3_endpoint, request):
+    """A fresh store URL in the test bucket, one per test."""
+    import uuid
+
+    return f"s3://fgembed-test/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}/store.zarr"

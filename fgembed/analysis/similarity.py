@@ -21,7 +21,7 @@ from ..errors import FgembedError
 from ..images import FAILED
 from ..plots import save_figure
 from ..progress import progress_bar
-from ..store import FeatureStore, _key
+from ..store import FeatureStore
 
 DEFAULT_GAMMA = 0.01  # the paper's γ, "in all experiments"
 BLOCK_ROWS = 8192  # rows read per step (rounded to whole shards)
@@ -69,23 +69,19 @@ def class_means(store: FeatureStore, features: str, split: str = "train",
     info = store.backbone_info(features)  # one-line error naming the store's backbones
     code = _split_code(split)
     if info.rows_done < store.n_rows:
-        raise FgembedError(f"features {features!r} in {store.path} are incomplete "
+        raise FgembedError(f"features {features!r} in {store.location} are incomplete "
                            f"({info.rows_done}/{store.n_rows} rows); rerun fgembed extract to finish")
-    group = store.group[f"features/{_key(features)}"]
-    emb = group["emb"]
-    labels = store.group["samples/label"][:]
-    usable = (store.group["samples/split"][:] == code) & ~np.isin(group["status"][:], FAILED)
+    labels = store.labels()
+    usable = (store.split_codes() == code) & ~np.isin(store.status(features), FAILED)
     n_classes = len(store.class_names)
     sums = np.zeros((n_classes, info.dim), np.float64)
     counts = np.zeros(n_classes, np.int64)
-    step = store.shard_rows * max(1, BLOCK_ROWS // store.shard_rows)  # shard-aligned blocks
-    starts = [s for s in range(0, store.n_rows, step) if usable[s:s + step].any()]
-    title = f"class means {features} {store.path.name} [{split}]"
-    with progress_bar(len(starts), title, progress, unit="block") as tick:
-        for start in starts:
-            rows = slice(start, min(start + step, store.n_rows))
+    blocks = [rows for rows in store.row_blocks(BLOCK_ROWS) if usable[rows].any()]  # whole shards
+    title = f"class means {features} {_name(store)} [{split}]"
+    with progress_bar(len(blocks), title, progress, unit="block") as tick:
+        for rows in blocks:
             keep = usable[rows]
-            block = emb[rows][keep].astype(np.float64)
+            block = store.embeddings(features, rows)[keep].astype(np.float64)
             finite = np.isfinite(block).all(axis=1)  # a NaN row is a failed image, whatever its status says
             y = labels[rows][keep][finite]
             np.add.at(sums, y, block[finite])
@@ -94,6 +90,11 @@ def class_means(store: FeatureStore, features: str, split: str = "train",
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts[:, None]
     return means, counts
+
+
+def _name(store: FeatureStore) -> str:
+    """A store's last path component (`cub.zarr`), for titles."""
+    return store.location.rstrip("/").rsplit("/", 1)[-1]
 
 
 def emd_distance(source_means: np.ndarray, source_counts: np.ndarray, target_means: np.ndarray,
@@ -121,7 +122,7 @@ def check_same_space(source: FeatureStore, target: FeatureStore, features: str) 
     a, b = (_space(s.backbone_info(features).fingerprint) for s in (source, target))
     differ = [k for k in SPACE_KEYS if a[k] != b[k]]
     if differ:
-        raise FgembedError(f"features {features!r} differ between {source.path} and {target.path} "
+        raise FgembedError(f"features {features!r} differ between {source.location} and {target.location} "
                            f"({', '.join(differ)}): their distances would mean nothing")
 
 
@@ -133,11 +134,11 @@ class _MeansCache:
         self.cache: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, store: FeatureStore, features: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-        key = (str(store.path.resolve()), features, split)
+        key = (store.url, features, split)
         if key not in self.cache:
             self.cache[key] = class_means(store, features, split, self.progress)
             if not self.cache[key][1].any():
-                raise FgembedError(f"{store.path} has no usable {split} rows for {features!r}")
+                raise FgembedError(f"{store.location} has no usable {split} rows for {features!r}")
         return self.cache[key]
 
 
@@ -161,7 +162,7 @@ def domain_similarity(source: FeatureStore | Sequence[FeatureStore], target: Fea
                 ms, cs = means(s, name, source_split)
                 mt, ct = means(t, name, target_split)
                 d = emd_distance(ms, cs, mt, ct)
-                results.append(SimilarityResult(name, str(s.path), str(t.path), d,
+                results.append(SimilarityResult(name, s.location, t.location, d,
                                                 float(similarity_from_distance(d, gamma)), source_split,
                                                 target_split, int((cs > 0).sum()), int((ct > 0).sum())))
     return results
@@ -183,7 +184,7 @@ def select_classes(source: FeatureStore, target: FeatureStore, features: str, k:
     present = np.flatnonzero(cs > 0)
     if k < 1 or k > len(present):
         raise FgembedError(f"--select {k}: choose 1 to {len(present)} (source classes with "
-                           f"{source_split} rows in {source.path})")
+                           f"{source_split} rows in {source.location})")
     t = ct > 0
     d = ot.dist(ms[present], mt[t], metric="euclidean") @ (ct[t] / ct[t].sum())
     order = np.argsort(d, kind="stable")[:k]

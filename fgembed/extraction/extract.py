@@ -283,7 +283,7 @@ def _extract_ranked(table: SampleTable, store_path: str | Path, backbone_names: 
         kinds, steps = _feed_kinds(backbones, options)
     for b, kind in zip(backbones, kinds):  # how the numbers were made: strict fingerprint keys
         b.fingerprint = {**b.fingerprint, "precision": precision.name, "compile": options.compile, "feed": kind}
-    store = _prepare_store(Path(store_path), table, backbones, options, precision.name, rank, world)
+    store = _prepare_store(store_path, table, backbones, options, precision.name, rank, world)
     with store:  # rank 0's writer locks are released however this ends (an error, Ctrl-C)
         with failures_shared("extracting", rank, world):  # also the barrier before groups are marked complete
             run = _extract_pending(store, table, backbones, kinds, steps, options, device, precision, workers,

@@ -20,7 +20,7 @@ from ..datasets.table import SPLIT_NAMES
 from ..errors import FgembedError
 from ..images import OK, UNREADABLE
 from ..progress import progress_bar
-from ..store import FeatureStore, _key
+from ..store import FeatureStore, group_key
 
 EXPORT_FORMATS = ("h5", "npy")
 
@@ -32,12 +32,12 @@ def export_features(store: FeatureStore, out: str | Path, fmt: str = "h5", names
         raise FgembedError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     names = names or [n for n in store.backbones() if store.backbone_info(n).complete]
     if not names:
-        raise FgembedError(f"store {store.path} has no complete features to export")
-    samples = {k: store.group[f"samples/{k}"][:] for k in ("id", "label", "split")}
-    paths = np.array([str(p) for p in store.group["samples/path"][:]], dtype=object)
+        raise FgembedError(f"store {store.location} has no complete features to export")
+    samples = {"id": store.sample_ids(), "label": store.labels(), "split": store.split_codes()}
+    paths = np.array(store.sample_paths(), dtype=object)
     fingerprints = {n: store.backbone_info(n).fingerprint for n in names}
-    meta = {"store": str(store.path), "class_names": store.class_names, "split_codes": SPLIT_NAMES,
-            "features": {n: {"key": _key(n), "fingerprint": fingerprints[n]} for n in names}}
+    meta = {"store": store.location, "class_names": store.class_names, "split_codes": SPLIT_NAMES,
+            "features": {n: {"key": group_key(n), "fingerprint": fingerprints[n]} for n in names}}
     out = Path(out)
     if fmt == "h5":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ def export_features(store: FeatureStore, out: str | Path, fmt: str = "h5", names
                 f.create_dataset(f"samples/{k}", data=v)
             f.create_dataset("samples/path", data=paths, dtype=h5py.string_dtype())
             for n in names:
-                dset = f.create_dataset(f"features/{_key(n)}", data=store.features(n), chunks=True)
+                dset = f.create_dataset(f"features/{group_key(n)}", data=store.features(n), chunks=True)
                 dset.attrs["name"] = n
                 dset.attrs["fingerprint"] = json.dumps(fingerprints[n])
             f.attrs["meta"] = json.dumps(meta)
@@ -56,7 +56,7 @@ def export_features(store: FeatureStore, out: str | Path, fmt: str = "h5", names
         np.save(out / f"{k}.npy", v)
     (out / "paths.txt").write_text("\n".join(paths) + "\n")
     for n in names:
-        np.save(out / f"{_key(n)}.npy", store.features(n))
+        np.save(out / f"{group_key(n)}.npy", store.features(n))
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return out
 
@@ -109,7 +109,7 @@ def _align(store: FeatureStore, n_file: int, ids: np.ndarray | None, order: list
             raise FgembedError(f"the order file lists {twice!r} twice; each feature row needs its own path")
         by_tail: dict[int, dict[str, int]] = {}  # listed paths may be absolute or under another root:
         lookup = []                              # match a store path on its last components
-        for path in (str(p).replace("\\", "/") for p in store.group["samples/path"][:]):
+        for path in (p.replace("\\", "/") for p in store.sample_paths()):
             depth = path.count("/") + 1
             if depth not in by_tail:
                 by_tail[depth] = {"/".join(p.split("/")[-depth:]): i for i, p in enumerate(listed)}
@@ -124,7 +124,7 @@ def _align(store: FeatureStore, n_file: int, ids: np.ndarray | None, order: list
             raise FgembedError(f"the file lists image id {values[counts > 1][0]} {counts.max()} times; "
                                "ids must be unique")
         position = {int(v): i for i, v in enumerate(ids)}
-        return np.array([position.get(int(v), -1) for v in store.group["samples/id"][:]]), "id"
+        return np.array([position.get(int(v), -1) for v in store.sample_ids()]), "id"
     if n_file != store.n_rows:
         raise FgembedError(f"the features have {n_file} rows but the store has {store.n_rows}; "
                            "give ids in the file or an --order file of image paths")
@@ -150,7 +150,7 @@ def import_features(store: FeatureStore, name: str, source: str | Path, key: str
     order = Path(order_file).read_text().splitlines() if order_file else None
     lookup, matched_by = _align(store, matrix.shape[0], ids, order)
     if (lookup < 0).all():
-        raise FgembedError(f"no row of {source} matches a row of store {store.path} (by {matched_by})")
+        raise FgembedError(f"no row of {source} matches a row of store {store.location} (by {matched_by})")
     digest = _sha256(Path(source))
     fingerprint = {"source": "import", "file": Path(source).name, "sha256": digest, "key": key,
                    "matched_by": matched_by}
