@@ -1,0 +1,162 @@
+"""Bootstrap intervals at iNat shape: what `fgembed.analysis.bootstrap` costs next to scoring.
+
+Generated labels: 40,000 test rows, 10,000 classes, predictions right ~75 % of the time, 1,000
+resamples (all by default; see the flags). Every candidate is warmed up once, then each repeat
+runs all of them in turn (so load on a shared machine hits them alike); reported: seconds min /
+median, the ratio of medians to `point`, and the peak memory of one more, untimed run
+(tracemalloc: what numpy and scipy allocate during the call, inputs excluded).
+
+  draw           `Resamples(rows, 1000)` drawn in full and kept (once per table, shared by all its rows)
+  point          the point metrics alone, by scikit-learn — accuracy_score, f1_score (weighted and
+                 macro) and, for balanced accuracy, recall_score(labels=classes in the truth,
+                 average="macro"), its very definition: balanced_accuracy_score builds the C × C
+                 confusion matrix (800 MB and 5–7 s at 10,000 classes) — per seed
+  interval       `bootstrap.interval` of one table row (one seed, then three: the seed-averaged metric)
+  paired         `bootstrap.paired` of two rows on the same resamples (one seed, then three)
+  table          what a late-fusion table of five members needs: the 26 subsets of two or more, three
+                 seeds each, every subset's interval and its paired difference to its best single
+                 member on the subset's rows (member distributions computed once per row set and
+                 reused). One member lacks 0.5 % of the rows, so the 15 subsets holding it are
+                 scored on fewer rows, as late fusion does: 35 distributions of three seeds in all
+                 (26 subsets; 4 members on all rows, 5 on that member's). The resamples are drawn
+                 once, inside.
+
+The target the scoring pass must meet: intervals for all 26 subsets add ≤ 0.5 × to a 40-second
+scoring pass, i.e. `table` ≤ 20 s.
+
+Usage: python benchmarks/bootstrap.py [--quick] [--repeats N] [--rows N] [--classes C] [--resamples B]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import resource
+import statistics
+import time
+import tracemalloc
+import warnings
+
+import numpy as np
+import scipy
+import sklearn
+from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+from fgembed.analysis import bootstrap
+from fgembed.analysis.bootstrap import Resamples
+
+MEMBERS = 5
+SEEDS = 3
+
+
+def predictions(rng: np.random.Generator, y: np.ndarray, accuracy: float, n_classes: int) -> np.ndarray:
+    """[seeds, rows]: right with probability `accuracy` (a little different per seed), else a random class."""
+    right = rng.random((SEEDS, len(y))) < accuracy + rng.normal(0, 0.005, (SEEDS, 1))
+    return np.where(right, y, rng.integers(0, n_classes, (SEEDS, len(y))))
+
+
+def sklearn_point(y: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+    values = []
+    present = np.unique(y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pred in preds:
+            values.append([accuracy_score(y, pred), f1_score(y, pred, average="weighted", zero_division=0),
+                           f1_score(y, pred, average="macro", zero_division=0),
+                           recall_score(y, pred, labels=present, average="macro", zero_division=0)])
+    return dict(zip(bootstrap.METRICS, np.mean(values, axis=0)))
+
+
+def table(y: np.ndarray, members: list[np.ndarray], fused: dict, has_row: np.ndarray, n_resamples: int) -> dict:
+    """Every subset's interval and paired difference to its best member (by point weighted F1)."""
+    resamples = Resamples(len(y), n_resamples, seed=0)
+    member_dists: dict = {}
+    out = {}
+    for subset, preds in fused.items():
+        rows = np.all(has_row[list(subset)], axis=0)
+        mask = None if rows.all() else rows
+        dist = bootstrap.distribution(y[rows], preds[:, rows], resamples, rows=mask)
+        candidates = []
+        for m in subset:
+            key = (m, mask is None)   # every subset holding the member that lacks rows shares its row set
+            if key not in member_dists:
+                member_dists[key] = bootstrap.distribution(y[rows], members[m][:, rows], resamples, rows=mask)
+            candidates.append(member_dists[key])
+        best = max(candidates, key=lambda d: d.point["f1"])
+        out[subset] = {**dist.interval(), **dist.paired(best)}
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_mib(fn) -> float:
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2 ** 20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4,000 rows, 1,000 classes, 200 resamples, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=40_000)
+    parser.add_argument("--classes", type=int, default=10_000)
+    parser.add_argument("--resamples", type=int, default=1000)
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.classes, args.resamples, args.repeats = 4000, 1000, 200, 2
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, args.classes, args.rows)
+    members = [predictions(rng, y, acc, args.classes) for acc in (0.62, 0.66, 0.70, 0.72, 0.75)]
+    has_row = np.ones((MEMBERS, args.rows), bool)
+    has_row[0, rng.choice(args.rows, args.rows // 200, replace=False)] = False
+    subsets = [s for k in range(2, MEMBERS + 1) for s in itertools.combinations(range(MEMBERS), k)]
+    fused = {s: predictions(rng, y, 0.72 + 0.02 * len(s), args.classes) for s in subsets}
+    a, b = fused[subsets[-1]], members[-1]
+    plan = Resamples(args.rows, args.resamples, seed=0)
+
+    cases = {
+        "draw": lambda: list(Resamples(args.rows, args.resamples, seed=0).chunks()),
+        "point, 1 seed": lambda: sklearn_point(y, a[:1]),
+        "point, 3 seeds": lambda: sklearn_point(y, a),
+        "interval, 1 seed": lambda: bootstrap.interval(y, a[0], plan),
+        "interval, 3 seeds": lambda: bootstrap.interval(y, a, plan),
+        "paired, 1 seed": lambda: bootstrap.paired(y, a[0], b[0], plan),
+        "paired, 3 seeds": lambda: bootstrap.paired(y, a, b, plan),
+        f"table: {len(subsets)} subsets × {SEEDS} seeds": lambda: table(y, members, fused, has_row, args.resamples),
+    }
+    print(f"{platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, scipy {scipy.__version__}, "
+          f"scikit-learn {sklearn.__version__}; {args.rows:,} rows, {args.classes:,} classes, "
+          f"{args.resamples:,} resamples; load average {os.getloadavg()[0]:.1f}", flush=True)
+    for fn in cases.values():   # warm-up (and the plan's counts drawn and kept)
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for repeat in range(args.repeats):
+        for name, fn in cases.items():
+            seconds[name].append(timed(fn))
+        print(f"  repeat {repeat + 1}: " + ", ".join(f"{s[-1]:.2f}" for s in seconds.values()), flush=True)
+    peaks = {name: peak_mib(fn) for name, fn in cases.items()}
+
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}; peak RSS of the process "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print("\n| candidate | seconds, min / median | × point (medians, same seeds) | peak MiB (tracemalloc) |")
+    print("|---|---|---|---|")
+    for name, secs in seconds.items():
+        base = "point, 3 seeds" if "3 seeds" in name or "table" in name else "point, 1 seed"
+        ratio = "" if name.startswith(("point", "draw", "table")) else \
+            f"{statistics.median(secs) / statistics.median(seconds[base]):.1f}×"
+        print(f"| {name} | {min(secs):.3f} / {statistics.median(secs):.3f} | {ratio} | {peaks[name]:.0f} |")
+    table_s = statistics.median(seconds[f"table: {len(subsets)} subsets × {SEEDS} seeds"])
+    print(f"\ntable: {table_s:.1f} s = {table_s / 40:.2f} × a 40-second scoring pass (target ≤ 0.5 ×)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Bootstrap intervals and paired differences of classification metrics, over test images.
+
+A point metric says nothing about how much it would move on another test set of the same size;
+a fusion gain of a point or two on a few thousand images may be noise. Every metric therefore
+gets a 95 % percentile bootstrap interval over the test images, and a fused row its difference
+to another row (the best single member of its subset) with a paired interval and p-value,
+computed on the same resamples.
+
+**Resamples.** The ordinary nonparametric bootstrap: a resample draws the n test rows n times
+with replacement, held as how many times each row was drawn (multinomial counts). The draws come
+from one seeded numpy `Generator` stream, exactly as `scipy.stats.bootstrap` draws its indices
+(`rng.integers(0, n, (n_resamples, n))`), generated a chunk of resamples at a time. numpy's
+stream does not depend on how the draws are split into calls, so a seed gives the same
+resamples whatever the chunk size — and the very resamples scipy uses with
+`rng=np.random.default_rng(seed)`. Counts are stored in the smallest unsigned dtype that holds a
+chunk's largest count (uint8 in practice: 40 MB for 40,000 rows × 1,000 resamples, never an
+int64 [resamples, rows] matrix) and kept while they fit in `CACHE_BYTES`, so every metric and
+every row of a table reuses the same draws without drawing them again.
+
+**Per-class counts per resample.** True positives, support and predicted count of each class
+are weighted bincounts of the row counts — for a block of resamples at once, as one sparse
+one-hot [classes, rows] matrix times the dense [rows, resamples] counts (scipy.sparse), which is
+O(rows × resamples) and never a C × C confusion matrix. Only classes present in the truth or a
+prediction get a row: the others count for nothing in any metric.
+
+**Metrics** from those counts, as scikit-learn defines them: `accuracy`; `f1` is
+`f1_score(average="weighted")` and `f1_macro` `f1_score(average="macro")` over the classes
+present in the truth or the prediction (labels absent from both are ignored, a 0/0 F1 counts as
+0: zero_division=0); `balanced_accuracy` is `balanced_accuracy_score`, the mean recall over the
+classes present in the truth.
+
+**Seeds.** A run has predictions per training seed; its table value is the mean over seeds.
+The interval is that of the seed-averaged metric: each resample draws the same test rows for
+every seed and scores the mean of the seeds' metrics. It measures test-set sampling error of
+the reported number, not training noise across seeds (that is the `_std` beside it).
+
+**Row subsets.** A resample is over the table's test rows. A row scored on part of them (a
+late-fusion subset scored where all its members have a row) takes `rows=`: its rows' counts
+are used and the rest ignored, so all rows of a table share the same resamples and stay
+paired. A resample that draws none of a subset's rows has no value for it and is left out of
+its quantiles.
+
+**Paired differences** are the per-resample difference a − b of the two rows' metrics on the
+same resamples (and rows): `delta_<metric>` (the point difference), `delta_<metric>_ci` (its
+percentile interval) and `delta_<metric>_p`, a two-sided p-value for "no difference": the
+achieved significance level read off the bootstrap distribution of the difference as the dual
+of its percentile interval (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993) —
+twice the smaller share of resampled differences at or beyond 0 on either side — with the
+(1 + count) / (1 + resamples) Monte-Carlo correction (Davison & Hinkley, *Bootstrap Methods and
+their Application*, 1997; North, Curtis & Sham, "A note on the calculation of empirical P values
+from Monte Carlo procedures", 2002) so that a finite number of resamples never gives p = 0,
+capped at 1. Resampled differences of exactly 0 count on both sides, which keeps the test
+conservative for metrics that move in steps. p < 1 − confidence exactly when 0 lies outside the
+interval, up to the quantile interpolation and the +1; identical predictions give delta 0,
+interval [0, 0] and p = 1.
+
+**Macro F1 with few test rows per class.** A resample leaves out every test row of about e^−m of
+the classes with m rows; such a class, still predicted for some other row, enters the macro
+average with F1 = 0. Resampled macro F1 therefore runs below its point value, and with a handful
+of rows per class its percentile interval need not contain it: at 40,000 rows over 10,000 classes
+(4 a class, 80 % right) the point is 0.771, the resampled mean 0.746 and the interval
+[0.741, 0.751]; at 10 a class the shift is −0.010, at CUB's 29 −0.003. Accuracy, weighted F1
+and balanced accuracy (which average over the rows drawn, or over the classes drawn) shift by
+less than 0.0002 in the same runs. A difference between two rows on the same resamples mostly
+cancels it: +0.003 there for two rows 5 points apart, whose interval holds the point difference.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+
+from ..errors import FgembedError
+
+METRICS = ("accuracy", "f1", "f1_macro", "balanced_accuracy")
+N_RESAMPLES = 1000
+CONFIDENCE = 0.95
+CHUNK_DRAWS = 2 ** 21       # row draws per generated chunk of resamples (16 MB of int64 indices)
+CACHE_BYTES = 2 ** 28       # counts kept in memory up to this size (256 MiB), else drawn again per pass
+BLOCK_ELEMENTS = 2 ** 23    # float32 per-class sums (or row weights) per block of resamples: 32 MB
+CLASS_GROUP = 128           # classes summed in float32 before the float64 sum across groups
+
+
+class Resamples:
+    """The resampling plan shared by every metric and every row of a table: for each of
+    `n_resamples` bootstrap resamples, how many times each of the table's `n_rows` test rows is
+    drawn. Seeded; the same seed gives the same resamples whatever `chunk_size`."""
+
+    def __init__(self, n_rows: int, n_resamples: int = N_RESAMPLES, seed: int = 0, *,
+                 chunk_size: int | None = None) -> None:
+        if n_rows < 1:
+            raise FgembedError(f"bootstrap needs at least one test row, got {n_rows}")
+        if n_resamples < 1:
+            raise FgembedError(f"bootstrap needs at least one resample, got {n_resamples}")
+        if seed < 0:
+            raise FgembedError(f"bootstrap seed must be 0 or more, got {seed}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.n_rows, self.n_resamples, self.seed = int(n_rows), int(n_resamples), int(seed)
+        self.chunk_size = int(chunk_size or max(1, min(self.n_resamples, CHUNK_DRAWS // self.n_rows)))
+        self._cache: list[np.ndarray] | None = None
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """What makes two plans draw the same resamples."""
+        return self.n_rows, self.n_resamples, self.seed
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """Counts per chunk of resamples, in order: [n_rows, k] unsigned integers, column j the
+        number of times each row is drawn in that chunk's j-th resample (each column sums to
+        n_rows)."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        kept: list[np.ndarray] | None = []
+        rng = np.random.default_rng(self.seed)
+        for start in range(0, self.n_resamples, self.chunk_size):
+            k = min(self.chunk_size, self.n_resamples - start)
+            drawn = rng.integers(0, self.n_rows, (k, self.n_rows))
+            drawn += np.arange(0, k * self.n_rows, self.n_rows)[:, None]
+            counts = np.bincount(drawn.ravel(), minlength=k * self.n_rows).reshape(k, self.n_rows)
+            counts = np.ascontiguousarray(counts.astype(np.min_scalar_type(counts.max())).T)
+            if kept is not None:
+                kept.append(counts)
+                if sum(c.nbytes for c in kept) > CACHE_BYTES:
+                    kept = None
+            yield counts
+        self._cache = kept
+
+
+@dataclass(frozen=True, eq=False)
+class Distribution:
+    """One table row's metrics: the point values and their value on every resample."""
+
+    point: dict[str, float]
+    resampled: dict[str, np.ndarray]    # [n_resamples] per metric; NaN where no row of `rows` was drawn
+    rows: np.ndarray                    # the table rows scored (positions), sorted
+    resamples: tuple[int, int, int]     # Resamples.key
+
+    def interval(self, confidence: float = CONFIDENCE) -> dict[str, float | list[float]]:
+        """`<metric>` and `<metric>_ci: [lo, hi]`, the percentile interval."""
+        _check_confidence(confidence)
+        out: dict[str, float | list[float]] = {}
+        for name, value in self.point.items():
+            out[name] = value
+            out[f"{name}_ci"] = _percentile_interval(self.resampled[name], confidence)
+        return out
+
+    def paired(self, other: Distribution, confidence: float = CONFIDENCE) -> dict[str, float | list[float]]:
+        """This row minus `other`, resample by resample: `delta_<metric>`, `delta_<metric>_ci`,
+        `delta_<metric>_p`. Both must come from the same resamples and the same rows."""
+        _check_confidence(confidence)
+        if self.resamples != other.resamples:
+            raise ValueError(f"paired rows need the same resamples, got {self.resamples} and {other.resamples}")
+        if not np.array_equal(self.rows, other.rows):
+            raise ValueError("paired rows must be scored on the same test rows")
+        if self.point.keys() != other.point.keys():
+            raise ValueError(f"paired rows need the same metrics, got {list(self.point)} and {list(other.point)}")
+        out: dict[str, float | list[float]] = {}
+        for name in self.point:
+            delta = self.resampled[name] - other.resampled[name]
+            out[f"delta_{name}"] = self.point[name] - other.point[name]
+            out[f"delta_{name}_ci"] = _percentile_interval(delta, confidence)
+            out[f"delta_{name}_p"] = _p_value(delta)
+        return out
+
+
+def distribution(y_true: np.ndarray, y_pred: np.ndarray, resamples: Resamples,
+                 metrics: Sequence[str] = METRICS, *, rows: np.ndarray | None = None,
+                 n_classes: int | None = None) -> Distribution:
+    """Point values and bootstrap distribution of `metrics` for one table row.
+
+    `y_pred` is [rows] or [seeds, rows] (the metric is then the mean over seeds, resample by
+    resample). `rows` says which of the table's test rows `y_true` / `y_pred` hold: a boolean
+    mask over the table's rows or their positions; None means all of them, in order. Labels are
+    class ids ≥ 0, below `n_classes` when it is given. The four metrics are computed together
+    (they share the per-class counts); `metrics` picks those returned.
+    """
+    metrics = _check_metrics(metrics)
+    positions = _positions(rows, resamples.n_rows)
+    y = np.asarray(y_true)
+    preds = np.asarray(y_pred)
+    if preds.ndim == 1:
+        preds = preds[None]
+    if y.ndim != 1 or preds.ndim != 2 or len(preds) == 0:
+        raise ValueError(f"y_true must be [rows] and y_pred [rows] or [seeds, rows], got {y.shape} and "
+                         f"{np.shape(y_pred)}")
+    if len(y) != len(positions) or preds.shape[1] != len(positions):
+        raise ValueError(f"y_true ({len(y)}) and y_pred ({preds.shape[1]}) must have one label per scored "
+                         f"row ({len(positions)})")
+    if len(positions) == 0:
+        raise ValueError("no test rows to score")
+    order = np.argsort(positions, kind="stable")
+    positions, y, preds = positions[order], y[order], preds[:, order]
+    classes, labels = np.unique(np.concatenate([y, preds.ravel()]), return_inverse=True)
+    if (not np.issubdtype(classes.dtype, np.integer) or classes[0] < 0
+            or (n_classes is not None and classes[-1] >= n_classes)):
+        expected = "≥ 0" if n_classes is None else f"in [0, {n_classes})"
+        raise ValueError(f"labels must be integer class ids {expected}, got values from {classes[0]} to {classes[-1]}")
+    sums = _ClassSums(labels[:len(y)], labels[len(y):].reshape(preds.shape), len(classes))
+    point = {name: float(v[0]) for name, v in sums.metrics(np.ones((len(y), 1)), metrics).items()}
+    resampled = {name: np.empty(resamples.n_resamples) for name in metrics}
+    dtype = np.float32 if resamples.n_rows < 2 ** 24 else np.float64
+    start = 0
+    for counts in resamples.chunks():
+        counts = counts if rows is None else counts[positions]
+        block = max(1, BLOCK_ELEMENTS // max(sums.n_sums, len(y)))
+        for b in range(0, counts.shape[1], block):
+            values = sums.metrics(counts[:, b:b + block].astype(dtype), metrics)
+            stop = start + min(block, counts.shape[1] - b)
+            for name in metrics:
+                resampled[name][start:stop] = values[name]
+            start = stop
+    return Distribution(point, resampled, positions, resamples.key)
+
+
+def interval(y_true: np.ndarray, y_pred: np.ndarray, resamples: Resamples, metrics: Sequence[str] = METRICS, *,
+             rows: np.ndarray | None = None, n_classes: int | None = None,
+             confidence: float = CONFIDENCE) -> dict[str, float | list[float]]:
+    """Each metric's point value and percentile interval: `{<metric>: v, <metric>_ci: [lo, hi]}`.
+    Arguments as `distribution`."""
+    _check_confidence(confidence)
+    return distribution(y_true, y_pred, resamples, metrics, rows=rows, n_classes=n_classes).interval(confidence)
+
+
+def paired(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, resamples: Resamples,
+           metrics: Sequence[str] = METRICS, *, rows: np.ndarray | None = None, n_classes: int | None = None,
+           confidence: float = CONFIDENCE) -> dict[str, float | list[float]]:
+    """The difference a − b per metric on the same resamples and rows: `delta_<metric>`,
+    `delta_<metric>_ci: [lo, hi]`, `delta_<metric>_p`. Each of `pred_a`, `pred_b` is [rows] or
+    [seeds, rows] (seed counts may differ); other arguments as `distribution`."""
+    _check_confidence(confidence)
+    a = distribution(y_true, pred_a, resamples, metrics, rows=rows, n_classes=n_classes)
+    b = distribution(y_true, pred_b, resamples, metrics, rows=rows, n_classes=n_classes)
+    return a.paired(b, confidence)
+
+
+class _ClassSums:
+    """Per-class support, and per seed true positives and wrong predictions (the predicted count
+    is their sum; so each row enters once per seed), of weighted rows: one sparse one-hot matrix
+    [(1 + 2 seeds) × classes, rows] applied to row weights [rows, resamples]. Classes are padded
+    to whole groups of `CLASS_GROUP` (zero rows, which count for nothing) so that sums over
+    classes can be taken group by group."""
+
+    def __init__(self, y: np.ndarray, preds: np.ndarray, n_classes: int) -> None:
+        n_seeds, n = preds.shape
+        self.n_seeds = n_seeds
+        self.n_classes = -(-n_classes // CLASS_GROUP) * CLASS_GROUP
+        self.n_sums = (1 + 2 * n_seeds) * self.n_classes
+        where = [np.arange(n)]
+        at = [y]
+        for s, pred in enumerate(preds):
+            right, wrong = np.flatnonzero(pred == y), np.flatnonzero(pred != y)
+            where += [right, wrong]
+            at += [(1 + 2 * s) * self.n_classes + y[right], (2 + 2 * s) * self.n_classes + pred[wrong]]
+        where, at = np.concatenate(where), np.concatenate(at)
+        self.onehot = {dtype: scipy.sparse.csr_array((np.ones(len(at), dtype), (at, where)), shape=(self.n_sums, n))
+                       for dtype in (np.float32, np.float64)}
+
+    def metrics(self, weights: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Each metric, averaged over seeds, for each column of row weights [rows, k] → [k].
+
+        float32 weights (bootstrap counts, whose sums are integers below 2**24, hence exact) keep
+        a block in cache and halve the memory traffic; ratios are float32 (relative error ~6e-8)
+        and their sums over classes float32 within a group of classes, float64 across groups —
+        within ~1e-7 of float64 throughout, far below the resampling's own Monte-Carlo error.
+        """
+        sums = (self.onehot[weights.dtype.type] @ weights).reshape(1 + 2 * self.n_seeds, self.n_classes, -1)
+        support = sums[0]
+        total = {name: np.zeros(weights.shape[1]) for name in METRICS}
+        with np.errstate(divide="ignore", invalid="ignore"):   # a resample that drew none of the rows: NaN
+            n = _sum_classes(support)
+            recall_scale = 1 / np.maximum(support, 1)
+            n_true_classes = np.count_nonzero(support, axis=0)
+            for s in range(self.n_seeds):   # in place: the seed's sums are not needed afterwards
+                tp, wrong = sums[1 + 2 * s], sums[2 + 2 * s]
+                total["accuracy"] += _sum_classes(tp) / n
+                both = np.add(np.add(support, wrong, out=wrong), tp, out=wrong)   # support + predicted
+                n_present = np.count_nonzero(both, axis=0)
+                # F1 = 2PR / (P + R) = 2 tp / (support + predicted), 0 where tp = 0 (0/0 included)
+                half_f1 = np.divide(tp, np.maximum(both, 1, out=both), out=both)
+                total["f1_macro"] += 2 * _sum_classes(half_f1) / n_present
+                total["f1"] += 2 * _sum_classes(np.multiply(half_f1, support, out=half_f1)) / n
+                total["balanced_accuracy"] += _sum_classes(np.multiply(tp, recall_scale, out=tp)) / n_true_classes
+        return {name: total[name] / self.n_seeds for name in names}
+
+
+def _sum_classes(values: np.ndarray) -> np.ndarray:
+    """[classes, k] → [k] in float64: float32 sums over groups of classes, then float64 across."""
+    return values.reshape(-1, CLASS_GROUP, values.shape[1]).sum(1).sum(0, dtype=np.float64)
+
+
+def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics or len(set(metrics)) != len(metrics):
+        raise FgembedError(f"bootstrap metrics must be distinct names among {', '.join(METRICS)}; got "
+                           f"{', '.join(metrics) or 'none'}")
+    return metrics
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise FgembedError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+
+
+def _positions(rows: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """Table row positions from None (all), a boolean mask or positions."""
+    if rows is None:
+        return np.arange(n_rows)
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n_rows,):
+            raise ValueError(f"a row mask must have one entry per table row ({n_rows}), got shape {rows.shape}")
+        return np.flatnonzero(rows)
+    if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
+        raise ValueError("rows must be a boolean mask or a 1-d array of row positions")
+    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+        raise ValueError(f"row positions must lie in [0, {n_rows})")
+    if np.unique(rows).size != rows.size:
+        raise ValueError("row positions must be distinct")
+    return rows.astype(np.int64)
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> list[float]:
+    """Linear-interpolated quantiles at (1 ∓ confidence) / 2, as scipy.stats.bootstrap's
+    method="percentile" takes them; resamples without a value (NaN) are left out."""
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return [float("nan"), float("nan")]
+    lo, hi = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return [float(lo), float(hi)]
+
+
+def _p_value(delta: np.ndarray) -> float:
+    """Two-sided: twice the smaller share of resampled differences at or beyond 0 on either side,
+    (1 + count) / (1 + resamples), capped at 1."""
+    delta = delta[~np.isnan(delta)]
+    if delta.size == 0:
+        return float("nan")
+    beyond = min(int((delta <= 0).sum()), int((delta >= 0).sum()))
+    return min(1.0, 2 * (1 + beyond) / (1 + delta.size))
