@@ -1,0 +1,80 @@
+"""How many threads the CPU forward gets: the cores the decode workers and the writer leave idle,
+measured while the job runs.
+
+A fixed `cores − workers` split wastes a core whenever the workers are mostly idle: a ResNet-50
+forward takes ~120 ms per image on one core while its worker spends ~4.5 ms decoding it, so
+that worker needs 4 % of a core, not a whole one. A fixed `cores` split stalls: OpenMP threads
+that outnumber the free cores spin at their barriers (the small models whose feed keeps a
+worker busy ran 4× slower that way on two cores), and so do threads on a machine other work
+shares. So the split follows where the time goes. Over each window of batches the workers' and
+the writer's CPU seconds (measured where they run) over the loop's wall seconds give the cores
+they keep busy; the forward is offered the rest in whole threads (a remainder under `SLACK` of a
+core counting as free). An offer is only a candidate: it is run for a window, and the thread
+count whose measured seconds per image are lower is kept. Starting from `cores − workers`, it
+settles within a few windows and follows the job as it goes (a cold page cache, other work).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..cpu import available_cores
+
+WINDOW = 3  # batches per reading; the first (start-up) batch is never counted
+SLACK = 0.3  # of a core: demand below this fraction does not cost the forward a thread
+BETTER = 0.97  # a candidate must be 3 % faster per image to replace what runs (noise is not a reason)
+
+
+class ForwardThreads:
+    """`torch.set_num_threads` for the CPU forward, from measured demand and measured speed."""
+
+    def __init__(self, workers: int, cores: int | None = None, ceiling: int | None = None) -> None:
+        self.cores = cores or available_cores()
+        self.ceiling = min(ceiling or torch.get_num_threads(), self.cores)  # OMP_NUM_THREADS is a ceiling
+        self.threads = self._clamp(self.cores - workers)
+        self.kept = self.threads  # the best measured so far; `threads` may be a candidate on trial
+        self.seconds_per_image: dict[int, float] = {}
+        self.history: list[tuple[int, float]] = [(self.threads, 0.0)]  # (threads, demand) at each change
+        self._other = self._images = self._wall = 0.0
+        self._batches = 0
+        self._last: float | None = None
+
+    def _clamp(self, threads: float) -> int:
+        return max(1, min(self.ceiling, int(threads)))
+
+    def apply(self) -> None:
+        torch.set_num_threads(self.threads)
+
+    def batch_done(self, images: int, other_cpu_seconds: float) -> None:
+        """After a batch: `other_cpu_seconds` is the workers' and the writer's CPU time meanwhile."""
+        now = time.perf_counter()
+        if self._last is not None:  # from the second batch on: the first includes start-up
+            self._wall += now - self._last
+            self._other += other_cpu_seconds
+            self._images += images
+            self._batches += 1
+        self._last = now
+        if self._batches >= WINDOW and self._images:
+            self._window(self._wall / self._images, self._other / self._wall)
+            self._other = self._images = self._wall = 0.0
+            self._batches = 0
+
+    def _window(self, per_image: float, demand: float) -> None:
+        self.seconds_per_image[self.threads] = per_image
+        if self.threads != self.kept:  # a trial ends: keep whichever ran faster
+            if per_image < BETTER * self.seconds_per_image[self.kept]:
+                self.kept = self.threads
+            self._switch(self.kept, demand)
+            return
+        offer = self._clamp(math.floor(self.cores - demand + SLACK))
+        if offer != self.threads and (offer not in self.seconds_per_image
+                                      or self.seconds_per_image[offer] < BETTER * per_image):
+            self._switch(offer, demand)  # on trial for one window
+
+    def _switch(self, threads: int, demand: float) -> None:
+        if threads != self.threads:
+            self.threads = threads
+            self.history.append((threads, round(demand, 3)))
+            self.apply()
