@@ -1,77 +1,251 @@
-"""Extraction speed, measured honestly: fgembed against the pure forward of the same models.
+"""Extraction speed: fgembed against what a user would run instead, and against the pure forward.
 
-Per case, a warm-up run first (models built once, page cache and cuDNN autotuning warm), then
-`--repeats` timed runs of each candidate, reported as min / median:
+Every candidate runs on the same generated 500×375 JPEGs (CUB-sized), same model, same
+transform; warm-up first (imports, page cache, CUDA context), then `--repeats` runs of each,
+interleaved, reported as min / median, with peak RSS of the largest process.
 
-- **fgembed**: `extract()` end to end into a fresh store, profiled per stage (decode and transform
-  in the workers, host-to-device, device preprocessing, forward, device-to-host, write, and how
-  long the loop sat waiting for workers). The steady state (after the first batch) is timed apart
-  from start-up (model build, store set-up, worker spawn, first batch).
-- **floor**: the same `DeviceModel`s fgembed builds (same precision and weights dtype, same
-  channels-last memory format, same compile setting) run over the same number of images from
-  input batches prepared on the device beforehand: what no pipeline can beat.
+Cases (`--cases`, comma-separated):
 
-Cases: CPU (always) — timm test_vit + test_convnext + test_resnet (random init). CUDA (when
-present) — the five reference architectures random-initialised (`--no-pretrained`) at batch 128
-on ≥ 4,096 generated CUB-sized JPEGs; target fgembed ≥ 0.9 × the floor.
+- `cpu`: (1) the peer case: `timm:resnet50`, random init, fp32, 200 JPEGs, batch 32, as whole
+  processes — fgembed (`python -m fgembed extract … --json --profile`), the naive script
+  (`peers/naive.py`: timm model + timm transform + DataLoader), and thingsvision (`peers/
+  thingsvision_peer.py`, under `--thingsvision-python`, which must have thingsvision installed; it
+  pins TensorFlow and an older NumPy, so it lives in its own virtual environment). Whole process
+  and steady state (after the first batch), ratios printed, fgembed's start-up in stages.
+  (2) the thread split: the same job in-process with the forward's threads fixed at
+  `cores − workers` (the previous policy), fixed at `cores`, and measured (`threads.py`).
+- `gpu`: (1) the peer case: `timm:vit_large_patch14_dinov2.lvd142m` (ViT-L/14 at 518 px),
+  random init, the naive script with bf16 autocast vs fgembed (bf16 weights), 4,096 images
+  (`--peer-images 4096,16384` for more sizes), batch 128, `cores − 1` workers each; fgembed's
+  steady state against the floor of the same model. (2) the feed-bound case: ViT-B/16 at batch
+  256, CPU decode vs `--decode device`, against the floor. (3) floor MFU of the five reference
+  architectures, eager and `--compile`: images/s of the forward alone on batches already on the
+  GPU × FLOPs per image (`torch.utils.flop_counter`, multiply-add = 2) / the GPU's dense bf16 peak.
 
-Usage: python benchmarks/extract.py [--quick] [--repeats 3] [--images N] [--cases cpu,cuda] [--compile]
+Usage: python benchmarks/extract.py --cases cpu [--thingsvision-python PATH] [--repeats 3]
+       python benchmarks/extract.py --cases gpu [--repeats 1]     # one H200: ~5 minutes
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import multiprocessing
 import os
 import platform
-import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fgembed.backbones import REFERENCE, LoadOptions, load_backbone
+from fgembed.cpu import available_cores
 from fgembed.datasets import load_dataset
-from fgembed.devices import (
-    DeviceModel,
-    backend_flags,
-    default_workers,
-    resolve_device,
-    resolve_precision,
-)
+from fgembed.devices import DeviceModel, backend_flags, resolve_device, resolve_precision
+from fgembed.extraction.bench import count_macs
 from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.images import load_rgb
 from fgembed.synthetic import generate
 
-TINY = ["timm:test_vit", "timm:test_convnext", "timm:test_resnet"]
+PEERS = Path(__file__).parent / "peers"
 CUB_SIZE = (500, 375)
+UNIQUE = 1024  # distinct images generated; more are copies (decoding costs the same)
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}  # dense, SXM where both
 
 
-def floor_images_per_s(names: list[str], table, n_images: int, batch_size: int, device: torch.device,
-                       precision: str, compile_model: bool, repeats: int) -> list[float]:
-    """Images/s of the forward passes alone, on inputs already on the device; one figure per repeat."""
-    resolved = resolve_precision(precision, device)
-    images = [load_rgb(Path(table.root) / p)[0] for p in table.paths[:batch_size]]
-    models, inputs = [], []
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def spread(values: list[float], unit: str = "") -> str:
+    return f"min {min(values):8.2f}{unit}  median {statistics.median(values):8.2f}{unit}"
+
+
+def _part(args: tuple[Path, int, int]) -> None:
+    folder, count, seed = args
+    generate(folder, groups=1, classes_per_group=1, per_class=count, size=CUB_SIZE, seed=seed, test_fraction=0)
+
+
+def make_images(root: Path, n: int) -> Path:
+    """`n` JPEGs in class folders under root/images (the `folder` format): up to UNIQUE drawn in
+    parallel, the rest copies."""
+    unique = min(n, UNIQUE)
+    parts = min(16, available_cores(), unique)
+    sizes = [len(c) for c in np.array_split(np.arange(unique), parts)]
+    with multiprocessing.get_context("fork").Pool(parts) as pool:
+        pool.map(_part, [(root / f"part{i}", s, i) for i, s in enumerate(sizes)])
+    images = root / "images"
+    for i in range(parts):
+        for folder in (root / f"part{i}" / "images").iterdir():
+            folder.rename(images / f"{folder.name}_p{i}") if images.exists() else (
+                images.mkdir(parents=True), folder.rename(images / f"{folder.name}_p{i}"))
+    files = sorted(images.rglob("*.jpg"))
+    for k in range(n - unique):
+        source = files[k % unique]
+        shutil.copyfile(source, source.with_name(f"copy{k:06d}_{source.name}"))
+    return images
+
+
+# Runs a candidate and reports its wall time and the peak RSS of the largest process among it and
+# its workers (RUSAGE_CHILDREN: each waited-for descendant's peak), on its own last stderr line.
+_WRAPPER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.call(sys.argv[1:])
+wall = time.perf_counter() - start
+print(json.dumps({"wall": wall, "rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}),
+      file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_process(cmd: list[str]) -> tuple[float, dict]:
+    """(wall seconds of the whole process, the JSON report it printed last on stdout, with the
+    peak RSS of its largest process added as `rss_mib`)."""
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}… failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    measured = json.loads(proc.stderr.splitlines()[-1])
+    lines = proc.stdout.splitlines()
+    try:
+        report = json.loads(lines[-1])
+    except ValueError:  # fgembed --json: an indented object
+        first = next(i for i, line in enumerate(lines) if line.startswith("{"))
+        report = json.loads("\n".join(lines[first:]))
+    return measured["wall"], {**report, "rss_mib": measured["rss_mib"]}
+
+
+def fgembed_cmd(root: Path, store: Path, names: list[str], batch: int, device: str, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "fgembed", "extract", "--dataset", "folder", "--root", str(root), "--store",
+           str(store), "--no-pretrained", "--val-fraction", "0", "--batch-size", str(batch), "--device", device,
+           "--json", "--profile", "--quiet", *extra]
     for name in names:
-        b = load_backbone(name, LoadOptions(pretrained=False))
+        cmd += ["--backbone", name]
+    return cmd
+
+
+def peer_case(title: str, model: str, root: Path, tmp: Path, batch: int, device: str, repeats: int,
+              thingsvision: str | None) -> None:
+    n = len(list(root.rglob("*.jpg")))
+    workers = available_cores() - 1
+    say(f"\n{title}: timm {model}, random init, {n} JPEGs of {CUB_SIZE[0]}×{CUB_SIZE[1]}, batch {batch}, "
+        f"{workers} workers ({'bf16' if device.startswith('cuda') else 'fp32'})")
+    candidates = {
+        "naive script": lambda images, tag: [sys.executable, str(PEERS / "naive.py"), str(images), model,
+                                             str(tmp / f"naive{tag}.npy"), str(batch), str(workers), device],
+        "fgembed": lambda images, tag: fgembed_cmd(images, tmp / f"fg{tag}.zarr", [f"timm:{model}"], batch, device),
+    }
+    if thingsvision and not device.startswith("cuda"):
+        candidates["thingsvision"] = lambda images, tag: [thingsvision, str(PEERS / "thingsvision_peer.py"),
+                                                          str(images), model, str(tmp / f"tv{tag}"), str(batch), device]
+    warm = tmp / "warm" / "images"  # imports, page cache and the CUDA context warm for every candidate
+    if not warm.exists():
+        make_images(tmp / "warm", 2 * batch)
+    for cmd in candidates.values():
+        run_process(cmd(warm, f"warm{n}"))
+    results: dict[str, list[tuple[float, dict]]] = {k: [] for k in candidates}
+    for i in range(repeats):
+        for name, cmd in candidates.items():
+            results[name].append(run_process(cmd(root, f"{n}-{i}")))
+    say(f"  {'candidate':<14} {'whole process':>36}   {'steady img/s':>34}   peak RSS")
+    for name, runs in results.items():
+        say(f"  {name:<14} {spread([w for w, _ in runs], ' s')}   "
+            f"{spread([r['steady_images_per_s'] for _, r in runs])}   {max(r['rss_mib'] for _, r in runs):,.0f} MiB")
+    fg_whole = statistics.median(w for w, _ in results["fgembed"])
+    fg_steady = statistics.median(r["steady_images_per_s"] for _, r in results["fgembed"])
+    for name in (k for k in candidates if k != "fgembed"):
+        whole = statistics.median(w for w, _ in results[name])
+        steady = statistics.median(r["steady_images_per_s"] for _, r in results[name])
+        say(f"  fgembed / {name}: whole process {fg_whole / whole:.2f}× the time, steady state "
+            f"{steady / fg_steady:.2f}× the time per image")
+    median = sorted(results["fgembed"], key=lambda r: r[0])[len(results["fgembed"]) // 2][1]
+    say(f"  fgembed start-up of the median run ({median['startup_seconds']:.2f} s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in median["startup"].items()))
+    if median.get("forward_threads"):
+        say("  fgembed CPU forward threads (threads, other work in cores): "
+            + " → ".join(f"{t} ({d:.2f})" for t, d in median["forward_threads"]))
+    from fgembed.store import FeatureStore
+    ours = FeatureStore.open(tmp / f"fg{n}-0.zarr").features(f"timm:{model}")
+    theirs = np.load(tmp / f"naive{n}-0.npy")
+    cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    say(f"  same features as the naive script (same seeded init): min cosine {cos.min():.6f}")
+
+
+def thread_case(root: Path, tmp: Path, repeats: int) -> None:
+    """The same fgembed job in-process under three thread policies."""
+    from fgembed.extraction import _pass, threads
+
+    class Fixed(threads.ForwardThreads):
+        count = 1
+
+        def __init__(self, workers: int) -> None:
+            super().__init__(workers)
+            self.threads = self._clamp(Fixed.count)
+            self.history = [(self.threads, 0.0)]
+
+        def _window(self, per_image: float, demand: float) -> None:
+            pass
+
+    cores = available_cores()
+    table = load_dataset("folder", root, val_fraction=0)
+    say(f"\nCPU thread split: timm:resnet50, {len(table)} JPEGs, batch 32, {cores - 1} worker(s), {cores} cores")
+    policies = {f"fixed {cores - 1} (cores − workers)": cores - 1, f"fixed {cores} (all cores)": cores,
+                "measured (threads.py)": None}
+    rates: dict[str, list[float]] = {k: [] for k in policies}
+    history = {}
+    for i in range(repeats):
+        for label, fixed in policies.items():
+            Fixed.count = fixed or 0
+            with contextlib.ExitStack() as stack:
+                if fixed is not None:
+                    stack.callback(setattr, _pass, "ForwardThreads", _pass.ForwardThreads)
+                    _pass.ForwardThreads = Fixed
+                summary = extract(table, tmp / f"threads-{len(history)}-{i}.zarr", ["timm:resnet50"], ExtractOptions(
+                    batch_size=32, device="cpu", progress=False, load=LoadOptions(pretrained=False)))
+            rates[label].append(summary.steady_images_per_s)
+            history[label] = summary.forward_threads
+    for label, values in rates.items():
+        say(f"  {label:<32} steady img/s {spread(values)}   threads {history[label]}")
+
+
+def floor(names: list[str], table, batch: int, device: torch.device, precision: str, compile_model: bool,
+          batches: int) -> tuple[list[float], float, float]:
+    """(images/s of the forwards alone per timed pass, FLOPs per image summed over the models,
+    seconds spent compiling); inputs prepared on the device beforehand."""
+    resolved = resolve_precision(precision, device)
+    images = [load_rgb(Path(table.root) / p)[0] for p in table.paths[:batch]]
+    models, inputs, flops = [], [], 0
+    for name in names:
+        b = load_backbone(name, LoadOptions(pretrained=False), device, resolved.weights)
+        flops += 2 * count_macs(b.embed, torch.zeros(1, *b.input_shape, device=device, dtype=resolved.weights))
         m = DeviceModel(b, device, resolved, compile_model)
         models.append(m)
         inputs.append(m.prepare(torch.stack([b.transform(im) for im in images]).to(device)))
-    n_batches = max(1, n_images // batch_size)
     rates = []
     with backend_flags(device, resolved), torch.inference_mode():
-        for m, x in zip(models, inputs):  # warm-up: autotuning, compilation, caches
+        began = time.perf_counter()
+        for m, x in zip(models, inputs):  # warm-up: autotuning, compilation
             m.forward(x)
-        for _ in range(repeats):
+        sync(device)
+        compiled = time.perf_counter() - began if compile_model else 0.0
+        for _ in range(2):
             sync(device)
             start = time.perf_counter()
-            for _ in range(n_batches):
+            for _ in range(batches):
                 for m, x in zip(models, inputs):
                     m.forward(x)
             sync(device)
-            rates.append(n_batches * batch_size / (time.perf_counter() - start))
-    return rates
+            rates.append(batches * batch / (time.perf_counter() - start))
+    del models, inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rates, flops, compiled
 
 
 def sync(device: torch.device) -> None:
@@ -79,85 +253,84 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory(device: torch.device) -> str:
-    host = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    text = f"host peak RSS {host:,.0f} MiB (main process + largest worker)"
-    if device.type == "cuda":
-        text += f", GPU peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    return text
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float, str]:
+    if override:
+        return override, "given"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value, f"{key} dense bf16 spec"
+    return float("nan"), f"unknown for {name}: pass --peak-tflops"
 
 
-def spread(values: list[float]) -> str:
-    return f"min {min(values):8.1f}  median {statistics.median(values):8.1f}"
+def fgembed_steady(root: Path, tmp: Path, names: list[str], batch: int, repeats: int, **options) -> list[dict]:
+    runs = []
+    for i in range(repeats):
+        wall, report = run_process(fgembed_cmd(root, tmp / f"{names[0].replace(':', '_')}-{i}.zarr", names, batch,
+                                                  "cuda", *options.get("extra", ())))
+        runs.append({**report, "wall": wall})
+    return runs
 
 
-def run_case(title: str, names: list[str], root: Path, tmp: Path, batch_size: int, repeats: int,
-             device: torch.device, precision: str, compile_model: bool) -> None:
+def gpu_cases(tmp: Path, args) -> None:
+    device = resolve_device("cuda")
+    begun = time.perf_counter()
+    for n in args.peer_images:
+        root = make_images(tmp / f"peer{n}", n)
+        peer_case(f"GPU peer case ({n} images)", "vit_large_patch14_dinov2.lvd142m", root, tmp, 128, "cuda",
+                  args.repeats, None)
+        table = load_dataset("folder", root, val_fraction=0)
+        rates, flops, _ = floor(["timm:vit_large_patch14_dinov2.lvd142m"], table, 128, device, "auto", False, 8)
+        say(f"  floor (pure forward, bf16): {spread(rates)} img/s; {flops / 1e9:.0f} GFLOP/image")
+        say(f"  [{time.perf_counter() - begun:.0f} s elapsed]")
+    root = make_images(tmp / "feed", 4096)
     table = load_dataset("folder", root, val_fraction=0)
-    n = len(table)
-    print(f"\n{title}: {len(names)} backbones, {n} JPEGs of {CUB_SIZE[0]}×{CUB_SIZE[1]}, batch {batch_size}, "
-          f"{default_workers()} workers, precision {resolve_precision(precision, device).name}"
-          f"{', compiled' if compile_model else ''}")
-
-    def options() -> ExtractOptions:
-        return ExtractOptions(batch_size=batch_size, device=str(device), precision=precision, progress=False,
-                              compile=compile_model, profile=True, load=LoadOptions(pretrained=False))
-
-    # warm-up on two batches of other images: libraries imported, kernels autotuned / compiled
-    # (the generated JPEGs are fresh in the page cache already, as a re-read dataset would be)
-    generate(tmp / "warm", groups=1, classes_per_group=2, per_class=batch_size, size=CUB_SIZE)
-    extract(load_dataset("folder", tmp / "warm" / "images", val_fraction=0), tmp / "warm.zarr", names, options())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    runs = [extract(table, tmp / f"run{i}.zarr", names, options()) for i in range(repeats)]
-    peak = peak_memory(device)  # fgembed's own, before the floor builds its models
-    floors = floor_images_per_s(names, table, n, batch_size, device, precision, compile_model, repeats)
-    steady = [r.steady_images_per_s for r in runs]
-    print(f"  fgembed steady state   images/s  {spread(steady)}   (start-up "
-          f"{spread([r.startup_seconds for r in runs])} s; end to end {spread([r.images_per_s for r in runs])} img/s)")
-    print(f"  floor (pure forward)   images/s  {spread(floors)}")
-    ratio = statistics.median(steady) / statistics.median(floors)
-    print(f"  fgembed / floor (medians) = {ratio:.2f}" + ("  (target ≥ 0.9)" if device.type == "cuda" else ""))
-    median_run = sorted(runs, key=lambda r: r.steady_images_per_s)[len(runs) // 2]
-    print(f"  stages of the median run ({median_run.processed} images; worker stages are CPU time summed "
-          f"over {median_run.workers or 1} process(es), device stages {'GPU' if device.type == 'cuda' else 'wall'}"
-          " time; they overlap):")
-    for stage, seconds in median_run.stages.items():
-        print(f"    {stage:<28} {seconds:8.2f} s  {1000 * seconds / median_run.processed:7.2f} ms/image")
-    print(f"  fgembed: {peak}")
+    say("\nGPU feed-bound case: timm:vit_base_patch16_224, 4096 JPEGs, batch 256")
+    for label, extra in (("CPU decode (workers)", ()), ("--decode device", ("--decode", "device"))):
+        runs = fgembed_steady(root, tmp, ["timm:vit_base_patch16_224"], 256, args.repeats, extra=extra)
+        say(f"  fgembed, {label:<22} steady img/s {spread([r['steady_images_per_s'] for r in runs])}; "
+            f"whole process {spread([r['wall'] for r in runs], ' s')}")
+    rates, flops, _ = floor(["timm:vit_base_patch16_224"], table, 256, device, "auto", False, 8)
+    say(f"  floor (pure forward, bf16): {spread(rates)} img/s")
+    say(f"  [{time.perf_counter() - begun:.0f} s elapsed]")
+    peak, source = peak_tflops(device, args.peak_tflops)
+    say(f"\nGPU floor MFU: the five reference architectures, batch 128, peak {peak} TFLOP/s ({source})")
+    for compile_model in (False, True):
+        rates, flops, compiled = floor(list(REFERENCE), table, 128, device, "auto", compile_model, 6)
+        mfu = statistics.median(rates) * flops / (peak * 1e12)
+        say(f"  {'--compile' if compile_model else 'eager':<10} {spread(rates)} img/s  {flops / 1e9:.0f} GFLOP/image  "
+            f"MFU {100 * mfu:.1f} %" + (f"  (compiling {compiled:.0f} s)" if compile_model else ""))
+        say(f"  [{time.perf_counter() - begun:.0f} s elapsed]")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and one repeat (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--images", type=int, help="images per case (default: CPU 512, CUDA 4096)")
-    parser.add_argument("--cases", default="cpu,cuda", help="which of cpu,cuda to run (cuda needs a GPU)")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (fgembed and floor)")
+    parser.add_argument("--cases", default="cpu", help="cpu, gpu or cpu,gpu")
+    parser.add_argument("--repeats", type=int, help="runs of each candidate (default: cpu 3, gpu 1)")
+    parser.add_argument("--images", type=int, default=200, help="JPEGs of the CPU peer case")
+    parser.add_argument("--peer-images", default="4096", help="GPU peer case sizes, comma-separated")
+    parser.add_argument("--thingsvision-python", help="a Python with thingsvision installed (CPU peer)")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU")
+    parser.add_argument("--skip-threads", action="store_true", help="CPU: leave out the thread-split case")
     args = parser.parse_args()
-    repeats = 1 if args.quick else args.repeats
-    cores = len(os.sched_getaffinity(0))
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores available, torch "
-          f"{torch.__version__}, CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+    args.peer_images = [int(n) for n in args.peer_images.split(",")]
     cases = set(args.cases.split(","))
+    say(f"machine: {platform.processor() or platform.machine()}, {available_cores()} cores available "
+        f"(load average {os.getloadavg()[0]:.1f}), torch {torch.__version__}, "
+        f"CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "cpu" in cases:
-            n = args.images or (96 if args.quick else 512)
-            generate(tmp / "cpu", groups=4, classes_per_group=4, per_class=-(-n // 16), size=CUB_SIZE)
-            run_case("CPU: timm test models", TINY, tmp / "cpu" / "images", tmp / "cpu", 64, repeats,
-                     torch.device("cpu"), "fp32" if args.precision == "auto" else args.precision, args.compile)
-        if "cuda" in cases:
+            root = make_images(tmp / "cpu", args.images)
+            peer_case("CPU peer case", "resnet50", root, tmp, 32, "cpu", args.repeats or 3, args.thingsvision_python)
+            if not args.skip_threads:
+                thread_case(root, tmp, args.repeats or 3)
+        if "gpu" in cases:
             if not torch.cuda.is_available():
-                print("\nCUDA case skipped: torch sees no CUDA device")
+                say("\nGPU cases skipped: torch sees no CUDA device")
                 return
-            n = args.images or (1024 if args.quick else 4096)
-            generate(tmp / "gpu", groups=8, classes_per_group=8, per_class=-(-n // 64), size=CUB_SIZE)
-            run_case("CUDA: the five reference architectures (random init)", list(REFERENCE),
-                     tmp / "gpu" / "images", tmp / "gpu", 128, repeats, resolve_device("cuda"), args.precision,
-                     args.compile)
+            args.repeats = args.repeats or 1
+            gpu_cases(tmp, args)
 
 
 if __name__ == "__main__":

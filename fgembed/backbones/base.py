@@ -91,11 +91,6 @@ class Backbone:
     def has_text(self) -> bool:
         return self.text_encoder is not None
 
-    def preprocessing_key(self) -> str:
-        """Equal keys mean equal transforms: the fingerprint describes the preprocessing fully."""
-        fp = self.fingerprint
-        return json.dumps([fp["source"], fp["preprocessing"], fp["input_shape"]], sort_keys=True)
-
     def readout(self, variants: Sequence[Variant]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
         """Every variant's embeddings of a batch, from one forward of the model."""
         return readout(variants, self.own, self.tokens, self.n_blocks, self.has_cls, self.model_name)

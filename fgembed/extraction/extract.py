@@ -154,7 +154,8 @@ def _feed_kind(pre: Preprocessing, options: ExtractOptions) -> str:
 
 
 def _check_replays(models: list[_Model]) -> None:
-    refused = [m.pre.name for m in models if m.kind in DEVICE_FEEDS and replay_steps(m.pre.transform, m.pre.mean) is None]
+    refused = [m.pre.name for m in models
+               if m.kind in DEVICE_FEEDS and replay_steps(m.pre.transform, m.pre.mean) is None]
     if refused:
         flag = "--decode device" if models[0].kind == "device-decode" else "--device-resize"
         raise FgembedError(f"{flag} cannot replay the preprocessing of {', '.join(refused)} on the device (only "
@@ -212,7 +213,8 @@ def _extract_ranked(table: SampleTable, store_path: str | Path, models: list[_Mo
         _check_replays(models)
         names = [n for m in models for n in m.names]
         if len(set(names)) != len(names):
-            raise FgembedError(f"two --backbone names give one group ({', '.join(n for n in names if names.count(n) > 1)})")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise FgembedError(f"two --backbone names give one group ({', '.join(twice)})")
     startup.mark("transforms")
     store = _open_store(store_path, table, names, options, rank, world)
     with store:  # rank 0's writer locks are released however this ends (an error, Ctrl-C)
