@@ -45,11 +45,10 @@ def test_a_busy_worker_keeps_its_core():
 
 
 def test_an_offer_that_runs_slower_is_taken_back():
-    """On a machine other work shares, two threads can be slower than one: measured, reverted,
-    and not offered again."""
+    """On a machine other work shares, two threads can be slower than one: measured, reverted."""
     threads = ForwardThreads(workers=1, cores=2, ceiling=2)
     assert _feed(threads, {1: 0.030, 2: 0.042}, 0.002, 4) == [2, 1, 1, 1]
-    assert [t for t, _ in threads.history] == [1, 2, 1]
+    assert [t for t, _ in threads.history] == [1, 2, 1]  # not offered again at once
 
 
 def test_batches_feed_windows(monkeypatch):
@@ -119,3 +118,15 @@ def test_the_bar_rate_is_the_wall_time_rate(burst):
         task = progress.tasks[0]
         assert RateColumn("img").render(task).plain == f"{128 / (10 + burst):,.1f} img/s"
         assert RemainingColumn().render(task).plain == "0:00:00"
+
+
+def test_a_lost_trial_is_offered_again_later():
+    """Other work on the machine comes and goes: a count that lost is tried again after RETRY
+    windows, after twice that when it loses again, and kept once it runs faster."""
+    from fgembed.extraction.threads import RETRY
+
+    threads = ForwardThreads(workers=1, cores=2, ceiling=2)
+    slow = {1: 0.030, 2: 0.042}
+    assert _feed(threads, slow, 0.002, RETRY + 2) == [2] + [1] * RETRY + [2]
+    assert _feed(threads, slow, 0.002, 2 * RETRY + 1) == [1] * 2 * RETRY + [2]
+    assert _feed(threads, {1: 0.030, 2: 0.016}, 0.002, 2) == [2, 2]  # the trial under way now wins: kept

@@ -10,8 +10,10 @@ shares. So the split follows where the time goes. Over each window of batches th
 the writer's CPU seconds (measured where they run) over the loop's wall seconds give the cores
 they keep busy; the forward is offered the rest in whole threads (a remainder under `SLACK` of a
 core counting as free). An offer is only a candidate: it is run for a window, and the thread
-count whose measured seconds per image are lower is kept. Starting from `cores − workers`, it
-settles within a few windows and follows the job as it goes (a cold page cache, other work).
+count whose measured seconds per image are lower is kept; one that lost is offered again after
+`RETRY` windows (twice that after a second loss, and so on), since other work comes and goes (on a shared two-core machine two
+threads ran a ResNet-50 at half the speed of one while another job held a core, at twice its
+speed when it had left). Starting from `cores − workers`, it settles within a few windows.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ..cpu import available_cores
 WINDOW = 3  # batches per reading; the first (start-up) batch is never counted
 SLACK = 0.3  # of a core: demand below this fraction does not cost the forward a thread
 BETTER = 0.97  # a candidate must be 3 % faster per image to replace what runs (noise is not a reason)
+RETRY = 6  # windows after which a count that lost its trial is offered again; doubled at each loss
 
 
 class ForwardThreads:
@@ -36,6 +39,9 @@ class ForwardThreads:
         self.threads = self._clamp(self.cores - workers)
         self.kept = self.threads  # the best measured so far; `threads` may be a candidate on trial
         self.seconds_per_image: dict[int, float] = {}
+        self.measured_at: dict[int, int] = {}  # thread count → window it was last measured in
+        self.retry: dict[int, int] = {}  # thread count → windows before it is offered again
+        self._windows = 0
         self.history: list[tuple[int, float]] = [(self.threads, 0.0)]  # (threads, demand) at each change
         self._other = self._images = self._wall = 0.0
         self._batches = 0
@@ -62,15 +68,21 @@ class ForwardThreads:
             self._batches = 0
 
     def _window(self, per_image: float, demand: float) -> None:
+        self._windows += 1
         self.seconds_per_image[self.threads] = per_image
+        self.measured_at[self.threads] = self._windows
         if self.threads != self.kept:  # a trial ends: keep whichever ran faster
             if per_image < BETTER * self.seconds_per_image[self.kept]:
                 self.kept = self.threads
+                self.retry.pop(self.threads, None)
+            else:
+                self.retry[self.threads] = 2 * self.retry.get(self.threads, RETRY // 2)
             self._switch(self.kept, demand)
             return
         offer = self._clamp(math.floor(self.cores - demand + SLACK))
-        if offer != self.threads and (offer not in self.seconds_per_image
-                                      or self.seconds_per_image[offer] < BETTER * per_image):
+        wait = self.retry.get(offer, RETRY)
+        stale = self._windows - self.measured_at.get(offer, -wait) >= wait
+        if offer != self.threads and (stale or self.seconds_per_image[offer] < BETTER * per_image):
             self._switch(offer, demand)  # on trial for one window
 
     def _switch(self, threads: int, demand: float) -> None:
