@@ -81,10 +81,10 @@ def make_images(root: Path, n: int) -> Path:
     with multiprocessing.get_context("fork").Pool(parts) as pool:
         pool.map(_part, [(root / f"part{i}", s, i) for i, s in enumerate(sizes)])
     images = root / "images"
+    images.mkdir(parents=True)
     for i in range(parts):
         for folder in (root / f"part{i}" / "images").iterdir():
-            folder.rename(images / f"{folder.name}_p{i}") if images.exists() else (
-                images.mkdir(parents=True), folder.rename(images / f"{folder.name}_p{i}"))
+            folder.rename(images / f"{folder.name}_p{i}")
     files = sorted(images.rglob("*.jpg"))
     for k in range(n - unique):
         source = files[k % unique]
@@ -131,28 +131,31 @@ def fgembed_cmd(root: Path, store: Path, names: list[str], batch: int, device: s
 
 
 def peer_case(title: str, model: str, root: Path, tmp: Path, batch: int, device: str, repeats: int,
-              thingsvision: str | None) -> None:
+              thingsvision: str | None) -> float:
+    """Whole processes side by side; returns fgembed's median steady images/s."""
     n = len(list(root.rglob("*.jpg")))
     workers = available_cores() - 1
     say(f"\n{title}: timm {model}, random init, {n} JPEGs of {CUB_SIZE[0]}×{CUB_SIZE[1]}, batch {batch}, "
         f"{workers} workers ({'bf16' if device.startswith('cuda') else 'fp32'})")
     candidates = {
-        "naive script": lambda images, tag: [sys.executable, str(PEERS / "naive.py"), str(images), model,
-                                             str(tmp / f"naive{tag}.npy"), str(batch), str(workers), device],
-        "fgembed": lambda images, tag: fgembed_cmd(images, tmp / f"fg{tag}.zarr", [f"timm:{model}"], batch, device),
+        "naive script": lambda images, arch, tag: [sys.executable, str(PEERS / "naive.py"), str(images), arch,
+                                                   str(tmp / f"naive{tag}.npy"), str(batch), str(workers), device],
+        "fgembed": lambda images, arch, tag: fgembed_cmd(images, tmp / f"fg{tag}.zarr", [f"timm:{arch}"], batch,
+                                                         device),
     }
     if thingsvision and not device.startswith("cuda"):
-        candidates["thingsvision"] = lambda images, tag: [thingsvision, str(PEERS / "thingsvision_peer.py"),
-                                                          str(images), model, str(tmp / f"tv{tag}"), str(batch), device]
-    warm = tmp / "warm" / "images"  # imports, page cache and the CUDA context warm for every candidate
+        candidates["thingsvision"] = lambda images, arch, tag: [
+            thingsvision, str(PEERS / "thingsvision_peer.py"), str(images), arch, str(tmp / f"tv{tag}"), str(batch),
+            device]
+    warm = tmp / "warm" / "images"  # imports, bytecode, the CUDA context: warm for every candidate (tiny model)
     if not warm.exists():
         make_images(tmp / "warm", 2 * batch)
     for cmd in candidates.values():
-        run_process(cmd(warm, f"warm{n}"))
+        run_process(cmd(warm, "test_vit", f"warm{n}"))
     results: dict[str, list[tuple[float, dict]]] = {k: [] for k in candidates}
     for i in range(repeats):
         for name, cmd in candidates.items():
-            results[name].append(run_process(cmd(root, f"{n}-{i}")))
+            results[name].append(run_process(cmd(root, model, f"{n}-{i}")))
     say(f"  {'candidate':<14} {'whole process':>36}   {'steady img/s':>34}   peak RSS")
     for name, runs in results.items():
         say(f"  {name:<14} {spread([w for w, _ in runs], ' s')}   "
@@ -175,6 +178,7 @@ def peer_case(title: str, model: str, root: Path, tmp: Path, batch: int, device:
     theirs = np.load(tmp / f"naive{n}-0.npy")
     cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     say(f"  same features as the naive script (same seeded init): min cosine {cos.min():.6f}")
+    return fg_steady
 
 
 def thread_case(root: Path, tmp: Path, repeats: int) -> None:
@@ -200,13 +204,13 @@ def thread_case(root: Path, tmp: Path, repeats: int) -> None:
     rates: dict[str, list[float]] = {k: [] for k in policies}
     history = {}
     for i in range(repeats):
-        for label, fixed in policies.items():
+        for k, (label, fixed) in enumerate(policies.items()):
             Fixed.count = fixed or 0
             with contextlib.ExitStack() as stack:
                 if fixed is not None:
                     stack.callback(setattr, _pass, "ForwardThreads", _pass.ForwardThreads)
                     _pass.ForwardThreads = Fixed
-                summary = extract(table, tmp / f"threads-{len(history)}-{i}.zarr", ["timm:resnet50"], ExtractOptions(
+                summary = extract(table, tmp / f"threads-{k}-{i}.zarr", ["timm:resnet50"], ExtractOptions(
                     batch_size=32, device="cpu", progress=False, load=LoadOptions(pretrained=False)))
             rates[label].append(summary.steady_images_per_s)
             history[label] = summary.forward_threads
@@ -256,6 +260,8 @@ def sync(device: torch.device) -> None:
 def peak_tflops(device: torch.device, override: float | None) -> tuple[float, str]:
     if override:
         return override, "given"
+    if device.type != "cuda":
+        return float("nan"), "no GPU"
     name = torch.cuda.get_device_name(device)
     for key, value in PEAK_BF16_TFLOPS.items():
         if key in name:
@@ -263,44 +269,86 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float, st
     return float("nan"), f"unknown for {name}: pass --peak-tflops"
 
 
-def fgembed_steady(root: Path, tmp: Path, names: list[str], batch: int, repeats: int, **options) -> list[dict]:
+def fgembed_steady(root: Path, tmp: Path, names: list[str], batch: int, repeats: int, device: str,
+                   *extra: str) -> list[dict]:
     runs = []
     for i in range(repeats):
-        wall, report = run_process(fgembed_cmd(root, tmp / f"{names[0].replace(':', '_')}-{i}.zarr", names, batch,
-                                                  "cuda", *options.get("extra", ())))
+        tag = f"{names[0].replace(':', '_')}-{'-'.join(extra) or 'cpu'}-{i}"
+        wall, report = run_process(fgembed_cmd(root, tmp / f"{tag}.zarr", names, batch, device, *extra))
         runs.append({**report, "wall": wall})
     return runs
 
 
+# What the GPU cases run; `--smoke` runs the same code on the CPU with tiny models (checks the script).
+GPU = {"device": "cuda", "peer": "vit_large_patch14_dinov2.lvd142m", "peer_batch": 128, "feed": "vit_base_patch16_224",
+       "feed_batch": 256, "feed_images": 4096, "floor_models": list(REFERENCE), "floor_batch": 128, "batches": 8}
+SMOKE = {"device": "cpu", "peer": "test_vit", "peer_batch": 16, "feed": "test_vit", "feed_batch": 16,
+         "feed_images": 48, "floor_models": ["timm:test_vit", "timm:test_resnet"], "floor_batch": 16, "batches": 2}
+
+
 def gpu_cases(tmp: Path, args) -> None:
-    device = resolve_device("cuda")
+    setup = SMOKE if args.smoke else GPU
+    device = resolve_device(setup["device"])
     begun = time.perf_counter()
+
+    def within_budget(case: str) -> bool:
+        spent = time.perf_counter() - begun
+        if spent > args.budget_s:
+            say(f"\n{case}: skipped, {spent:.0f} s spent of a {args.budget_s:.0f} s budget (--budget-s)")
+            return False
+        return True
+
+    def elapsed() -> None:
+        say(f"  [{time.perf_counter() - begun:.0f} s elapsed]")
+
     for n in args.peer_images:
+        if not within_budget(f"GPU peer case ({n} images)"):
+            continue
         root = make_images(tmp / f"peer{n}", n)
-        peer_case(f"GPU peer case ({n} images)", "vit_large_patch14_dinov2.lvd142m", root, tmp, 128, "cuda",
-                  args.repeats, None)
+        steady = peer_case(f"GPU peer case ({n} images)", setup["peer"], root, tmp, setup["peer_batch"],
+                           setup["device"], args.repeats, None)
         table = load_dataset("folder", root, val_fraction=0)
-        rates, flops, _ = floor(["timm:vit_large_patch14_dinov2.lvd142m"], table, 128, device, "auto", False, 8)
-        say(f"  floor (pure forward, bf16): {spread(rates)} img/s; {flops / 1e9:.0f} GFLOP/image")
-        say(f"  [{time.perf_counter() - begun:.0f} s elapsed]")
-    root = make_images(tmp / "feed", 4096)
+        rates, flops, _ = floor([f"timm:{setup['peer']}"], table, setup["peer_batch"], device, "auto", False,
+                                setup["batches"])
+        say(f"  floor (pure forward): {spread(rates)} img/s; {flops / 1e9:.1f} GFLOP/image; "
+            f"fgembed steady / floor = {steady / statistics.median(rates):.2f} (target ≥ 0.9)")
+        elapsed()
+    if not within_budget("GPU feed-bound case"):
+        return
+    root = make_images(tmp / "feed", setup["feed_images"])
     table = load_dataset("folder", root, val_fraction=0)
-    say("\nGPU feed-bound case: timm:vit_base_patch16_224, 4096 JPEGs, batch 256")
+    model, batch = setup["feed"], setup["feed_batch"]
+    say(f"\nGPU feed-bound case: timm:{model}, {setup['feed_images']} JPEGs, batch {batch}, "
+        f"{available_cores() - 1} workers")
+    rates, _, _ = floor([f"timm:{model}"], table, batch, device, "auto", False, setup["batches"])
+    say(f"  floor (pure forward)              img/s {spread(rates)}")
+    steady = {}
     for label, extra in (("CPU decode (workers)", ()), ("--decode device", ("--decode", "device"))):
-        runs = fgembed_steady(root, tmp, ["timm:vit_base_patch16_224"], 256, args.repeats, extra=extra)
+        if extra and device.type != "cuda":
+            say(f"  fgembed, {label:<22} skipped: needs CUDA")
+            continue
+        runs = fgembed_steady(root, tmp, [f"timm:{model}"], batch, args.repeats, setup["device"], *extra)
+        steady[label] = statistics.median(r["steady_images_per_s"] for r in runs)
         say(f"  fgembed, {label:<22} steady img/s {spread([r['steady_images_per_s'] for r in runs])}; "
-            f"whole process {spread([r['wall'] for r in runs], ' s')}")
-    rates, flops, _ = floor(["timm:vit_base_patch16_224"], table, 256, device, "auto", False, 8)
-    say(f"  floor (pure forward, bf16): {spread(rates)} img/s")
-    say(f"  [{time.perf_counter() - begun:.0f} s elapsed]")
+            f"whole process {spread([r['wall'] for r in runs], ' s')}; "
+            f"/ floor {steady[label] / statistics.median(rates):.2f}")
+    if len(steady) == 2:
+        say(f"  device decode / CPU decode = {steady['--decode device'] / steady['CPU decode (workers)']:.2f} "
+            "(target ≥ 2)")
+    elapsed()
     peak, source = peak_tflops(device, args.peak_tflops)
-    say(f"\nGPU floor MFU: the five reference architectures, batch 128, peak {peak} TFLOP/s ({source})")
+    names = setup["floor_models"]
+    say(f"\nGPU floor MFU: {len(names)} models ({', '.join(names)}), batch {setup['floor_batch']}, peak {peak} TFLOP/s "
+        f"({source})")
     for compile_model in (False, True):
-        rates, flops, compiled = floor(list(REFERENCE), table, 128, device, "auto", compile_model, 6)
+        if not within_budget("--compile" if compile_model else "eager"):
+            return
+        rates, flops, compiled = floor(names, table, setup["floor_batch"], device, "auto", compile_model,
+                                       setup["batches"])
         mfu = statistics.median(rates) * flops / (peak * 1e12)
-        say(f"  {'--compile' if compile_model else 'eager':<10} {spread(rates)} img/s  {flops / 1e9:.0f} GFLOP/image  "
+        say(f"  {'--compile' if compile_model else 'eager':<10} {spread(rates)} img/s  {flops / 1e9:.1f} GFLOP/image  "
             f"MFU {100 * mfu:.1f} %" + (f"  (compiling {compiled:.0f} s)" if compile_model else ""))
-        say(f"  [{time.perf_counter() - begun:.0f} s elapsed]")
+        elapsed()
 
 
 def main() -> None:
@@ -312,6 +360,8 @@ def main() -> None:
     parser.add_argument("--thingsvision-python", help="a Python with thingsvision installed (CPU peer)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--skip-threads", action="store_true", help="CPU: leave out the thread-split case")
+    parser.add_argument("--budget-s", type=float, default=420, help="GPU: start no case after this many seconds")
+    parser.add_argument("--smoke", action="store_true", help="run the GPU cases' code on the CPU with tiny models")
     args = parser.parse_args()
     args.peer_images = [int(n) for n in args.peer_images.split(",")]
     cases = set(args.cases.split(","))
@@ -326,7 +376,7 @@ def main() -> None:
             if not args.skip_threads:
                 thread_case(root, tmp, args.repeats or 3)
         if "gpu" in cases:
-            if not torch.cuda.is_available():
+            if not torch.cuda.is_available() and not args.smoke:
                 say("\nGPU cases skipped: torch sees no CUDA device")
                 return
             args.repeats = args.repeats or 1

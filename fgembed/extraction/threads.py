@@ -24,7 +24,7 @@ import torch
 
 from ..cpu import available_cores
 
-WINDOW = 3  # batches per reading; the first (start-up) batch is never counted
+WINDOW = 2  # batches per reading; the first (start-up) batch is never counted
 SLACK = 0.3  # of a core: demand below this fraction does not cost the forward a thread
 BETTER = 0.97  # a candidate must be 3 % faster per image to replace what runs (noise is not a reason)
 RETRY = 6  # windows after which a count that lost its trial is offered again; doubled at each loss
