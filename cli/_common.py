@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from fgembed import __version__
 from fgembed.errors import FgembedError
@@ -22,7 +23,29 @@ CLI_ERRORS = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickE
 EXIT, ABORT = typer.Exit, typer.Abort
 INTERRUPTED = 130  # the shell's code for SIGINT; typer ≥ 0.16 turns Ctrl-C into Exit(130) itself
 
+class _Group(TyperGroup):
+    """The app's command group: help pages show no type for a flag (`--quiet`, `--help`), which
+    takes no value (typer would print `<bool>` in that column)."""
+
+    def get_command(self, ctx, name: str):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _bare_flags(command, ctx)
+        return command
+
+    def format_help(self, ctx, formatter) -> None:
+        _bare_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+def _bare_flags(command, ctx) -> None:
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
 app = typer.Typer(
+    cls=_Group,
     help="fgembed — fine-grained classification with frozen foundation models.\n\n"
          "Stage 1 `extract` writes embeddings to a resumable Zarr store; stage 2 (`fit`, `ensemble`) "
          "trains small heads on them in seconds.",
@@ -41,6 +64,21 @@ def _show_version(value: bool) -> None:
 def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                           help="Print the version and exit.")) -> None:
     """Options before the command: only --version (and --help)."""
+
+
+def plural(n: int, word: str) -> str:
+    """`1 class`, `2 classes`, `1 row`: counts read as English."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
+
+
+def fits(table, console: Console | None = None) -> bool:
+    """Whether a rich table fits the console at its natural width (rich would otherwise cut or
+    wrap cells, identifiers included): callers show a stacked view instead."""
+    from rich.measure import Measurement
+
+    console = console or out
+    natural = Measurement.get(console, console.options.update_width(1 << 16), table)  # unconstrained
+    return natural.maximum <= console.width
 
 
 def print_json(obj: Any) -> None:
@@ -75,9 +113,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ABORT, KeyboardInterrupt):
         code = INTERRUPTED
     if code == INTERRUPTED:
-        sys.stderr.write("\ninterrupted: finished work is saved; resume with the same command: "
-                         f"{shlex.join(['fgembed', *args])}\n")
+        sys.stderr.write(f"\n{_resume_line(args)}\n")
     return code if isinstance(code, int) else 0
+
+
+def _resume_line(args: list[str]) -> str:
+    """What to run after Ctrl-C: the same command, less --force (which would retrain, not resume,
+    what this one finished)."""
+    kept = [a for a in args if a != "--force"]
+    note = " (without --force: it would retrain what this run finished)" if len(kept) < len(args) else ""
+    return f"interrupted: finished work is saved; resume with: {shlex.join(['fgembed', *kept])}{note}"
 
 
 def run() -> None:

@@ -1,49 +1,83 @@
-"""Options shared by `fgembed fit` and `fgembed ensemble`, declared once with their defaults
-taken from `HeadConfig` / `ViewConfig`, so the two commands cannot drift apart."""
+"""Options shared by `fgembed fit` and `fgembed ensemble`, declared once, grouped into help panels.
+
+The defaults shown in `--help` are `HeadConfig` / `ViewConfig`'s (spelled here because importing
+the config classes loads torch, which `--help` must not pay for; tests/test_views.py checks them
+against the classes). What reaches the library is only what the user typed (`typed`): the
+library applies the classes' defaults and refuses a typed setting that has no effect
+(`fgembed.classify.options`).
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import typer
 
 from fgembed.errors import FgembedError
 
-# the config classes are read for their defaults only; importing them loads torch, so the
-# defaults are spelled here and checked against the classes in tests/test_views.py
 HEAD_DEFAULTS = {"head": "mlp", "epochs": 150, "lr": "1e-3", "weight_decay": "0.01", "batch_size": 128, "seeds": "0"}
 VIEW_DEFAULTS = {"project": "pca", "l2": False}
 
-STORE = typer.Option(..., help="Feature store written by `fgembed extract` (or `fgembed import`).")
-RUNS = typer.Option(Path("runs"), help="Folder of run directories (one per head configuration).")
-HEAD = typer.Option(HEAD_DEFAULTS["head"], help="Head: mlp (d→512→256→C, the reference recipe), linear, knn "
-                    "(cosine, k chosen on val), logreg (C chosen on val), zeroshot (class-name text embeddings from "
-                    "`fgembed extract --text`), or any registered head.")
-PROJECT = typer.Option(VIEW_DEFAULTS["project"], help="sum only: pca (fitted on train rows) or linear (learned).")
-L2 = typer.Option(VIEW_DEFAULTS["l2"], help="concat/sum: L2-normalise each member first.")
-LEVEL = typer.Option(None, help="Train on a taxonomy level (order, family…), not species.")
-EPOCHS = typer.Option(HEAD_DEFAULTS["epochs"], min=1)
-LR = typer.Option(HEAD_DEFAULTS["lr"], help="Learning rate, or a comma-separated list: the grid keeps, per seed, "
-                  "the best validation F1.")
-WEIGHT_DECAY = typer.Option(HEAD_DEFAULTS["weight_decay"], help="Weight decay, or a comma-separated list (a grid "
-                            "with --lr).")
-BATCH_SIZE = typer.Option(HEAD_DEFAULTS["batch_size"], min=2)
-SEEDS = typer.Option(HEAD_DEFAULTS["seeds"], help="Comma-separated seeds, trained in one pass, reported as mean ± std.")
-DEVICE = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N.")
-QUIET = typer.Option(False, help="No progress bar.")
-PROJECT_DIM = typer.Option(None, min=1, help="sum only: common dim (default: smallest member).")
-CLASSES = typer.Option(None, help="Train on a subset of classes: a file with one class name per line (# comments).")
-HOLDOUT = typer.Option(0.0, help="Fraction of classes held out of train and val (novel at test).")
-HOLDOUT_LEVEL = typer.Option(None, help="Hold out whole groups of this taxonomy level (e.g. family).")
-HOLDOUT_SEED = typer.Option(0, help="Seed of the held-out draw.")
-SHOTS = typer.Option(None, min=1, help="K training rows per class, drawn from train only.")
-DRAW = typer.Option(0, min=0, help="Which seeded draw of the --shots rows.")
-BALANCE = typer.Option("none", help="Re-balance a trained head for a long tail: none, loss (class-balanced loss), "
-                       "sampler (class-balanced batches), logit-adjust, second-stage; selects on macro F1.")
-SHOT_BINS = typer.Option("20,100", help="LOW,HIGH training rows: few < LOW ≤ medium ≤ HIGH < many (by_frequency).")
-LEVELS = typer.Option("", help="Multi-level head: taxonomy levels coarse to fine, e.g. order,family,species.")
-HIERARCHY = typer.Option("shared", help="With --levels: independent (a model per level), shared "
-                         "(one trunk, a head per level), disentangled (split-and-reinforce, stop-gradient).")
-LEVEL_WEIGHTS = typer.Option(None, help="With --levels: comma-separated loss weight per level (default all 1).")
+TRAINING, FUSION, ROWS, TAXONOMY, LONG_TAIL = "Training", "Fusion", "Rows and classes", "Taxonomy", "Long tail"
+
+
+def at_least(low: int) -> Callable[[int | None], int | None]:
+    """A parse-time bound (`--epochs 0` is refused before any store is opened), without typer's
+    `[x>=1]` in the help page's type column."""
+    def check(value: int | None) -> int | None:
+        if value is not None and value < low:
+            raise typer.BadParameter(f"must be ≥ {low}, got {value}")
+        return value
+    return check
+
+
+STORE = typer.Option(..., metavar="PATH", help="Feature store from `fgembed extract` (or `import`).")
+RUNS = typer.Option(Path("runs"), metavar="DIR", help="Folder of run directories.")
+HEAD = typer.Option(HEAD_DEFAULTS["head"], metavar="NAME",
+                    help="mlp (the reference d→512→256→C), linear, knn, logreg, zeroshot (text embeddings "
+                    "from `extract --text`), or any registered head.")
+DEVICE = typer.Option("auto", metavar="NAME", help="auto (CUDA if present), cpu, cuda, cuda:N.")
+QUIET = typer.Option(False, "--quiet", help="No progress bars.")
+SEEDS = typer.Option(HEAD_DEFAULTS["seeds"], metavar="LIST", help="Seeds, trained in one pass: mean ± std.")
+
+EPOCHS = typer.Option(HEAD_DEFAULTS["epochs"], metavar="N", rich_help_panel=TRAINING, callback=at_least(1), help="Epochs; the best "
+                      "validation F1's epoch is kept.")
+LR = typer.Option(HEAD_DEFAULTS["lr"], metavar="LIST", rich_help_panel=TRAINING,
+                  help="Learning rate(s): a list is a grid, the best validation F1 kept per seed.")
+WEIGHT_DECAY = typer.Option(HEAD_DEFAULTS["weight_decay"], metavar="LIST", rich_help_panel=TRAINING,
+                            help="Weight decay(s), a grid with --lr.")
+BATCH_SIZE = typer.Option(HEAD_DEFAULTS["batch_size"], metavar="N", rich_help_panel=TRAINING, callback=at_least(2))
+
+PROJECT = typer.Option(VIEW_DEFAULTS["project"], metavar="KIND", rich_help_panel=FUSION,
+                       help="sum: pca (fitted on train rows) or linear (learned with the head).")
+PROJECT_DIM = typer.Option(None, metavar="N", rich_help_panel=FUSION, callback=at_least(1),
+                           help="sum: the common dim (default: the smallest member's).")
+L2 = typer.Option(VIEW_DEFAULTS["l2"], "--l2", rich_help_panel=FUSION, help="L2-normalise each member first.")
+
+CLASSES = typer.Option(None, metavar="FILE", rich_help_panel=ROWS,
+                       help="Train on these classes only: one name per line (# comments).")
+HOLDOUT = typer.Option(0.0, metavar="X", rich_help_panel=ROWS,
+                       help="Fraction of classes held out of train and val (novel at test).")
+HOLDOUT_LEVEL = typer.Option(None, metavar="LEVEL", rich_help_panel=ROWS,
+                             help="Hold out whole groups of a taxonomy level.")
+HOLDOUT_SEED = typer.Option(0, metavar="N", rich_help_panel=ROWS, help="Seed of the held-out draw.")
+SHOTS = typer.Option(None, metavar="K", rich_help_panel=ROWS, callback=at_least(1), help="K training rows per class (few-shot).")
+DRAW = typer.Option(0, metavar="N", rich_help_panel=ROWS, callback=at_least(0), help="Which seeded draw of the --shots rows.")
+
+LEVEL = typer.Option(None, metavar="LEVEL", rich_help_panel=TAXONOMY,
+                     help="Train on a taxonomy level (order, family…), not species.")
+LEVELS = typer.Option("", metavar="LIST", rich_help_panel=TAXONOMY,
+                      help="Multi-level head: levels coarse to fine, e.g. order,family,species.")
+HIERARCHY = typer.Option("shared", metavar="KIND", rich_help_panel=TAXONOMY,
+                         help="With --levels: independent, shared (one trunk) or disentangled.")
+LEVEL_WEIGHTS = typer.Option(None, metavar="LIST", rich_help_panel=TAXONOMY,
+                             help="With --levels: a loss weight per level (default all 1).")
+
+BALANCE = typer.Option("none", metavar="KIND", rich_help_panel=LONG_TAIL,
+                       help="Re-balance a trained head: none, loss, sampler, logit-adjust, second-stage "
+                       "(selects on macro F1).")
+SHOT_BINS = typer.Option("20,100", metavar="LOW,HIGH", rich_help_panel=LONG_TAIL,
+                         help="few < LOW ≤ medium ≤ HIGH < many training rows (by_frequency).")
 
 
 def ints(text: str, option: str) -> tuple[int, ...]:
@@ -63,6 +97,10 @@ def floats(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
+def names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def class_ids(path: Path | None, class_names: list[str]) -> tuple[int, ...] | None:
     """Store class ids named in a --classes file: one name per line, blank lines and # comments skipped."""
     if path is None:
@@ -71,12 +109,29 @@ def class_ids(path: Path | None, class_names: list[str]) -> tuple[int, ...] | No
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise FgembedError(f"--classes {path}: {exc.strerror or exc}") from None
-    names = [line.split("#", 1)[0].strip() for line in lines]
-    names = [n for n in names if n]
+    wanted = [line.split("#", 1)[0].strip() for line in lines]
+    wanted = [n for n in wanted if n]
     index = {name: i for i, name in enumerate(class_names)}
-    unknown = [n for n in names if n not in index]
+    unknown = [n for n in wanted if n not in index]
     if unknown:
         raise FgembedError(f"--classes {path}: {len(unknown)} names are not classes of the store, e.g. {unknown[0]!r}")
-    if not names:
+    if not wanted:
         raise FgembedError(f"--classes {path} names no class")
-    return tuple(sorted({index[n] for n in names}))
+    return tuple(sorted({index[n] for n in wanted}))
+
+
+def typed(ctx: typer.Context, *exclude: str) -> dict[str, Any]:
+    """The options the user typed (or set through the environment), by parameter name: what
+    `fgembed.classify.options` builds a config from, so a default never counts as a choice."""
+    return {name: value for name, value in ctx.params.items()
+            if name not in exclude and ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")}
+
+
+def run_options(given: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    """Typed command-line values → the config fields' types (lists parsed, --classes read)."""
+    parse: dict[str, Callable[[Any], Any]] = {
+        "lr": lambda v: floats(v, "--lr"), "weight_decay": lambda v: floats(v, "--weight-decay"),
+        "seeds": lambda v: ints(v, "--seeds"), "levels": names,
+        "level_weights": lambda v: floats(v, "--level-weights"), "classes": lambda v: class_ids(v, class_names),
+    }
+    return {name: parse[name](value) if name in parse else value for name, value in given.items()}

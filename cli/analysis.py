@@ -11,7 +11,7 @@ from rich.table import Table
 
 from fgembed.errors import FgembedError
 
-from ._common import app, err, out, print_json
+from ._common import app, err, out, plural, print_json
 
 FORMATS = ("table", "json")
 
@@ -24,27 +24,28 @@ def _format(fmt: str) -> str:
 
 @app.command()
 def similarity(
-    source: list[Path] = typer.Option(..., help="Source feature store (repeatable: rows of the matrix)."),
-    target: list[Path] = typer.Option(..., help="Target feature store (repeatable: columns of the matrix)."),
-    features: str = typer.Option(..., help="Backbone(s) both stores hold, comma-separated."),
-    source_split: str = typer.Option("train", help="Split of the source stores: train, val or test."),
-    target_split: str = typer.Option("train", help="Split of the target stores: train, val or test."),
-    gamma: float = typer.Option(0.01, help="sim = exp(−gamma · EMD); the paper's 0.01."),
-    select: Optional[int] = typer.Option(None, help="Write the K source classes most similar to the target "
-                                         "(002's greedy rule) to --out."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="--select: class list, one name per line "
-                                            "(what `fgembed fit --classes` reads)."),
-    plot: Optional[Path] = typer.Option(None, help="Heat-map PNG of the matrix (default similarity.png when "
-                                        "there is more than one result)."),
-    fmt: str = typer.Option("table", "--format", help="table or json."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    source: list[Path] = typer.Option(..., metavar="PATH", help="Source store (repeatable: matrix rows)."),
+    target: list[Path] = typer.Option(..., metavar="PATH", help="Target store (repeatable: matrix columns)."),
+    features: str = typer.Option(..., metavar="A,B,…", help="Backbone(s) both stores hold."),
+    source_split: str = typer.Option("train", metavar="SPLIT", help="Split of the sources: train, val or test."),
+    target_split: str = typer.Option("train", metavar="SPLIT", help="Split of the targets: train, val or test."),
+    gamma: float = typer.Option(0.01, metavar="X", help="sim = exp(−gamma · EMD); the paper's 0.01."),
+    select: Optional[int] = typer.Option(None, metavar="K", help="Write the K source classes most similar to "
+                                         "the target (Cui et al.'s greedy rule) to --out."),
+    out_file: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="With --select: the class "
+                                            "list, one name per line (what `fit --classes` reads)."),
+    plot: Optional[Path] = typer.Option(None, metavar="PNG", help="Heat map of the matrix (default "
+                                        "similarity.png when there is more than one result)."),
+    fmt: str = typer.Option("table", "--format", metavar="FMT", help="table or json."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Domain similarity between stores: EMD between class-mean embeddings, sim = exp(−γ·d).
 
-    Each class is its mean embedding weighted by its share of the split's images (seed 002,
-    §4); rows whose image failed are left out. Several stores or backbones give a matrix and
-    a heat map. With --select K, ranks source classes by their similarity to the target alone
-    and writes the top K to --out.
+    As in Cui et al., "Large Scale Fine-Grained Categorization and Domain-Specific Transfer"
+    (§4), each class is its mean embedding weighted by its share of the split's images; rows
+    whose image failed are left out. Several stores or backbones give a matrix and a heat map.
+    With --select K, ranks source classes by their similarity to the target alone and writes
+    the top K to --out.
     """
     from fgembed.analysis.similarity import (
         domain_similarity,
@@ -90,13 +91,14 @@ def similarity(
         return
     if len(results) == 1:
         r = results[0]
-        out.print(f"{r.features}: {r.source} [{r.source_split}, {r.source_classes} classes] → {r.target} "
-                  f"[{r.target_split}, {r.target_classes} classes]: EMD {r.emd:.4f}, similarity {r.similarity:.4f}",
+        out.print(f"{r.features}: {r.source} [{r.source_split}, {plural(r.source_classes, 'class')}] → {r.target} "
+                  f"[{r.target_split}, {plural(r.target_classes, 'class')}]: EMD {r.emd:.4f}, "
+                  f"similarity {r.similarity:.4f}",
                   markup=False, highlight=False)
         return
     for m in similarity_matrices(results):
-        grid = Table(f"source \\ {m.column_kind}", *map(escape, m.columns),
-                     title=escape(f"{m.title}: similarity (EMD)"))
+        grid = Table(f"source \\ {m.column_kind}", *map(escape, m.columns), title=escape(m.title),
+                     caption=f"each cell: similarity exp(−{gamma:g}·EMD), the EMD in brackets")
         for i, row in enumerate(m.rows):
             grid.add_row(escape(row), *(f"{s:.4f} ({d:.2f})" for s, d in zip(m.similarity[i], m.emd[i])))
         out.print(grid)

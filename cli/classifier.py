@@ -6,13 +6,17 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from fgembed.errors import FgembedError
 
-from ._common import app, err, out, print_json
+from ._common import app, err, out, plural, print_json
 from ._options import (
     BALANCE,
     BATCH_SIZE,
+    FUSION,
+    LONG_TAIL,
+    ROWS,
     CLASSES,
     DEVICE,
     DRAW,
@@ -36,50 +40,32 @@ from ._options import (
     SHOTS,
     STORE,
     WEIGHT_DECAY,
-    class_ids,
-    floats,
-    ints,
+    at_least,
+    run_options,
+    typed,
 )
 
-
-def _configs(store, features: tuple[str, ...], fusion: str, head: str, project: str, project_dim: int | None,
-             l2: bool, level: str | None, epochs: int, lr: str, weight_decay: str, batch_size: int, seeds: str,
-             classes: Path | None = None, holdout: float = 0.0, holdout_level: str | None = None,
-             holdout_seed: int = 0, shots: int | None = None, draw: int = 0, balance: str = "none",
-             shot_bins: str = "20,100", levels: str = "", hierarchy: str = "shared",
-             level_weights: str | None = None):
-    """The RunConfig both commands build from their shared options."""
-    from fgembed.classify.longtail import parse_shot_bins
-    from fgembed.classify.runs import HeadConfig, RunConfig
-    from fgembed.classify.views import ViewConfig
-
-    view = ViewConfig(features=features, fusion=fusion, project=project, project_dim=project_dim, l2=l2,
-                      classes=class_ids(classes, store.class_names), holdout=holdout, holdout_level=holdout_level,
-                      holdout_seed=holdout_seed, shots=shots, draw=draw)
-    head_config = HeadConfig(head=head, level=level, epochs=epochs, lr=floats(lr, "--lr"),
-                             weight_decay=floats(weight_decay, "--weight-decay"), batch_size=batch_size,
-                             seeds=ints(seeds, "--seeds"), balance=balance, shot_bins=parse_shot_bins(shot_bins),
-                             levels=tuple(v.strip() for v in levels.split(",") if v.strip()), hierarchy=hierarchy,
-                             level_weights=None if level_weights is None else floats(level_weights, "--level-weights"))
-    return RunConfig(view, head_config)
+REPORT = "Report"
 
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     store: Path = STORE,
-    features: str = typer.Option(..., help="One backbone, or several joined by + (then --fusion applies)."),
-    fusion: str = typer.Option("concat", help="For several features: concat or sum."),
-    head: str = HEAD, project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
-    level: str | None = LEVEL, epochs: int = EPOCHS, lr: str = LR, weight_decay: str = WEIGHT_DECAY,
-    batch_size: int = BATCH_SIZE, seeds: str = SEEDS,
+    features: str = typer.Option(..., metavar="A[+B…]", help="One backbone, or several joined by + (fused)."),
+    head: str = HEAD, seeds: str = SEEDS,
+    fusion: str = typer.Option("concat", metavar="KIND", rich_help_panel=FUSION,
+                               help="Several features: concat, or sum (projected and added)."),
+    project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
+    epochs: int = EPOCHS, lr: str = LR, weight_decay: str = WEIGHT_DECAY, batch_size: int = BATCH_SIZE,
     classes: Path | None = CLASSES, holdout: float = HOLDOUT, holdout_level: str | None = HOLDOUT_LEVEL,
     holdout_seed: int = HOLDOUT_SEED, shots: int | None = SHOTS, draw: int = DRAW,
+    draws: int = typer.Option(1, metavar="N", rich_help_panel=ROWS, callback=at_least(1),
+                              help="With --shots: N seeded draws, reported as mean ± std over them."),
+    level: str | None = LEVEL, levels: str = LEVELS, hierarchy: str = HIERARCHY, level_weights: str | None = LEVEL_WEIGHTS,
     balance: str = BALANCE, shot_bins: str = SHOT_BINS,
-    levels: str = LEVELS, hierarchy: str = HIERARCHY, level_weights: str | None = LEVEL_WEIGHTS,
-    draws: int = typer.Option(1, min=1, help="With --shots: train on N seeded draws (--draw, --draw+1, …) and "
-                              "report mean ± std over the draws."),
     device: str = DEVICE, runs: Path = RUNS,
-    force: bool = typer.Option(False, help="Retrain even if a finished run with this configuration exists."),
+    force: bool = typer.Option(False, "--force", help="Retrain even if a finished run of this configuration exists."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
     quiet: bool = QUIET,
 ) -> None:
@@ -88,14 +74,14 @@ def fit(
     Writes one run directory (config, safetensors weights, history, metrics.json, val/test
     logits in Zarr). The same configuration on the same store is reused unless --force.
     """
+    from fgembed.classify.options import run_config
     from fgembed.classify.runs import fit_run
     from fgembed.store import FeatureStore
 
     opened = FeatureStore.open(store)
-    names = tuple(features.split("+"))
-    config = _configs(opened, names, fusion if len(names) > 1 else "single", head, project, project_dim, l2, level,
-                      epochs, lr, weight_decay, batch_size, seeds, classes, holdout, holdout_level, holdout_seed,
-                      shots, draw, balance, shot_bins, levels, hierarchy, level_weights)
+    given = run_options(typed(ctx, "store", "features", "draws", "device", "runs", "force", "as_json", "quiet"),
+                        opened.class_names)
+    config = run_config(tuple(features.split("+")), **given)
     if draws > 1 and config.view.shots is None:
         raise FgembedError("--draws repeats the --shots draw: give --shots K too")
     with warnings.catch_warnings(record=True) as caught:
@@ -104,7 +90,7 @@ def fit(
         others = [fit_run(opened, dataclasses.replace(config, view=dataclasses.replace(config.view, draw=draw + k)),
                           runs, device=device, force=force, progress=not quiet) for k in range(1, draws)]
     for warning in caught:
-        err.print(f"[yellow]warning: {warning.message}[/yellow]", highlight=False)
+        err.print(f"[yellow]warning: {escape(str(warning.message))}[/yellow]", highlight=False)
     if as_json:
         print_json(run.metrics | {"run": str(run.path), "reused": run.reused}
                    | ({"draws": [{"run": str(r.path), **r.metrics} for r in others]} if others else {}))
@@ -124,18 +110,20 @@ def fit(
         out.print(f"chosen on validation {selection_of(run)}: {chosen}", highlight=False, markup=False)
     if "by_frequency" in m:
         out.print("by training frequency: " + "  ".join(
-            f"{b} ({m['by_frequency'][b]['n_classes']:.0f} classes) "
+            f"{b} ({plural(int(m['by_frequency'][b]['n_classes']), 'class')}) "
             + ("–" if m["by_frequency"][b]["accuracy"] is None else f"{100 * m['by_frequency'][b]['accuracy']:.2f}")
             for b in ("many", "medium", "few")), highlight=False)
+    alias = {"label": "species"} if "species" in given.get("levels", ()) else {}  # the level as the user named it
     for name, lm in m.get("levels", {}).items():
-        out.print(f"  {name}: accuracy {100 * lm['accuracy']:.2f}{std_of(lm, 'accuracy', m)}  "
+        out.print(f"  {alias.get(name, name)}: accuracy {100 * lm['accuracy']:.2f}{std_of(lm, 'accuracy', m)}  "
                   f"F1 (weighted) {100 * lm['f1']:.2f}{std_of(lm, 'f1', m)}", highlight=False)
     if "levels" in m:
         severity = "–" if m["mistake_severity"] is None else f"{m['mistake_severity']:.2f}"
         out.print(f"avg accuracy {100 * m['avg_accuracy']:.2f}{std_of(m, 'avg_accuracy', m)}  consistency "
                   f"{100 * m['consistency']:.2f}  mistake severity (LCA depth) {severity}", highlight=False)
     if m.get("holdout_classes"):
-        out.print(f"held out {len(m['holdout_classes'])} classes: {m['n_novel']} novel test rows (not scored here)",
+        out.print(f"held out {plural(len(m['holdout_classes']), 'class')}: {plural(m['n_novel'], 'novel test row')} "
+                  "(not scored here)",
                   highlight=False)
     dropped = {k: v for k, v in m.get("dropped", {}).items() if v}
     if dropped:
@@ -171,53 +159,67 @@ def _print_draws(runs: list, shots: int) -> None:
 
 @app.command()
 def ensemble(
+    ctx: typer.Context,
     store: Path = STORE,
-    members: str = typer.Option(..., help="Comma-separated backbones to combine."),
-    strategies: str = typer.Option("late,concat,sum", help="Any of late, concat, sum (comma-separated)."),
-    combinations: str = typer.Option("all", help="Comma-separated: all (every subset of ≥2), pairs, full, singles, or "
-                                     "a+b+c; prefix one with a strategy to limit it (late:full)."),
-    head: str = HEAD, project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
-    level: str | None = LEVEL,
-    late_mode: str = typer.Option("logits", help="late fusion averages logits or proba."),
-    late_weights: str = typer.Option("equal", help="late fusion weights: equal, or val (fitted on validation)."),
+    members: str = typer.Option(..., metavar="A,B,…", help="Backbones to combine (a member may name its "
+                                "head: name@knn)."),
+    strategies: str = typer.Option("late,concat,sum", metavar="LIST", help="Any of late, concat, sum."),
+    combinations: str = typer.Option("all", metavar="LIST", help="all (every subset of ≥ 2), pairs, full, "
+                                     "singles, or a+b+c; strategy: limits one (late:full)."),
+    head: str = HEAD, seeds: str = SEEDS,
+    late_mode: str = typer.Option("logits", metavar="KIND", rich_help_panel=FUSION,
+                                  help="Late fusion averages logits or proba."),
+    late_weights: str = typer.Option("equal", metavar="KIND", rich_help_panel=FUSION,
+                                     help="Late fusion weights: equal, or val (fitted on validation)."),
+    project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
     epochs: int = EPOCHS, lr: str = LR, weight_decay: str = WEIGHT_DECAY, batch_size: int = BATCH_SIZE,
-    seeds: str = SEEDS, device: str = DEVICE, runs: Path = RUNS,
-    force: bool = typer.Option(False, help="Retrain every run."),
-    fmt: str = typer.Option("md", "--format", help="Table printed to stdout: md, csv, latex or json."),
-    name: str = typer.Option("ensemble", help="Output name: writes RUNS/NAME.{md,csv,tex,json,png}."),
-    title: str = typer.Option("weighted F1 on the test split", help="Bar chart title."),
+    level: str | None = LEVEL, levels: str = LEVELS, hierarchy: str = HIERARCHY, level_weights: str | None = LEVEL_WEIGHTS,
     balance: str = BALANCE, shot_bins: str = SHOT_BINS,
-    levels: str = LEVELS, hierarchy: str = HIERARCHY, level_weights: str | None = LEVEL_WEIGHTS,
-    by_frequency: bool = typer.Option(False, help="Add many/medium/few-shot accuracy columns (--shot-bins)."),
-    cost: bool = typer.Option(False, help="Add each row's inference GMACs per image (sum over members, from "
-                              "`fgembed bench`) and plot F1 against cost with the Pareto front (NAME-pareto.png)."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    by_frequency: bool = typer.Option(False, "--by-frequency", rich_help_panel=LONG_TAIL,
+                                      help="Add many / medium / few-shot accuracy columns."),
+    cost: bool = typer.Option(False, "--cost", rich_help_panel=REPORT,
+                              help="Add GMACs per image (from `fgembed bench`) and a Pareto plot."),
+    fmt: str = typer.Option("md", "--format", metavar="FMT", rich_help_panel=REPORT,
+                            help="Table on stdout: md, csv, latex or json."),
+    name: str = typer.Option("ensemble", metavar="NAME", rich_help_panel=REPORT,
+                             help="Writes RUNS/NAME.{md,csv,tex,json,png}."),
+    title: str = typer.Option("weighted F1 on the test split", metavar="TEXT", rich_help_panel=REPORT,
+                              help="Bar chart title."),
+    device: str = DEVICE, runs: Path = RUNS,
+    force: bool = typer.Option(False, "--force", help="Retrain every run."),
+    quiet: bool = QUIET,
 ) -> None:
     """Score single backbones and their fusions, ranked by weighted F1.
 
     Trains whatever runs are missing (finished runs are reused), then writes the table in
     every format and a bar chart of the ranking next to the runs. With --levels every run is
-    multi-level and late fusion is scored level by level (a per-level accuracy column each, their
-    mean, the consistency rate and the mistake severity); a member@head among them predicts the
-    finest level only, so late fusion with it scores that level alone (one warning).
+    multi-level and late fusion is scored level by level.
     """
-    from rich.markup import escape
-
-    from fgembed.analysis.ensemble import plan, score
+    from fgembed.analysis.ensemble import plan, score, split_member
     from fgembed.analysis.report import extra_columns, format_table, write_report
+    from fgembed.classify.fusion import STRATEGIES
+    from fgembed.classify.options import ensemble_config
+    from fgembed.classify.runs import check_levels
     from fgembed.store import FeatureStore
 
     names = [m.strip() for m in members.split(",") if m.strip()]
     if not names:
         raise FgembedError("--members needs at least one backbone name")
-    combos = plan(names, [s.strip() for s in strategies.split(",") if s.strip()],
-                  [c.strip() for c in combinations.split(",") if c.strip()])
+    chosen = [s.strip() for s in strategies.split(",") if s.strip()]
+    combos = plan(names, chosen, [c.strip() for c in combinations.split(",") if c.strip()])
+    used = {c.strategy for c in combos}
+    for option, value in (("late_mode", late_mode), ("late_weights", late_weights)):
+        if option in typed(ctx) and "late" not in used:
+            raise FgembedError(f"--{option.replace('_', '-')} {value} sets late fusion; no row of this table is late")
     opened = FeatureStore.open(store)
-    # a `sum` base view carries l2 / projection settings to every fused run (its members are replaced)
-    base = _configs(opened, tuple(names), "sum" if len(names) > 1 else "single", head, project, project_dim, l2,
-                    level, epochs, lr, weight_decay, batch_size, seeds, balance=balance, shot_bins=shot_bins,
-                    levels=levels, hierarchy=hierarchy, level_weights=level_weights)
-    err.print(f"ensemble: {len(combos)} rows from {len(names)} members", highlight=False)
+    for member in names:
+        opened.backbone_info(split_member(member)[0])  # an unknown member: one line, before any work
+    given = run_options(typed(ctx, "store", "members", "strategies", "combinations", "late_mode", "late_weights",
+                              "by_frequency", "cost", "fmt", "name", "title", "device", "runs", "force", "quiet"),
+                        opened.class_names)
+    base = ensemble_config(names, [s for s in STRATEGIES if s in used], **given)
+    check_levels(opened, base)
+    err.print(f"ensemble: {len(combos)} rows from {len(names)} member{'s' * (len(names) != 1)}", highlight=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         entries = score(opened, runs, combos, base, device=device, force=force,
@@ -227,8 +229,9 @@ def ensemble(
     if cost:
         _add_costs(opened, entries, store)
     extra = extra_columns(by_frequency, cost)
-    table = format_table(entries, fmt, extra)
-    written = write_report(entries, runs, name, title, extra)
+    alias = {"label": "species"} if "species" in given.get("levels", ()) else {}
+    table = format_table(entries, fmt, extra, alias)
+    written = write_report(entries, runs, name, title, extra, alias)
     if fmt == "md" and out.is_terminal and not extra and not base.head.levels:  # levels: the full table
         print_ranking(entries)
     else:
@@ -265,8 +268,9 @@ def print_ranking(entries) -> None:
 
 
 @app.command()
-def demo(directory: Path = typer.Option(Path("demo-output"), "--out", help="Where images, store, runs and report go."),
-         quiet: bool = typer.Option(False, help="No progress bars.")) -> None:
+def demo(directory: Path = typer.Option(Path("demo-output"), "--out", metavar="DIR",
+                                        help="Where images, store, runs and report go."),
+         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
     """Offline demo of the whole pipeline on generated fine-grained images (under 3 min on 2 cores).
 
     Extracts three tiny random-init backbones (ViT, ConvNeXt, ResNet), trains single heads,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -11,12 +12,12 @@ from rich.table import Table
 
 from fgembed.errors import FgembedError
 
-from ._common import app, err, out, print_json
+from ._common import app, err, fits, out, plural, print_json
 
 # The dataset formats of `--help`, spelled here rather than imported: `fgembed.datasets` loads numpy and
 # scikit-learn, which `fgembed --help` and every other command would then pay for at start-up.
 # tests/test_cli.py checks this against the registry (`fgembed.datasets.KINDS`), which stays the dispatch.
-DATASET_KINDS = ("cub", "inat21", "folder", "manifest")
+DATASET_KINDS = ("cub", "inat21", "folder", "manifest", "webdataset", "hf")
 
 
 SPEED, PRECISION, VARIANTS, WEIGHTS, STORE = "Speed", "Precision", "Variants (groups of their own)", "Weights", \
@@ -212,7 +213,7 @@ def download(
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="A feature store (.zarr)."),
+def info(store: Path = typer.Argument(..., metavar="STORE", help="A feature store (.zarr)."),
          as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Show a store's dataset, its identity (resolved root, files, sampled content hash), splits and
     backbones: dims, rows done/failed, fingerprints (strict) and what was recorded beside them."""
@@ -231,24 +232,41 @@ def info(store: Path = typer.Argument(..., help="A feature store (.zarr)."),
                     "levels": {k: len(v) for k, v in attrs["levels"].items()}, "split_recipe": attrs["split_recipe"],
                     "backbones": [asdict(b) | {"failures": fs.failures(b.name)} for b in backbones]})
         return
-    out.print(f"[bold]{store}[/bold]  {attrs['kind']} at {attrs['root']}", highlight=False)
+    out.print(f"{store}  {attrs['kind']} at {attrs['root']}", highlight=False, markup=False)
     if identity:
         out.print(f"identity: images under {identity['root']}, size and mtime of every file, content of "
                   f"{len(identity['sample_rows'])} sampled files sha256 {identity['sample_sha256'][:12]}…"
-                  + (f"; {outside} rows outside the root" if outside else ""), highlight=False)
+                  + (f"; {outside} rows outside the root" if outside else ""), highlight=False, markup=False)
     else:
         out.print("identity: not recorded (a store made before fgembed recorded it)", highlight=False)
-    out.print(f"{fs.n_rows} rows, {len(attrs['class_names'])} classes, splits {table.split_counts()}, "
-              f"levels {', '.join(f'{k} ({len(v)})' for k, v in attrs['levels'].items()) or 'none'}", highlight=False)
-    grid = Table("backbone", "dim", "dtype", "done", "failed", "complete", "img/s", "weights", "pooling",
-                 "precision", "device")
-    for b in backbones:
-        fp = b.fingerprint
-        grid.add_row(b.name, str(b.dim), b.dtype, f"{b.rows_done}/{fs.n_rows}", str(b.rows_failed),
-                     "yes" if b.complete else "no", f"{b.throughput:.1f}" if b.throughput else "–",
-                     str(fp.get("weights")), str(fp.get("pooling")), str(fp.get("precision")),
-                     str(b.recorded.get("device", "–")))
-    out.print(grid)
+    levels = ", ".join(f"{k} ({len(v)})" for k, v in attrs["levels"].items()) or "none"
+    out.print(f"{plural(fs.n_rows, 'row')}, {plural(len(attrs['class_names']), 'class')}, splits "
+              + ", ".join(f"{k} {v}" for k, v in table.split_counts().items()) + f"; levels {levels}", highlight=False)
+    rows = [_backbone_row(b, fs.n_rows) for b in backbones]
+    grid = Table(*rows[0]) if rows else None
+    for row in rows:
+        grid.add_row(*row.values())
+    if grid is not None and fits(grid):
+        out.print(grid)
+        return
+    for row in rows:  # too narrow for the table: one block per backbone, every identifier whole
+        name, rest = row.pop("backbone"), "  ".join(f"{k}\u00a0{v}" for k, v in row.items())  # no break inside a pair
+        out.print(name, highlight=False, markup=False)
+        out.print(textwrap.fill(rest, width=max(out.width, 40), initial_indent="  ", subsequent_indent="  ",
+                                break_long_words=False, break_on_hyphens=False), highlight=False, markup=False)
+
+
+def _backbone_row(b, n_rows: int) -> dict[str, str]:
+    """One backbone's line of `fgembed info`: what the table shows, by column. Features imported
+    from another tool have no weights, pooling or precision of ours: their source file stands there."""
+    fp = b.fingerprint
+    imported = fp.get("source") == "import"
+    return {"backbone": b.name, "dim": str(b.dim), "dtype": b.dtype, "done": f"{b.rows_done}/{n_rows}",
+            "failed": str(b.rows_failed), "complete": "yes" if b.complete else "no",
+            "img/s": f"{b.throughput:.1f}" if b.throughput else "–",
+            "weights": f"imported {fp.get('file')}" if imported else str(fp.get("weights", "–")),
+            "pooling": str(fp.get("pooling") or "–"), "precision": str(fp.get("precision") or "–"),
+            "device": str(b.recorded.get("device") or "–")}
 
 
 @app.command()
@@ -283,6 +301,18 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print as JSON.
         grid.add_row(s["name"], s["source"], model, str(s["dim"]), f"{s['input_size']}px: {s['resize']}",
                      s["interpolation"], s["output"],
                      *((s["feed"], "yes" if s["device_resize"] else "no") if feed else ()))
-    out.print(grid)
+    if fits(grid):
+        out.print(grid)
+    else:  # too narrow: one block per backbone, the name (what a user copies) whole on its own line
+        for s in specs:
+            out.print(f"{s['name']}  ({s['source']}, {s['dim']}-d, {s['output']})", highlight=False, markup=False)
+            details = [s["model"] + (f" / {s['weights']}" if s["weights"] else ""),
+                       f"{s['input_size']}px: {s['resize']}, {s['interpolation']}"]
+            if feed:
+                details.append(f"feed {s['feed']}, --device-resize {'yes' if s['device_resize'] else 'no'}")
+            for line in details:
+                out.print(textwrap.fill(line, width=max(out.width, 40), initial_indent="  ", subsequent_indent="    ",
+                                        break_long_words=False, break_on_hyphens=False), highlight=False, markup=False)
     out.print("Also: timm:<model>, open_clip:<arch>/<tag>, hf:<org>/<repo> (or a local folder)."
-              + ("" if feed else " Add --feed to see how each one's preprocessing is fed."))
+              + ("" if feed else " Add --feed to see how each one's preprocessing is fed."), highlight=False,
+              markup=False)

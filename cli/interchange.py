@@ -13,10 +13,10 @@ from ._common import app, err, out
 
 @app.command()
 def export(
-    store: Path = typer.Argument(..., help="A feature store (.zarr)."),
-    to: Path = typer.Option(..., "--to", help="Output: an .h5 file (HDF5) or a folder (npy)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="h5 or npy (default: from the --to suffix)."),
-    features: Optional[str] = typer.Option(None, help="Comma-separated backbones (default: every complete one)."),
+    store: Path = typer.Argument(..., metavar="STORE", help="A feature store (.zarr)."),
+    to: Path = typer.Option(..., "--to", metavar="PATH", help="Output: an .h5 file (HDF5) or a folder (npy)."),
+    fmt: Optional[str] = typer.Option(None, "--format", metavar="FMT", help="h5 or npy (default: from the --to suffix)."),
+    features: Optional[str] = typer.Option(None, metavar="A,B,…", help="Backbones (default: every complete one)."),
 ) -> None:
     """Write a store's features and sample rows (id, label, split, path) to HDF5 or .npy files."""
     from fgembed.extraction.interchange import export_features
@@ -30,19 +30,24 @@ def export(
 
 @app.command(name="import")
 def import_(
-    source: Path = typer.Argument(..., help="Features made elsewhere: .npy, or HDF5 (.h5/.hdf5)."),
-    store: Path = typer.Option(..., help="Store to add them to (created from --dataset/--root if absent)."),
-    name: str = typer.Option(..., help="Name for these features in the store, e.g. thingsvision_clip."),
-    key: Optional[str] = typer.Option(None, help="HDF5 dataset with the matrix (default: features, or the only one)."),
-    order: Optional[Path] = typer.Option(None, help="Text file of image paths, one per feature row "
-                                         "(e.g. thingsvision's file_names.txt); rows are matched by path."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset format, to create a new store (as for extract)."),
-    root: Optional[Path] = typer.Option(None, help="Dataset root, to create a new store."),
-    val_fraction: float = typer.Option(0.2, help="New store: stratified share of train held out as val."),
-    seed: int = typer.Option(0, help="New store: seed of the validation split."),
-    overwrite: bool = typer.Option(False, help="Replace features of the same name (and, with --dataset, a store of "
-                                   "other labels/splits, or of other images if this name is its only group)."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    source: Path = typer.Argument(..., metavar="FILE", help="Features made elsewhere: .npy, or HDF5 (.h5/.hdf5)."),
+    store: Path = typer.Option(..., metavar="PATH", help="Store to add them to (created from --dataset/--root "
+                               "if absent)."),
+    name: str = typer.Option(..., metavar="NAME", help="Their name in the store, e.g. thingsvision_clip."),
+    key: Optional[str] = typer.Option(None, metavar="KEY", help="HDF5 dataset with the matrix (default: "
+                                      "features, or the only one)."),
+    order: Optional[Path] = typer.Option(None, metavar="FILE", help="Image paths, one per feature row (e.g. "
+                                         "thingsvision's file_names.txt): rows matched by path."),
+    dataset: Optional[str] = typer.Option(None, metavar="KIND", rich_help_panel="New store",
+                                          help="Dataset format, as for extract."),
+    root: Optional[Path] = typer.Option(None, metavar="PATH", rich_help_panel="New store", help="Dataset root."),
+    val_fraction: float = typer.Option(0.2, metavar="X", rich_help_panel="New store",
+                                       help="Stratified share of train held out as val."),
+    seed: int = typer.Option(0, metavar="N", rich_help_panel="New store", help="Seed of the validation split."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace features of this name (with --dataset, "
+                                   "also a store of other labels or splits, or of other images if this is its "
+                                   "only group)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Bring features computed by another tool (HDF5, .npy) into a store.
 

@@ -6,23 +6,31 @@ from pathlib import Path
 import typer
 
 from ._common import app, err
+from ._options import at_least
 
 RUN_DIRS = typer.Argument(..., metavar="RUN_DIR", help="Run directories (several: a late-fusion ensemble).")
-PLOT = typer.Option(None, help="Write ROC curves to this image.")
+SCORES = ("msp", "maxlogit", "energy", "knn", "mahalanobis", "gmm")
 
 
 @app.command()
 def novelty(
     run_dirs: list[Path] = RUN_DIRS,
-    scores: str = typer.Option("msp,maxlogit,energy,knn,mahalanobis,gmm", help="Comma-separated novelty scores."),
-    tau: float | None = typer.Option(None, help="MSP threshold for 001's fixed-τ row (default 0.5 at the fine level)."),
-    k: int = typer.Option(10, min=1, help="Neighbours of the knn score."),
-    target_tpr: float = typer.Option(0.95, help="Fraction of seen validation rows kept by calibrated thresholds."),
-    fmt: str = typer.Option("md", "--format", help="md, csv, latex or json."),
-    plot: Path | None = PLOT,
+    scores: str = typer.Option(",".join(SCORES), metavar="LIST", show_default=False,
+                               help=f"Novelty scores (default: all of {', '.join(SCORES)})."),
+    tau: float | None = typer.Option(None, metavar="X", help="MSP threshold of the fixed-τ row (default 0.5 at "
+                                     "the fine level, 0.7 above)."),
+    k: int = typer.Option(10, metavar="K", callback=at_least(1), help="Neighbours of the knn score."),
+    target_tpr: float = typer.Option(0.95, metavar="X", help="Share of seen validation rows kept by the "
+                                     "calibrated thresholds."),
+    fmt: str = typer.Option("md", "--format", metavar="FMT", help="md, csv, latex or json."),
+    plot: Path | None = typer.Option(None, metavar="PNG", help="Write ROC curves to this image."),
 ) -> None:
-    """Score how novel each test row is (held-out classes = positives): AUROC, AUPR, FPR@95 and
-    seed 001's overall / seen / unseen accuracy; per-row scores go to the first run's novelty.zarr."""
+    """Score how novel each test row is: held-out classes are the positives.
+
+    Prints AUROC, AUPR, FPR@95 and the overall / seen / unseen accuracy of Zusin et al.,
+    "Bird, Dog, or Reptile? Transfer Learning for Hierarchical Image Classification"; per-row
+    scores go to the first run's novelty.zarr.
+    """
     from fgembed.analysis.novelty import format_table, plot_roc
     from fgembed.analysis.novelty_runs import score_runs
 

@@ -10,6 +10,7 @@ import typer
 from fgembed.errors import FgembedError
 
 from ._common import app, err, out
+from ._options import at_least
 
 
 def _weights(items: list[str]) -> dict[str, Path]:
@@ -24,22 +25,26 @@ def _weights(items: list[str]) -> dict[str, Path]:
 
 @app.command()
 def predict(
-    run: list[Path] = typer.Option(..., help="A run directory (repeatable: several runs are fused late)."),
-    images: list[Path] = typer.Option(..., help="A folder (searched recursively), a CSV with a `path` column, "
-                                      "or an image file (repeatable)."),
-    to: Optional[Path] = typer.Option(None, "--out", help="Output file (default: stdout)."),
-    top_k: int = typer.Option(5, min=1, help="Classes per image, best first."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="csv or json (default: from --out's suffix, else csv)."),
-    late_mode: str = typer.Option("logits", help="How seeds and runs are fused: logits or proba."),
-    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
-    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding processes (default: as extract)."),
-    weights: list[str] = typer.Option([], help="MEMBER=PATH: the local checkpoint a member was extracted with."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Where the source libraries cache downloaded weights."),
-    offline: bool = typer.Option(False, help="Never touch the network; cached or local weights only."),
-    work_dir: Optional[Path] = typer.Option(None, help="Keep the new images' embeddings here (resumable); "
-                                            "default: a temporary folder."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    run: list[Path] = typer.Option(..., metavar="DIR", help="A run directory (repeatable: runs are fused late)."),
+    images: list[Path] = typer.Option(..., metavar="PATH", help="A folder (searched recursively), a CSV with a "
+                                      "`path` column, or an image file (repeatable)."),
+    to: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Output file (default: stdout)."),
+    top_k: int = typer.Option(5, metavar="K", callback=at_least(1), help="Classes per image, best first."),
+    fmt: Optional[str] = typer.Option(None, "--format", metavar="FMT", help="csv or json (default: from --out's "
+                                      "suffix, else csv)."),
+    late_mode: str = typer.Option("logits", metavar="KIND", help="How seeds and runs are fused: logits or proba."),
+    device: str = typer.Option("auto", metavar="NAME", help="auto (CUDA if present), cpu, cuda, cuda:N."),
+    batch_size: int = typer.Option(64, metavar="N", callback=at_least(1), help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, metavar="N", callback=at_least(0), help="Image-decoding "
+                                          "processes (default: as extract)."),
+    weights: list[str] = typer.Option([], metavar="M=PATH", help="The local checkpoint member M was extracted "
+                                      "with (repeatable)."),
+    cache_dir: Optional[Path] = typer.Option(None, metavar="DIR", help="Where the source libraries cache "
+                                             "downloaded weights."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network; cached or local weights only."),
+    work_dir: Optional[Path] = typer.Option(None, metavar="DIR", help="Keep the new images' embeddings here "
+                                            "(resumable); default: a temporary folder."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Classify new images with a trained run, or a late-fusion ensemble of runs.
 

@@ -24,7 +24,7 @@ import torch
 
 from .backbones import LoadOptions
 from .classify.fusion import late_fusion
-from .classify.runs import Run
+from .classify.runs import Run, same_rows
 from .classify.views import design_rows, level_key
 from .datasets import SampleTable
 from .datasets.folder import IMAGE_SUFFIXES
@@ -125,7 +125,7 @@ def _check_compatible(runs: list[Run]) -> None:
     """Late fusion needs runs over the same classes of the same dataset (and the same level)."""
     first = runs[0]
     for run in runs[1:]:
-        if run.store["manifest_sha256"] != first.store["manifest_sha256"]:
+        if not same_rows(run.store, first.store):
             raise FgembedError(f"runs {first.path} and {run.path} were trained on different stores")
         if _target_level(run) != _target_level(first):
             raise FgembedError(f"runs {first.path} and {run.path} predict different levels")

@@ -14,6 +14,7 @@ renamed into place, the old ones deleted only after (see `_store_setup.py`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -221,6 +222,17 @@ class FeatureStore:
     def identity(self) -> dict:
         """The dataset identity recorded at setup ({} for stores made before it was recorded)."""
         return dict(self.samples_attrs.get("identity", {}))
+
+    def content_sha256(self) -> str:
+        """A digest of the images the rows were read from: the recorded dataset identity (location,
+        sampled content hash) and every row's file size and mtime. Two stores with the same listing
+        whose images differ (one replaced, missing or edited) differ here."""
+        samples = self.group["samples"]
+        h = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode())
+        for name in ("file_size", "file_mtime_ns"):
+            if name in samples:
+                h.update(np.ascontiguousarray(samples[name][:], np.int64).tobytes())
+        return h.hexdigest()
 
     def table(self) -> SampleTable:
         """The stored rows as a SampleTable (what a later stage needs without the images)."""

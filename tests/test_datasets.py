@@ -131,7 +131,7 @@ def test_malformed_files_are_named(cub_root, inat_root, tmp_path):
 def test_registry_lists_and_dispatches():
     from fgembed.datasets import KINDS, READERS, list_datasets
 
-    assert KINDS == tuple(READERS) == ("cub", "inat21", "folder", "manifest")
+    assert KINDS == tuple(READERS) == ("cub", "inat21", "folder", "manifest", "webdataset", "hf")
     assert list_datasets("*n*") == ["inat21", "manifest"] and list_datasets() == list(KINDS)
     with pytest.raises(FgembedError, match="unknown dataset kind 'coco'; choose one of cub, inat21"):
         load_dataset("coco", ".")

@@ -149,7 +149,7 @@ def test_tables_carry_per_level_columns(fused):
     md = runner.invoke(app, [*ENSEMBLE, "--store", str(store_path), "--runs", str(runs_dir), "--late-mode", "proba"])
     assert md.exit_code == 0, md.output  # every run is reused: only the tables are written again
     header = md.stdout.splitlines()[0]
-    assert header.endswith("| Acc group | Acc label | Avg acc | Consistency | Mistake depth |"), header
+    assert header.endswith("| Acc group | Acc species | Avg acc | Consistency | Mistake depth |"), header  # as typed
     rows = [line for line in md.stdout.splitlines()[2:] if line.startswith("|")]
     assert len(rows) == 7 and all(line.count("–") == 0 for line in rows)
     table = list(csv.DictReader(io.StringIO((runs_dir / "ensemble.csv").read_text())))
@@ -160,7 +160,7 @@ def test_tables_carry_per_level_columns(fused):
         assert float(row["consistency"]) == pytest.approx(record["consistency"])
         severity = f"{record['mistake_severity']:.2f} ± {record['mistake_severity_std']:.2f}"  # a depth, not %
         assert line.split(" | ")[-1] == severity + " |", line
-    assert r"Acc group & Acc label & Avg acc & Consistency & Mistake depth \\" in (runs_dir / "ensemble.tex").read_text()
+    assert r"Acc group & Acc species & Avg acc & Consistency & Mistake depth \\" in (runs_dir / "ensemble.tex").read_text()
 
 
 def hierarchy_reference(runs: list[Run], store: FeatureStore) -> list[dict]:

@@ -139,7 +139,7 @@ def test_cli_json_matrix_and_heatmap(stores, tmp_path):
     assert plot.stat().st_size > 0 and plot.read_bytes()[:4] == b"\x89PNG"
     table = invoke("similarity", "--source", src.path, "--target", tgt.path, "--target", src.path,
                    "--features", "a", "--plot", tmp_path / "m.png", "--quiet")
-    assert table.exit_code == 0 and "similarity (EMD)" in table.stdout
+    assert table.exit_code == 0 and "the EMD in brackets" in table.stdout
 
 
 def test_cli_select_writes_the_class_list_fit_reads(stores, tmp_path):

@@ -40,6 +40,8 @@ def _params(callback) -> list[Param]:
     hints = typing.get_type_hints(callback)
     params = []
     for name, p in inspect.signature(callback).parameters.items():
+        if hints[name] is typer.Context:  # the command's own context, not an option
+            continue
         info = p.default
         decls = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
         flag = None if isinstance(info, typer.models.ArgumentInfo) else \

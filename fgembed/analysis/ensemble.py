@@ -41,7 +41,7 @@ from ..classify.fusion import LATE_MODES, STRATEGIES, fit_late_weights
 from ..classify.hierarchy_metrics import Taxonomy, consistent_rows, lca_depth
 from ..classify.longtail import SHOT_BINS, frequency_bins
 from ..classify.metrics import MetricCounts
-from ..classify.runs import Run, RunConfig, finished, fit_run, run_path, summarise
+from ..classify.runs import Run, RunConfig, check_levels, finished, fit_run, run_path, same_rows, summarise
 from ..classify.views import build_view, level_key
 from ..datasets.table import SPLIT_NAMES
 from ..errors import FgembedError
@@ -142,6 +142,7 @@ def score(store: FeatureStore, runs_dir: str | Path, combinations: list[Combinat
         raise FgembedError(f"late weights must be one of {', '.join(LATE_WEIGHTS)}, got {late_weights!r}")
     if late_mode not in LATE_MODES:
         raise FgembedError(f"late fusion mode must be one of {', '.join(LATE_MODES)}, got {late_mode!r}")
+    check_levels(store, base)
     needed: dict[tuple[str, tuple[str, ...]], RunConfig] = {}
     for combo in combinations:
         if combo.strategy == "late":
@@ -179,16 +180,18 @@ def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: 
             runs[key] = run
     todo.sort(key=lambda item: repr(item[1].view))
     total = sum(config.head.total_epochs for _, config in todo)
-    with progress_bar(total, "ensemble", enabled=progress, unit="epoch") as tick:
+    with progress_bar(total, f"training {len(todo)} runs", enabled=progress, unit="epoch") as tick:
         view = None
-        for key, config in todo:
-            tick(0, description=f"{config.label} (view)")
+        for i, (key, config) in enumerate(todo, 1):
+            what = f"run {i}/{len(todo)} {config.label}"  # the bar counts every run's epochs: say which
+            tick(0, description=f"{what} (reading)")
             if view is None or view.config != config.view:
                 view = None  # free the previous view before reading the next
                 view = build_view(store, config.view, device=device)
-            tick(0, description=config.label)
+            tick(0, description=what)
             runs[key] = fit_run(store, config, runs_dir, device=device, force=True, view=view,
                                 tick=lambda n=1, description=None: tick(n))
+        tick(0, description=f"trained {len(todo)} run{'s' * (len(todo) != 1)}")
     return runs
 
 
@@ -263,8 +266,8 @@ def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Comb
     (`fused_levels`) in one streamed pass: metrics of the finest level at the top, with
     `by_frequency`; per-level ones under `levels`, `consistency` and `mistake_severity` when the
     members are multi-level."""
-    manifests = {r.store["manifest_sha256"] for r in singles.values()}
-    if len(manifests) != 1:
+    first = next(iter(singles.values())).store
+    if not all(same_rows(r.store, first) for r in singles.values()):
         raise FgembedError("late fusion members were trained on different stores (different rows): "
                            + ", ".join(str(r.path) for r in singles.values()))
     names = list(singles)

@@ -59,15 +59,17 @@ def value(record: dict, key: str):
     return functools.reduce(lambda block, part: (block or {}).get(part), key.split("."), record)
 
 
-def level_columns(records: list[dict]) -> list[tuple[str, str]]:
+def level_columns(records: list[dict], level_names: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(record key, header) of per-level accuracy, their mean, the consistency and the mistake
     severity, when a row is of a multi-level run (late fusion of multi-level runs included); []
-    otherwise."""
+    otherwise. `level_names` renames levels in headers (the fine level `label` as the user named
+    it, e.g. `species`)."""
     order = next((r["level_order"] for r in records if r.get("level_order")), None)
     if not order:
         return []
-    return [(f"levels.{lv}.accuracy", f"Acc {lv}") for lv in order] + [("avg_accuracy", "Avg acc"),
-                                                                       *HIERARCHY_METRICS]
+    names = level_names or {}
+    return [(f"levels.{lv}.accuracy", f"Acc {names.get(lv, lv)}") for lv in order] + [("avg_accuracy", "Avg acc"),
+                                                                                       *HIERARCHY_METRICS]
 
 
 def _frequency_record(block: dict | None) -> dict:
@@ -125,15 +127,17 @@ def cell(record: dict, key: str) -> str:
     return f"{mean:.2f} ± {std:.2f}" if record.get("seeds") and len(record["seeds"]) > 1 else f"{mean:.2f}"
 
 
-def format_table(entries: list[Entry], fmt: str, extra: list[tuple[str, str]] = ()) -> str:
+def format_table(entries: list[Entry], fmt: str, extra: list[tuple[str, str]] = (),
+                 level_names: dict[str, str] | None = None) -> str:
     """The ranked table; `extra` adds optional columns (`extra_columns`: by-frequency accuracy, GMACs).
-    Per-level accuracy columns come with rows of multi-level runs (`level_columns`)."""
+    Per-level accuracy columns come with rows of multi-level runs (`level_columns`, headers renamed
+    by `level_names`)."""
     if fmt not in FORMATS:
         raise FgembedError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     records = [entry_record(e) for e in entries]
     if fmt == "json":
         return json.dumps(records, indent=2)
-    columns = [*METRICS, *level_columns(records), *extra]
+    columns = [*METRICS, *level_columns(records, level_names), *extra]
     header = ["#", "Method", "Members", *(title for _, title in columns)]
     rows = [[str(i), STRATEGY_NAMES[r["strategy"]], " + ".join(r["members"]), *(cell(r, k) for k, _ in columns)]
             for i, r in enumerate(records, 1)]
@@ -217,7 +221,7 @@ def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 
     ax.set_yticks(range(len(records)), labels, fontsize=8)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
-    ax.set_xlim(max(0.0, min(values) - 10), min(100.0, max(values) + 5))
+    ax.set_xlim(0.0, min(100.0, max(values) + 5))  # from 0: a bar's length is its value
     ax.set_xlabel("F1 (weighted, %)")
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
     present = dict.fromkeys(r["strategy"] for r in records[::-1])
@@ -258,7 +262,8 @@ def compare(records: list[dict], expected: dict[str, dict], rename: dict[str, st
 
 
 def write_report(entries: list[Entry], directory: str | Path, name: str = "ensemble",
-                 title: str = "weighted F1 on the test split", extra: list[tuple[str, str]] = ()) -> list[Path]:
+                 title: str = "weighted F1 on the test split", extra: list[tuple[str, str]] = (),
+                 level_names: dict[str, str] | None = None) -> list[Path]:
     """The table in every format (`NAME.md/.csv/.tex/.json`), the bar chart `NAME.png`, and with
     a GMACs column the accuracy-versus-cost plot `NAME-pareto.png`."""
     directory = Path(directory)
@@ -266,7 +271,7 @@ def write_report(entries: list[Entry], directory: str | Path, name: str = "ensem
     paths = []
     for ext, fmt in (("md", "md"), ("csv", "csv"), ("tex", "latex"), ("json", "json")):
         paths.append(directory / f"{name}.{ext}")
-        paths[-1].write_text(format_table(entries, fmt, extra))
+        paths[-1].write_text(format_table(entries, fmt, extra, level_names))
     paths.append(bar_chart(entries, directory / f"{name}.png", title))
     if any(k == "gmacs" for k, _ in extra) and any(e.metrics.get("gmacs") is not None for e in entries):
         paths.append(pareto_plot(entries, directory / f"{name}-pareto.png"))

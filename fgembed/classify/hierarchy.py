@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from ..devices import resolve_device
 from ..errors import FgembedError
 from .metrics import f1_torch
-from .train import BLOCK_ROWS
+from .train import BLOCK_ROWS, cpu_threads
 
 
 # ---- multi-level heads ---------------------------------------------------------------------
@@ -255,7 +255,21 @@ def _train_one(module: nn.Module, X: torch.Tensor, Y: torch.Tensor, X_val: torch
                on_epoch: Callable[[int], None] | None) -> LevelsFit:
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator(device=X.device).manual_seed(seed)
-    best, best_epoch, best_f1, best_state, history = -1.0, -1, [], None, []
+    history: list[dict] = []
+    weights = sum(p.numel() for p in module.parameters())
+    with cpu_threads(X.device, batch_size * weights):
+        best, best_epoch, best_f1, best_state = _epochs(module, optimizer, generator, X, Y, X_val, Y_val, n_classes,
+                                                        epochs, batch_size, level_weights, select, on_epoch, history)
+    module.load_state_dict(best_state)
+    return LevelsFit(module.eval(), seed, best_epoch, best_f1, history, lr, weight_decay, best)
+
+
+def _epochs(module: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, X: torch.Tensor,
+            Y: torch.Tensor, X_val: torch.Tensor, Y_val: torch.Tensor, n_classes: Sequence[int], epochs: int,
+            batch_size: int, level_weights: Sequence[float] | None, select: str,
+            on_epoch: Callable[[int], None] | None, history: list[dict]) -> tuple[float, int, list, dict]:
+    """The training epochs of `_train_one`: (best score, its epoch, its per-level F1, its state)."""
+    best, best_epoch, best_f1, best_state = -1.0, -1, [], None
     for epoch in range(epochs):
         module.train()
         order = torch.randperm(len(X), generator=generator, device=X.device)
@@ -278,5 +292,4 @@ def _train_one(module: nn.Module, X: torch.Tensor, Y: torch.Tensor, X_val: torch
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         if on_epoch:
             on_epoch(1)
-    module.load_state_dict(best_state)
-    return LevelsFit(module.eval(), seed, best_epoch, best_f1, history, lr, weight_decay, best)
+    return best, best_epoch, best_f1, best_state

@@ -199,12 +199,23 @@ class RunConfig:
 
 
 def store_identity(store: FeatureStore, features: tuple[str, ...]) -> dict:
-    """What a run's numbers depend on in the store: its rows and how each member was extracted."""
-    identity = {"manifest_sha256": store.samples_attrs["manifest_sha256"], "features": {}}
+    """What a run's numbers depend on in the store, all of it in the run key: its rows (ids,
+    paths, labels, splits: `manifest_sha256`), the image files they were read from (`content_sha256`:
+    every file's size and mtime and a sampled content hash, so two stores of the same listing whose
+    images differ never share a run), and per member how it was extracted and which of its rows
+    failed (`failed_sha256`: a store whose extraction flagged other rows trains on other rows)."""
+    identity = {"manifest_sha256": store.samples_attrs["manifest_sha256"],
+                "content_sha256": store.content_sha256(), "features": {}}
     for name in features:
         info = store.backbone_info(name)
-        identity["features"][name] = {"fingerprint": info.fingerprint, "dtype": info.dtype}
+        identity["features"][name] = {"fingerprint": info.fingerprint, "dtype": info.dtype,
+                                      "failed_sha256": hashlib.sha256(store.status(name).tobytes()).hexdigest()}
     return identity
+
+
+def same_rows(a: dict, b: dict) -> bool:
+    """Whether two runs' store identities are of the same rows and images (their members may differ)."""
+    return all(a.get(k) == b.get(k) for k in ("manifest_sha256", "content_sha256"))
 
 
 # The config fields when run keys were first hashed (every field was hashed then): always keyed,
@@ -377,6 +388,15 @@ def run_path(store: FeatureStore, config: RunConfig, runs_dir: str | Path) -> tu
     return Path(runs_dir) / f"{config.label}-{run_key(config, identity)}", identity
 
 
+def check_levels(store: FeatureStore, config: RunConfig) -> None:
+    """Refuse a taxonomy level the store lacks in one line, before any view is read or bar drawn."""
+    has = store.samples_attrs["levels"]
+    named = [config.head.level, *config.head.levels, config.view.holdout_level]
+    missing = [lv for lv in named if level_key(lv) is not None and lv not in has]
+    if missing:
+        raise FgembedError(f"store {store.path} has no taxonomy level {missing[0]!r}; has: {', '.join(has) or 'none'}")
+
+
 def finished(path: Path) -> Run | None:
     """The finished run at `path`, or None (absent, unfinished, or of a format this fgembed cannot
     read: retrained, never a crash). A run a killed `publish` left behind is recovered first."""
@@ -392,6 +412,7 @@ def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device
     """Train `config` on `store` (seeds × lr × weight decay in one pass) or reuse the finished
     run of the same key. `view` reuses an already built view of the same ViewConfig; `tick`
     reports epochs to a caller's progress bar instead of this run's own."""
+    check_levels(store, config)
     path, identity = run_path(store, config, runs_dir)
     if not force and (run := finished(path)) is not None:
         return run

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..cpu import available_cores, torch_threads
 from ..errors import FgembedError
 from .fusion import SumProjection
 from .longtail import (
@@ -134,6 +135,7 @@ class _StackedHeads:
             else:
                 self.buffers[name] = stacked.repeat(n_settings, *[1] * (stacked.ndim - 1)).contiguous()
         self.dropout_widths = self._dropout_widths()
+        self.n_weights = sum(p.numel() for p in templates[0].parameters())  # of one head
 
     def _dropout_widths(self) -> list[tuple[int, float]]:
         """(width, p) of each dropout layer, read from the layer before it."""
@@ -282,6 +284,23 @@ def tf32_matmuls(device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(saved)
 
 
+SMALL_STEP_MACS = 1 << 26  # below this many multiply-adds per step a second CPU thread only waits (benchmarks/threads.py)
+
+
+@contextmanager
+def cpu_threads(device: torch.device, step_macs: int) -> Iterator[None]:
+    """On the CPU, train on as many threads as the step is worth: one for a small step (a head of
+    a few hundred thousand weights: its kernels are too short to split, and a second thread only
+    spins at the barriers — many times slower when another process holds a core), else every
+    core this process really has (`cpu.available_cores`: affinity and CPU quota, not the
+    machine's count). On a GPU nothing changes."""
+    if device.type != "cpu":
+        yield
+        return
+    with torch_threads(1 if step_macs < SMALL_STEP_MACS else available_cores()):
+        yield
+
+
 def train_grid(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor,
                y_val: torch.Tensor, n_classes: int, seeds: list[int], lrs: list[float], weight_decays: list[float],
                *, epochs: int, batch_size: int, on_epoch: Callable[[int], None] | None = None,
@@ -342,7 +361,7 @@ def train_grid(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.Te
     best_epoch = torch.full((model.G,), -1, dtype=torch.long, device=device)
     best_state = {name: t.clone() for name, t in model.state().items()}
     total = epochs + (SECOND_STAGE_EPOCHS if mode.second_stage else 0)
-    with tf32_matmuls(device):  # the epochs, validation included; the stored logits are predicted in fp32
+    with tf32_matmuls(device), cpu_threads(device, model.G * batch_size * model.n_weights):  # the epochs
         for epoch in range(total):
             loss_sum.zero_()
             if epoch == epochs:  # second stage: from each head's best state, balanced, lower lr, fresh AdamW

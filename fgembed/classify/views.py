@@ -180,6 +180,7 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
             (split == SPLIT_NAMES[name]) & kept[fine] & ~held[fine]
         rows[name], dropped[name] = np.flatnonzero(in_split & ~failed), int((in_split & failed).sum())
     if config.shots:
+        _warn_few_shots(store, fine, rows["train"], config.shots)
         rows["train"] = _draw_shots(rows["train"], fine, config.shots, config.draw)
     dims = [info.dim for info in infos]
     reader = _Reader(store, config, rows, dims, progress, resolve_device(device))
@@ -189,12 +190,24 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
         dropped[name] += bad
     for name in SPLITS:
         if len(rows[name]) == 0:
-            hint = " (extract with --val-fraction > 0)" if name == "val" else ""
-            raise FgembedError(f"store {store.path} has no usable {name} rows in this view{hint}")
+            raise FgembedError(_no_rows(store, name, split, dropped[name]))
     _warn_empty_classes(store, fine, kept & ~held, rows["train"])
     holdout = np.flatnonzero(held).tolist()
     return View(config, list(config.features), dims, X["train"].shape[1], rows, dropped, holdout,
                 held[fine[rows["test"]]], projection, kept & ~held, store, X)
+
+
+def _no_rows(store: FeatureStore, name: str, split: np.ndarray, dropped: int) -> str:
+    """Why a split has no row to train or score on, and what to do about it."""
+    if not (split == SPLIT_NAMES[name]).any():
+        fix = {"train": "its dataset has no training images",
+               "val": "extract with --val-fraction > 0 to carve one from train",
+               "test": "its dataset has no test split (a flat folder dataset puts every image in train: use "
+                       "root/{train,val,test}/<class>/*, or a manifest with a split column)"}[name]
+        return f"store {store.path} has no {name} images: {fix}"
+    if dropped:
+        return f"every {name} image of store {store.path} failed in a member ({dropped} rows): see fgembed info"
+    return f"no {name} image of store {store.path} is of a class this run keeps (--classes, --holdout)"
 
 
 def design_rows(config: ViewConfig, embeddings: list[np.ndarray], projection: PCASum | None) -> np.ndarray:
@@ -252,6 +265,15 @@ def _warn_empty_classes(store: FeatureStore, fine: np.ndarray, trainable: np.nda
         names = store.class_names
         warnings.warn(f"{len(empty)} classes have no training rows in store {store.path} (e.g. "
                       f"{names[empty[0]]!r}); a head cannot predict them", UserWarning, stacklevel=3)
+
+
+def _warn_few_shots(store: FeatureStore, fine: np.ndarray, train: np.ndarray, k: int) -> None:
+    """One line when some classes have fewer than K training rows: they train on all they have."""
+    counts = np.bincount(fine[train], minlength=len(store.class_names))
+    short = np.flatnonzero((counts > 0) & (counts < k))
+    if len(short):
+        warnings.warn(f"--shots {k}: {len(short)} of {int((counts > 0).sum())} classes have fewer training rows "
+                      f"(as few as {int(counts[short].min())}); they train on all they have", UserWarning, stacklevel=3)
 
 
 def _draw_shots(train: np.ndarray, fine: np.ndarray, k: int, draw: int) -> np.ndarray:
