@@ -52,15 +52,17 @@ def test_an_offer_that_runs_slower_is_taken_back():
 
 
 def test_batches_feed_windows(monkeypatch):
-    """The first batch (start-up) is never measured; a window closes every WINDOW batches."""
+    """The first batch is a reading of its own, over its busy time (its wall time is start-up);
+    then a window closes every WINDOW batches, over wall time."""
     clock = iter(float(t) for t in range(100))
     monkeypatch.setattr("fgembed.extraction.threads.time.perf_counter", lambda: next(clock))
     threads = ForwardThreads(workers=0, cores=4, ceiling=4)
     calls = []
     monkeypatch.setattr(threads, "_window", lambda per_image, demand: calls.append((per_image, demand)))
-    for _ in range(1 + 2 * WINDOW):
-        threads.batch_done(10, 0.5)
-    assert calls == [(0.1, 0.5)] * 2  # 1 s per 10 images; 0.5 core-seconds of other work per second
+    threads.batch_done(10, 0.2, 0.5)  # forward 0.5 s once the batch was there
+    for _ in range(2 * WINDOW):
+        threads.batch_done(10, 0.5, 0.2)  # 1 s apart: waiting for the workers counts
+    assert calls == [(0.05, 0.4), (0.1, 0.5), (0.1, 0.5)]
 
 
 def test_workers_start_before_the_models_build_once(manifest_csv, tmp_path, monkeypatch):

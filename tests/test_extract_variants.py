@@ -29,8 +29,8 @@ def table(manifest_csv):
 
 
 def _opts(**kw) -> ExtractOptions:
-    return ExtractOptions(batch_size=8, workers=0, shard_rows=16, progress=False, dtype="float32", device="cpu",
-                          load=LoadOptions(pretrained=False), **kw)
+    kw.setdefault("load", LoadOptions(pretrained=False))
+    return ExtractOptions(batch_size=8, workers=0, shard_rows=16, progress=False, dtype="float32", device="cpu", **kw)
 
 
 def _images(table, rows):
@@ -158,6 +158,9 @@ def test_one_forward_per_batch_equals_separate_runs(table, tmp_path, monkeypatch
 
 
 def test_layers_need_a_vit_and_a_real_block(table, tmp_path):
+    with pytest.raises(FgembedError, match="give its pooling in the name"):
+        extract(table, tmp_path / "p.zarr", ["timm:test_vit~flip"], _opts(load=LoadOptions(pretrained=False,
+                                                                                            pooling="mean")))
     with pytest.raises(FgembedError, match="gives no token outputs"):
         extract(table, tmp_path / "a.zarr", ["timm:test_resnet~linear4"], _opts())
     with pytest.raises(FgembedError, match=r"has 6 blocks \(0–5\); ~l9"):

@@ -125,6 +125,9 @@ def _model_options(name: str, options: LoadOptions | None) -> tuple[BackboneSpec
     options = options or LoadOptions()
     spec = resolve(name)
     base, size, variant = split_name(name)
+    if options.pooling and not variant.plain:
+        raise FgembedError(f"{name!r} names a variant: give its pooling in the name (e.g. {base}~mean~flip), "
+                           "not as LoadOptions.pooling")
     if size and options.image_size and options.image_size != size:
         raise FgembedError(f"{name!r} names {size} px but --image-size is {options.image_size}")
     return spec, base + (f"~{size}" if size else ""), replace(options, image_size=size or options.image_size), variant

@@ -97,8 +97,9 @@ def run_pass(store: FeatureStore, loader_batches, batches: list[list[int]], fed:
         copies = HostCopies(device, clock)
         result.loop_start = time.perf_counter()
         for meta, inputs in inputs_on_device(clock.waiting(loader_batches)):
+            arrived = time.perf_counter()
             if result.first_rows and result.steady_start is None:  # the steady state: from the second batch on
-                result.steady_start = time.perf_counter()
+                result.steady_start = arrived
             result.first_rows = result.first_rows or len(meta[0])
             clock.add_seconds("decode (workers, summed)", float(meta[2].sum()))
             clock.add_seconds("transform (workers, summed)", float(meta[3].sum()))
@@ -114,7 +115,7 @@ def run_pass(store: FeatureStore, loader_batches, batches: list[list[int]], fed:
                 collect(item)
             if threads is not None:
                 busy = float(meta[2].sum() + meta[3].sum()) if workers else 0.0
-                threads.batch_done(len(meta[0]), busy + written[0])
+                threads.batch_done(len(meta[0]), busy + written[0], time.perf_counter() - arrived)
                 written[0] = 0.0
         if (item := copies.drain()) is not None:
             collect(item)

@@ -128,6 +128,9 @@ def _models(names: list[str], options: ExtractOptions) -> list[_Model]:
     for name in names:
         base, size, variant = split_name(name)
         resolve(base)  # an unknown name fails before anything is built
+        if options.load.pooling and not variant.plain:
+            raise FgembedError(f"{name!r} names a variant: give its pooling in the name (e.g. {base}~mean~flip), "
+                               "not as LoadOptions.pooling")
         key = base + (f"~{size}" if size else "")
         models.setdefault(key, _Model(key, [])).variants.append(variant)
     if options.load.weights is not None and len(models) != 1:

@@ -24,7 +24,7 @@ import torch
 
 from ..cpu import available_cores
 
-WINDOW = 2  # batches per reading; the first (start-up) batch is never counted
+WINDOW = 2  # batches per reading; the first batch is a reading of its own, from its forward time alone
 SLACK = 0.3  # of a core: demand below this fraction does not cost the forward a thread
 BETTER = 0.97  # a candidate must be 3 % faster per image to replace what runs (noise is not a reason)
 RETRY = 6  # windows after which a count that lost its trial is offered again; doubled at each loss
@@ -53,16 +53,20 @@ class ForwardThreads:
     def apply(self) -> None:
         torch.set_num_threads(self.threads)
 
-    def batch_done(self, images: int, other_cpu_seconds: float) -> None:
-        """After a batch: `other_cpu_seconds` is the workers' and the writer's CPU time meanwhile."""
+    def batch_done(self, images: int, other_cpu_seconds: float, busy_seconds: float) -> None:
+        """After a batch: `other_cpu_seconds` is the workers' and the writer's CPU time for it,
+        `busy_seconds` the loop's time on it once it had arrived. The first batch is read at once
+        from its busy time (its wait is start-up: the models were building), so a forward that
+        should have more threads gets them after one batch, not three; later batches are read
+        over wall time, waiting included (a feed that cannot keep up shows as demand)."""
         now = time.perf_counter()
-        if self._last is not None:  # from the second batch on: the first includes start-up
-            self._wall += now - self._last
-            self._other += other_cpu_seconds
-            self._images += images
-            self._batches += 1
+        first = self._last is None
+        self._wall += busy_seconds if first else now - self._last
+        self._other += other_cpu_seconds
+        self._images += images
+        self._batches += 1
         self._last = now
-        if self._batches >= WINDOW and self._images:
+        if (first or self._batches >= WINDOW) and self._images and self._wall > 0:
             self._window(self._wall / self._images, self._other / self._wall)
             self._other = self._images = self._wall = 0.0
             self._batches = 0
