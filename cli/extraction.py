@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -101,8 +102,6 @@ def extract(
     variants. Rerunning the same command skips finished shards; other settings are refused
     unless --overwrite.
     """
-    import time
-
     entered = time.perf_counter()
     age = _process_age()
     if dtype not in ("float16", "float32"):

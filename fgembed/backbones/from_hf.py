@@ -1,7 +1,8 @@
 """Hugging Face transformers adapter: `AutoModel` + `AutoImageProcessor` from one repo or folder.
 
 The default output is the model's `pooler_output` (for DINOv2/DINOv3: the CLS token after the
-final layer norm). Mean pooling skips the CLS and register tokens.
+final layer norm). Blocks' tokens (variants) come from `output_hidden_states`, each through the
+model's final norm; mean pooling skips the CLS and register tokens.
 
 The reference repos' architectures are also known offline (`OFFLINE`): with `--no-pretrained`
 they build from transformers' own config and image-processor classes, never touching the hub.

@@ -2,6 +2,7 @@
 
 open_clip keeps each pretrained tag's preprocessing beside its weights; with random init we
 still take the tag's preprocessing so the two cannot drift (SigLIP's mean/std differ from CLIP's).
+Blocks' tokens (variants) come from open_clip's own `forward_intermediates`, for its ViT towers.
 A `--weights` file loads through open_clip's own `load_checkpoint` (its format conversions
 included); a file that is not a safe torch file, or whose keys differ, is one line naming why.
 """

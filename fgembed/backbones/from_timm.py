@@ -1,7 +1,9 @@
 """timm adapter: `create_model` + the model's own data config and eval transform.
 
 The default output is timm's `forward_head(forward_features(x), pre_logits=True)`: exactly the
-features the model's classifier would see. A `--weights` checkpoint loads into the headless model
+features the model's classifier would see; blocks' tokens (variants) come from timm's own
+`forward_intermediates`. The transform is resolved first from a model built on the meta device,
+so decode workers can start before the weights exist. A `--weights` checkpoint loads into the headless model
 (`num_classes=0`): a feature extractor's checkpoint and a fine-tune's with any class count both
 fit, their classifier is dropped; any other difference is named, key by key.
 """

@@ -5,8 +5,9 @@ README table and a reader of the code see the same thing; the numbers that reach
 still come from the library at load time (tests check that the two agree where the library can
 tell offline). `SOURCES` is both the list of source libraries and the dispatch.
 
-A name may end in `~<size>` (`dinov2_vitl14~448`): the same backbone at another input size, a
-name of its own so several sizes sit in one store side by side.
+A name may end in variant suffixes (`dinov2_vitl14~448~linear4~flip`, see `variants`): another
+input size, layers, pooling or flip, each a group of its own. `load_preprocessing` resolves a
+name's transform without its weights; `load_backbone` builds the model, reusing it.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from ..datasets import SampleTable
 from ..devices import DeviceModel, Precision, StageClock, default_workers, resolve_device, resolve_precision
 from ..errors import FgembedError
 from ..store import DEFAULT_SHARD_ROWS, FeatureStore
-from ._pass import Fed, PassResult, run_pass
+from ._pass import Fed, run_pass
 from ._ranks import failures_shared, process_group
 from .device_decode import replay_steps
 from .feeds import DEVICE_FEEDS, DecodedImages, EncodedImages, feed_key
@@ -388,4 +388,4 @@ def _write_text(store: FeatureStore, table: SampleTable, models: list[_Model]) -
                              PROMPT_TEMPLATES)
 
 
-__all__ = ["DECODES", "ExtractOptions", "ExtractSummary", "PassResult", "device_resize_steps", "extract"]
+__all__ = ["DECODES", "ExtractOptions", "ExtractSummary", "device_resize_steps", "extract"]

@@ -11,9 +11,12 @@ the writer's CPU seconds (measured where they run) over the loop's wall seconds 
 they keep busy; the forward is offered the rest in whole threads (a remainder under `SLACK` of a
 core counting as free). An offer is only a candidate: it is run for a window, and the thread
 count whose measured seconds per image are lower is kept; one that lost is offered again after
-`RETRY` windows (twice that after a second loss, and so on), since other work comes and goes (on a shared two-core machine two
-threads ran a ResNet-50 at half the speed of one while another job held a core, at twice its
-speed when it had left). Starting from `cores − workers`, it settles within a few windows.
+`RETRY` windows (twice that after a second loss, and so on), since other work comes and goes
+(on a shared two-core machine two threads ran a ResNet-50 at half the speed of one while another
+job held a core, and at 1.5× its speed once it had left). It starts from `cores − workers`, where
+the forward's own speed is measurable (on every core next to a busy worker it would stall, and
+the worker would seem to need nothing), and reads the first batch alone: a forward that should
+have more threads gets them after one batch.
 """
 from __future__ import annotations
 
