@@ -104,35 +104,44 @@ def similarity(
         out.print(grid)
 
 
+TIMING, WEIGHTS, OUTPUT = "Timing", "Weights", "Output"
+
+
 @app.command()
 def bench(
-    backbone: list[str] = typer.Option(..., help="Backbone to measure (repeatable): a reference name, "
-                                       "timm:MODEL, open_clip:ARCH/TAG, hf:ORG/REPO; NAME~SIZE for another size."),
-    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", help="As `fgembed extract`: auto (bf16 weights on CUDA, fp32 on CPU), "
-                                  "fp32, bf16, fp16, bf16-autocast, fp16-autocast."),
-    batch_size: int = typer.Option(32, min=1, help="Batch size of the throughput run."),
-    image_size: Optional[int] = typer.Option(None, min=16, help="Override the model's input size (px)."),
-    images: int = typer.Option(128, min=0, help="Generated JPEGs for the end-to-end extraction figure (0: skip)."),
-    warmup: int = typer.Option(3, min=0, help="Untimed forward passes before each timing."),
-    repeats: int = typer.Option(10, min=1, help="Timed batches for throughput."),
-    latency_repeats: int = typer.Option(30, min=2, help="Timed single images for latency p50 / p95."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Decoding processes of the end-to-end run "
-                                          "(default: as `fgembed extract`)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile each backbone, as extract --compile."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
-                                    help="--no-pretrained: random init (the cost is the same; nothing downloads)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Where the source library caches downloaded weights."),
-    store: Optional[Path] = typer.Option(None, help="Also record the results in this store's features/<name> "
-                                         "attrs (outside the fingerprint)."),
-    fmt: str = typer.Option("table", "--format", help="table or json."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    backbone: list[str] = typer.Option(..., metavar="NAME", help="Repeatable: as `fgembed extract --backbone` "
+                                       "(NAME~SIZE: another size)."),
+    device: str = typer.Option("auto", metavar="DEV", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", metavar="P", help="As `fgembed extract --precision`."),
+    batch_size: int = typer.Option(32, min=1, metavar="N", help="Batch of both throughput figures."),
+    image_size: Optional[int] = typer.Option(None, min=16, metavar="PX", help="Input size other than the model's."),
+    images: int = typer.Option(128, min=0, metavar="N", help="JPEGs for the e2e figure (0: skip it)."),
+    warmup: int = typer.Option(3, min=0, metavar="N", rich_help_panel=TIMING,
+                               help="Untimed forwards before each timing."),
+    repeats: int = typer.Option(10, min=1, metavar="N", rich_help_panel=TIMING, help="Timed batches for img/s."),
+    latency_repeats: int = typer.Option(30, min=2, metavar="N", rich_help_panel=TIMING,
+                                        help="Timed single images for p50 / p95."),
+    workers: Optional[int] = typer.Option(None, min=0, metavar="N", rich_help_panel=TIMING,
+                                          help="Decode processes of the e2e run."),
+    compile_model: bool = typer.Option(False, "--compile", rich_help_panel=TIMING,
+                                       help="torch.compile, as `extract --compile`."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", rich_help_panel=WEIGHTS,
+                                    help="--no-pretrained: random init (same cost, no download)."),
+    cache_dir: Optional[Path] = typer.Option(None, metavar="PATH", rich_help_panel=WEIGHTS,
+                                             help="The libraries' weight cache."),
+    store: Optional[Path] = typer.Option(None, metavar="PATH", rich_help_panel=OUTPUT,
+                                         help="Record the results in this store (outside the fingerprint)."),
+    fmt: str = typer.Option("table", "--format", metavar="FMT", rich_help_panel=OUTPUT, help="table or json."),
+    quiet: bool = typer.Option(False, "--quiet", rich_help_panel=OUTPUT, help="No progress bar."),
 ) -> None:
-    """Inference cost of backbones: parameters, GMACs, throughput, latency, memory, end-to-end images/s.
+    """Inference cost of backbones: parameters, GMACs, speed, latency, memory.
 
     GMACs are multiply-adds per image (timm's convention; GFLOPs = 2 × GMACs) from torch's
-    FlopCounterMode. Timings use the backbone's own input shape and the chosen precision; the
-    end-to-end figure runs the real extraction on generated photo-sized JPEGs.
+    FlopCounterMode. **img/s**: the forward alone, on batches already prepared on the device, at
+    the backbone's own input shape and the chosen precision. **e2e img/s**: `fgembed extract` on
+    generated photo-sized JPEGs, files to store, after its first batch (decode and resize in
+    workers, overlapped with the forward). On CPU both use the forward threads the extraction
+    chose (the workers take cores), so e2e ≤ img/s; the gap is what the feed costs.
     """
     from fgembed.backbones import LoadOptions
     from fgembed.extraction.bench import BenchOptions
@@ -154,8 +163,9 @@ def bench(
     if fmt == "json":
         print_json([asdict(r) for r in results])
         return
+    threads = f", {results[0].threads} forward threads" if results[0].threads else ""
     grid = Table("backbone", "params (M)", "GMACs", "GFLOPs", f"img/s (batch {batch_size})", "p50 ms", "p95 ms",
-                 "peak MB", "e2e img/s", title=f"{results[0].device_name}, {results[0].precision}")
+                 "peak MB", "e2e img/s", title=f"{results[0].device_name}, {results[0].precision}{threads}")
     for r in results:
         grid.add_row(escape(r.backbone), f"{r.params / 1e6:.2f}", f"{r.gmacs:.3f}", f"{r.gflops:.3f}",
                      f"{r.throughput:.1f}", f"{r.latency_p50_ms:.2f}", f"{r.latency_p95_ms:.2f}",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -20,60 +21,106 @@ from ._common import app, err, fits, out, plural, print_json
 DATASET_KINDS = ("cub", "inat21", "folder", "manifest", "webdataset", "hf")
 
 
+SPEED, PRECISION, VARIANTS, WEIGHTS, STORE = "Speed", "Precision", "Variants (groups of their own)", "Weights", \
+    "Store and output"
+
+
+def _items(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux), to time the imports before the command ran."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 @app.command()
 def extract(
-    dataset: str = typer.Option(..., help=f"Dataset format: {', '.join(DATASET_KINDS)}."),
-    root: Path = typer.Option(..., help="Dataset root (for manifest: the CSV file or its folder)."),
-    store: Path = typer.Option(..., help="Output feature store, e.g. cache/cub.zarr (created or resumed)."),
-    backbone: list[str] = typer.Option(..., help="Backbone name (repeatable): a reference name from "
-                                       "`fgembed backbones`, or timm:MODEL, open_clip:ARCH/TAG, hf:ORG/REPO."),
-    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding processes (default: the cores "
-                                          "available minus one, per rank under torchrun)."),
-    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 weights on CUDA, fp16 where the GPU lacks bf16; fp32 "
-                                  "on CPU), fp32, bf16, fp16 (weights cast once), bf16-autocast, fp16-autocast "
-                                  "(fp32 weights under autocast). Recorded in the store."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile each backbone (slow start, faster "
-                                       "steady state on a GPU; recorded: fused kernels move the last bits)."),
-    device_resize: bool = typer.Option(False, "--device-resize", help="Workers only decode; the library's "
-                                       "resize/crop runs on the device (torchvision's tensor resize: numbers "
-                                       "differ slightly; recorded)."),
-    profile: bool = typer.Option(False, "--profile", help="Print seconds per stage (decode, transform, copies, "
-                                 "forward, write)."),
-    text: bool = typer.Option(False, "--text", help="Also store class-name text embeddings of open_clip "
-                              "backbones (prompt templates averaged), for `--head zeroshot`."),
-    image_size: Optional[int] = typer.Option(None, min=16, help="Override the model's input size (px)."),
-    pooling: Optional[str] = typer.Option(None, help="pooled (default), cls, mean or cls+mean (token models)."),
-    weights: Optional[Path] = typer.Option(None, help="Local checkpoint for the single --backbone."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+    dataset: str = typer.Option(..., metavar="KIND", help=f"Dataset format: {', '.join(DATASET_KINDS)}."),
+    root: Path = typer.Option(..., metavar="PATH", help="Dataset root (manifest: the CSV or its folder)."),
+    store: str = typer.Option(..., metavar="PATH", help="Feature store to create or resume, e.g. cache/cub.zarr."),
+    backbone: list[str] = typer.Option(..., metavar="NAME", help="Repeatable: a name from `fgembed backbones`, "
+                                       "timm:MODEL, open_clip:ARCH/TAG or hf:ORG/REPO, with any ~variant."),
+    batch_size: int = typer.Option(64, min=1, metavar="N", rich_help_panel=SPEED, help="Images per forward."),
+    workers: Optional[int] = typer.Option(None, min=0, metavar="N", rich_help_panel=SPEED,
+                                          help="Decode processes (default: cores − 1, per rank)."),
+    device: str = typer.Option("auto", metavar="DEV", rich_help_panel=SPEED, help="auto, cpu, cuda or cuda:N."),
+    decode: str = typer.Option("cpu", metavar="WHERE", rich_help_panel=SPEED,
+                               help="device: JPEGs decoded and resized on the GPU (nvJPEG); recorded."),
+    device_resize: bool = typer.Option(False, "--device-resize", rich_help_panel=SPEED,
+                                       help="Resize/crop on the device; workers only decode. Recorded."),
+    compile_model: bool = typer.Option(False, "--compile", rich_help_panel=SPEED,
+                                       help="torch.compile each model (slow start; recorded)."),
+    profile: bool = typer.Option(False, "--profile", rich_help_panel=SPEED,
+                                 help="Print start-up stages and seconds per stage."),
+    precision: str = typer.Option("auto", metavar="P", rich_help_panel=PRECISION,
+                                  help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16, bf16-autocast, "
+                                       "fp16-autocast. Recorded."),
+    dtype: str = typer.Option("float16", metavar="T", rich_help_panel=PRECISION,
+                              help="Stored dtype: float16 or float32."),
+    layers: Optional[str] = typer.Option(None, metavar="LIST", rich_help_panel=VARIANTS,
+                                         help="Blocks from 0, linear4 (DINOv2 linear-eval input) or final; "
+                                              "e.g. final,linear4,20. One forward."),
+    pooling: Optional[str] = typer.Option(None, metavar="LIST", rich_help_panel=VARIANTS,
+                                          help="pooled (default), cls, mean, cls+mean; several: cls,mean."),
+    tta: Optional[str] = typer.Option(None, metavar="LIST", rich_help_panel=VARIANTS,
+                                      help="flip: mean with the mirrored image (~flip); none,flip: both."),
+    image_size: Optional[int] = typer.Option(None, min=16, metavar="PX", rich_help_panel=VARIANTS,
+                                             help="Input size other than the model's (~PX)."),
+    text: bool = typer.Option(False, "--text", rich_help_panel=VARIANTS,
+                              help="Also class-name text embeddings (open_clip), for --head zeroshot."),
+    weights: Optional[Path] = typer.Option(None, metavar="PATH", rich_help_panel=WEIGHTS,
+                                           help="Local checkpoint for the single backbone."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", rich_help_panel=WEIGHTS,
                                     help="--no-pretrained: random init, for tests and demos."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Where the source library caches downloaded weights."),
-    offline: bool = typer.Option(False, help="Never touch the network; use cached or local weights only."),
-    dtype: str = typer.Option("float16", help="Stored embedding dtype: float16 or float32."),
-    val_fraction: float = typer.Option(0.2, help="Stratified share of train held out as val (0 for none)."),
-    seed: int = typer.Option(0, help="Seed of the validation split."),
-    train_file: str = typer.Option("train_mini", help="inat21 only: train_mini or train."),
-    shard_rows: int = typer.Option(256, min=1, help="Rows per shard (the unit of resume and of parallel writes)."),
-    overwrite: bool = typer.Option(False, help="Replace features (or a store of another dataset) instead of refusing."),
-    strict: bool = typer.Option(False, help="Exit non-zero if any image fails to decode (rows are still written)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    cache_dir: Optional[Path] = typer.Option(None, metavar="PATH", rich_help_panel=WEIGHTS,
+                                             help="The libraries' weight cache."),
+    offline: bool = typer.Option(False, "--offline", rich_help_panel=WEIGHTS,
+                                 help="Never touch the network; cached or local weights only."),
+    shard_rows: int = typer.Option(256, min=1, metavar="N", rich_help_panel=STORE,
+                                   help="Rows per shard (the unit of resume and of parallel writes)."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=STORE,
+                                   help="Replace what differs instead of refusing."),
+    strict: bool = typer.Option(False, "--strict", rich_help_panel=STORE,
+                                help="Exit 1 if any image failed (rows are still written)."),
+    val_fraction: float = typer.Option(0.2, metavar="F", rich_help_panel=STORE,
+                                       help="Share of train held out as val, stratified (0: none)."),
+    seed: int = typer.Option(0, metavar="N", rich_help_panel=STORE, help="Seed of the validation split."),
+    train_file: str = typer.Option("train_mini", metavar="NAME", rich_help_panel=STORE,
+                                   help="inat21 only: train_mini or train."),
+    as_json: bool = typer.Option(False, "--json", rich_help_panel=STORE, help="Print the summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", rich_help_panel=STORE, help="No progress bar."),
 ) -> None:
     """Run frozen backbones over a dataset and write embeddings to a resumable Zarr store.
 
-    Each image is decoded once, whatever the number of backbones. Rerunning the same command
-    skips finished shards; a rerun with other settings is refused unless --overwrite.
+    Each image is decoded once and each model runs once per batch, however many backbones and
+    variants. Rerunning the same command skips finished shards; other settings are refused
+    unless --overwrite.
     """
+    entered = time.perf_counter()
+    age = _process_age()
     if dtype not in ("float16", "float32"):
         raise FgembedError(f"--dtype must be float16 or float32, got {dtype!r}")
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from fgembed.backbones import LoadOptions
+    from fgembed.backbones import LoadOptions, expand_names
     from fgembed.datasets import load_dataset
-    from fgembed.extraction.extract import ExtractOptions
+    from fgembed.devices import resolve_device
+    from fgembed.extraction.extract import DECODES, ExtractOptions
     from fgembed.extraction.extract import extract as run_extract
 
+    if decode not in DECODES:
+        raise FgembedError(f"unknown --decode {decode!r}; choose cpu or device")
+    if decode == "device" and resolve_device(device).type != "cuda":
+        raise FgembedError("--decode device decodes JPEGs with nvJPEG on a CUDA device; this run has none "
+                           f"(--device {device})")
+    names = expand_names(backbone, _items(layers), _items(pooling), _items(tta))
+    imported = time.perf_counter()
     table = load_dataset(dataset, root, val_fraction=val_fraction, seed=seed, train_file=train_file)
     err.print(f"{table.kind}: {len(table)} images, {len(table.class_names)} classes, "
               f"splits {table.split_counts()}", highlight=False)
@@ -82,22 +129,32 @@ def extract(
                   "not meaningful features[/yellow]")
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                              dtype=dtype, shard_rows=shard_rows, overwrite=overwrite, strict=strict,
-                             progress=not quiet, compile=compile_model, device_resize=device_resize, profile=profile, text=text,
+                             progress=not quiet, compile=compile_model, device_resize=device_resize, decode=decode,
+                             profile=profile, text=text,
                              load=LoadOptions(pretrained=pretrained, weights=weights, image_size=image_size,
-                                              pooling=pooling, cache_dir=cache_dir))
-    summary = run_extract(table, store, backbone, options)
+                                              cache_dir=cache_dir),
+                             startup={"imports": (age or 0.0) + imported - entered,
+                                      "dataset read": time.perf_counter() - imported})
+    summary = run_extract(table, store, names, options)
     if as_json:
         print_json(asdict(summary))
         return
-    out.print(f"store {summary.store}: {summary.rows} rows; backbones "
+    out.print(f"store {summary.store}: {summary.rows} rows; groups "
               + ", ".join(f"{k} ({v}-d)" for k, v in summary.backbones.items()), highlight=False)
     out.print(f"this run: {summary.processed} images in {summary.seconds:.1f} s "
               f"({summary.images_per_s:.1f} img/s, {summary.steady_images_per_s:.1f} after the first batch); "
               f"{summary.skipped_shards} shards already done", highlight=False)
     out.print(f"precision {summary.precision}, {summary.workers} workers, feed "
               + ", ".join(f"{k}: {v}" for k, v in summary.feeds.items()), highlight=False)
-    if summary.stages:
-        out.print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.stages.items()), highlight=False)
+    if profile:
+        out.print(f"start-up {summary.startup_seconds:.2f} s: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in summary.startup.items()), highlight=False)
+        if summary.stages:
+            out.print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.stages.items()),
+                      highlight=False)
+        if summary.forward_threads:
+            out.print("CPU forward threads (threads, other work in cores): "
+                      + " → ".join(f"{t} ({d:.2f})" for t, d in summary.forward_threads), highlight=False)
     if summary.failures:
         out.print(f"[yellow]{len(summary.failures)} flagged rows[/yellow] (NaN embedding where unreadable):")
         for image_id, path, status in summary.failures[:20]:

@@ -128,8 +128,11 @@ def backend_flags(device: torch.device, precision: Precision, workers: int = 0) 
 
 
 class DeviceModel:
-    """One backbone on its device: weights cast once, its input normalised there, channels-last
-    for convolutional models, optionally compiled. Call it with the batch its feed produced.
+    """One model on its device: weights cast once, its input normalised there, channels-last for
+    convolutional models, optionally compiled. Call it with the batch its feed produced.
+
+    `embed` is what a forward computes (default: the backbone's own `embed`; extraction passes
+    `Backbone.readout(variants)`, every variant of the model from one forward).
 
     Weights already placed by `load_backbone(name, options, device, precision.weights)` stay as
     they are (the `.to` below is then a no-op): loading each backbone that way before the next
@@ -137,34 +140,32 @@ class DeviceModel:
     is moved and cast here; its fp32 storage goes as each parameter is replaced."""
 
     def __init__(self, backbone, device: torch.device, precision: Precision, compile_model: bool,
-                 device_steps: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 embed: Callable | None = None) -> None:
         self.backbone, self.device, self.precision = backbone, device, precision
-        self.steps = device_steps  # resize/crop replayed on the device (--device-resize)
         memory_format = torch.channels_last if backbone.convolutional else torch.preserve_format
         backbone.model.to(device=device, dtype=precision.weights, memory_format=memory_format)
         self.mean = torch.tensor(backbone.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(backbone.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.embed = torch.compile(backbone.embed, dynamic=False) if compile_model else backbone.embed
+        embed = embed or backbone.embed
+        self.embed = torch.compile(embed, dynamic=False) if compile_model else embed
         self.memory_format = memory_format
 
-    def prepare(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Device-side preprocessing: uint8 → the float the library's ToTensor+Normalize would give
         (same op order: /255, −mean, /std, in fp32), then the weights' dtype and memory format."""
-        if isinstance(x, list):  # --device-resize: whole decoded images of varying size
-            x = torch.stack([self.steps(image) for image in x])
         if x.dtype == torch.uint8:
             x = x.float().div_(255).sub_(self.mean).div_(self.std)
         dtype = self.precision.weights if self.precision.autocast is None else torch.float32
         return x.to(dtype=dtype, memory_format=self.memory_format)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         """Embeddings of a prepared batch, in the precision's dtype."""
         if self.precision.autocast is None:
             return self.embed(x)
         with torch.autocast(self.device.type, dtype=self.precision.autocast):
             return self.embed(x)
 
-    def __call__(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor):
         return self.forward(self.prepare(x))
 
 

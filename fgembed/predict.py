@@ -186,15 +186,19 @@ def _members(runs: list[Run]) -> dict[str, dict]:
 
 def _load_options(name: str, fingerprint: dict, base: LoadOptions | None, weights: dict[str, Path]) -> LoadOptions:
     """Rebuild the backbone as recorded: random init, a local file (given again by the user) or
-    the library's weights; the recorded pooling."""
+    the library's weights. A variant's name says its layers, pooling and flip (`~linear4~flip`);
+    a plain name takes the recorded pooling (a store written before pooling had its own suffix)."""
+    from .backbones import split_name
+
     base = base or LoadOptions()
     recorded = str(fingerprint.get("weights", ""))
     local = weights.get(name)
     if recorded.startswith("file:") and local is None:
         raise FgembedError(f"{name} was extracted from a local weights file ({recorded}); "
                            f"pass it again with --weights {name}=PATH")
+    plain = split_name(name)[2].plain
     return LoadOptions(pretrained=not recorded.startswith("random-init"), weights=local,
-                       pooling=fingerprint.get("pooling"), cache_dir=base.cache_dir)
+                       pooling=fingerprint.get("pooling") if plain else None, cache_dir=base.cache_dir)
 
 
 def _run_scores(run: Run, store: FeatureStore, late_mode: str) -> np.ndarray:

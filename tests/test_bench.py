@@ -145,3 +145,27 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert isinstance(result.exception, FgembedError), result.output
     assert result.exception.exit_code == 2 and message in str(result.exception)
     assert "\n" not in str(result.exception)
+
+
+def test_both_throughputs_time_the_same_forward(monkeypatch):
+    """The e2e run's forward shares the cores with its decode workers; the model-only figure used to
+    take every core, so on a small or shared machine (where more threads can be slower) it came out
+    below the e2e figure. Now the model-only run uses the forward threads the extraction settled on."""
+    import fgembed.extraction.bench as bench_module
+
+    seen = {}
+    real_extract, real_measure = bench_module.extract, bench_module._measure
+
+    def extract(*args, **kwargs):
+        summary = real_extract(*args, **kwargs)
+        seen["e2e"] = summary.forward_threads[-1][0]
+        return summary
+
+    def measure(*args):
+        seen["asked"] = args[-1]  # the threads `_measure` sets for its timed forwards
+        return real_measure(*args)
+
+    monkeypatch.setattr(bench_module, "extract", extract)
+    monkeypatch.setattr(bench_module, "_measure", measure)
+    (result,) = bench(["timm:test_resnet"], BenchOptions(load=LoadOptions(pretrained=False), **{**FAST, "workers": 1}))
+    assert result.threads == seen["e2e"] == seen["asked"] and result.e2e_images_per_s > 0

@@ -90,19 +90,38 @@ def test_uint8_feed_equals_the_float_transform(manifest_csv, tmp_path, tiny_clip
     assert all(fast.feeds[n] == "uint8" for n in names[:3]), fast.feeds  # timm and open_clip always split
 
 
-def test_device_resize_replays_the_library_steps(manifest_csv, tmp_path, tiny_clip, hf_models):
-    """torchvision's tensor resize stands in for PIL's: close, not equal, and recorded as such."""
+def test_device_resize_replays_the_library_steps(manifest_csv, tmp_path, tiny_clip, hf_models, monkeypatch):
+    """torchvision's tensor resize stands in for PIL's (timm, open_clip): close, not equal, and
+    recorded as such; a transformers processor runs itself on the device tensors."""
     table = load_dataset("manifest", manifest_csv)
-    names = [*TIMM_PAIR, f"open_clip:local-dir:{tiny_clip['local_dir']}"]
-    _, resized, _, store = _stores_agree(table, tmp_path, names, {}, {"device_resize": True}, threshold=0.99)
+    names = [*TIMM_PAIR, f"open_clip:local-dir:{tiny_clip['local_dir']}", f"hf:{hf_models['dinov2']}",
+             f"hf:{hf_models['dinov3']}"]
+    _, resized, _, store = _stores_agree(table, tmp_path, names, {"device": "cpu"},
+                                         {"device_resize": True, "device": "cpu"}, threshold=0.99)
     assert set(resized.feeds.values()) == {"device-resize"}
     assert store.backbone_info("timm:test_resnet").fingerprint["feed"] == "device-resize"
+    for name in names[3:]:  # the processor's own code on the same pixels: equal up to float rounding
+        reference = FeatureStore.open(tmp_path / "ref.zarr").features(name)
+        np.testing.assert_allclose(store.features(name), reference, rtol=1e-4, atol=1e-5)
+    # a transform holding a step no device can replay is refused, naming the backbone
+    import torchvision.transforms as T
+
+    import fgembed.extraction.extract as engine
+    real = engine.load_preprocessing
+
+    def odd(name, options):
+        pre = real(name, options)
+        pre.transform = T.Compose([T.Grayscale(3), *pre.transform.transforms])
+        return pre
+
+    monkeypatch.setattr(engine, "load_preprocessing", odd)
     result = CliRunner().invoke(app, ["extract", "--dataset", "manifest", "--root", str(manifest_csv), "--store",
-                                      str(tmp_path / "hf.zarr"), "--backbone", f"hf:{hf_models['dinov2']}",
-                                      "--no-pretrained", "--device-resize", "--workers", "0", "--quiet"])
+                                      str(tmp_path / "odd.zarr"), "--backbone", "timm:test_vit", "--no-pretrained",
+                                      "--device-resize", "--workers", "0", "--quiet"])
     assert isinstance(result.exception, FgembedError), result.output
     message = str(result.exception)
-    assert result.exception.exit_code == 2 and "--device-resize" in message and "\n" not in message
+    assert result.exception.exit_code == 2 and "--device-resize" in message and "timm:test_vit" in message
+    assert "\n" not in message
 
 
 def test_precision_choices(manifest_csv):
@@ -154,24 +173,35 @@ def test_backbones_feed_column_says_what_each_library_allows(monkeypatch, hf_mod
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["tiny_vit"]["feed"] == "uint8" and rows["tiny_vit"]["device_resize"] is True
-    assert rows["tiny_dinov2"]["device_resize"] is False  # an image processor, not torchvision steps
+    assert rows["tiny_dinov2"]["device_resize"] is True  # the processor itself runs on device tensors
     assert rows["tiny_dinov2"]["feed"] in ("uint8", "float")
 
 
 def test_profile_reports_every_stage(manifest_csv, tmp_path):
+    """On whatever device `auto` picks: its default precision (bf16 weights on CUDA, fp32 on CPU),
+    every loop stage, and the start-up split into stages that add up to the start-up."""
     import json
+
+    from fgembed.devices import resolve_device
 
     result = CliRunner().invoke(app, ["extract", "--dataset", "manifest", "--root", str(manifest_csv), "--store",
                                       str(tmp_path / "s.zarr"), "--backbone", "timm:test_resnet", "--no-pretrained",
                                       "--workers", "1", "--batch-size", "16", "--profile", "--json", "--quiet"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["workers"] == 1 and summary["precision"] == "fp32" and summary["processed"] == 60
+    expected = resolve_precision("auto", resolve_device("auto")).name
+    assert summary["workers"] == 1 and summary["precision"] == expected and summary["processed"] == 60
     stages = summary["stages"]
     for stage in ("decode (workers, summed)", "transform (workers, summed)", "device preprocess", "forward",
                   "write", "waiting for workers"):
         assert stages[stage] > 0, stage
     assert summary["steady_images_per_s"] > 0 and summary["startup_seconds"] > 0
+    startup = summary["startup"]
+    assert list(startup) == ["imports", "dataset read", "device set-up", "transforms",
+                             "store set-up and dataset identity", "worker start", "model build and weight load",
+                             "group set-up", "first batch"]
+    assert all(v >= 0 for v in startup.values()) and startup["model build and weight load"] > 0
+    assert sum(startup.values()) == pytest.approx(summary["startup_seconds"], abs=1e-3)
 
 
 @pytest.mark.parametrize(("asked", "rank", "expected"), [("cuda", None, "cuda:0"), ("cuda", "1", "cuda:1"),

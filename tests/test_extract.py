@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import fgembed.backbones
 import fgembed.extraction.extract as engine
+import fgembed.extraction.feeds as feeds
 from fgembed.backbones import LoadOptions
 from fgembed.datasets import load_dataset
 from fgembed.errors import FgembedError
@@ -53,8 +54,8 @@ def _assert_same_store(a, b):
 def test_each_image_decoded_once_for_all_backbones(manifest_csv, tmp_path, monkeypatch):
     table = load_dataset("manifest", manifest_csv)
     calls = []
-    real = engine.read_rgb
-    monkeypatch.setattr(engine, "read_rgb", lambda source, row: calls.append(row) or real(source, row))
+    real = feeds.read_rgb
+    monkeypatch.setattr(feeds, "read_rgb", lambda source, row: calls.append(row) or real(source, row))
     summary = extract(table, tmp_path / "s.zarr", list(TIMM_TINY), _opts())
     assert len(calls) == len(table) == summary.processed
     assert summary.backbones == {"timm:test_vit": 64, "timm:test_convnext": 64, "timm:test_resnet": 96}
@@ -159,21 +160,21 @@ def test_a_transform_that_raises_flags_its_row(manifest_csv, tmp_path, monkeypat
     shutil.copytree(table.root, root)
     odd = load_dataset("manifest", root / "manifest.csv")
     Image.new("RGB", (33, 17), (10, 200, 30)).save(root / odd.paths[5], format="JPEG")
-    real = engine.load_backbone
+    real = engine.load_preprocessing
 
-    def fragile(name, options, *placement):
-        backbone = real(name, options, *placement)
+    def fragile(name, options):
+        pre = real(name, options)
         for attr in ("transform", "geometric"):
-            step = getattr(backbone, attr)
+            step = getattr(pre, attr)
             if step is not None:
                 def raising(image, step=step):
                     if image.size == (33, 17):
                         raise ValueError("this library cannot resize a 33×17 image")
                     return step(image)
-                setattr(backbone, attr, raising)
-        return backbone
+                setattr(pre, attr, raising)
+        return pre
 
-    monkeypatch.setattr(engine, "load_backbone", fragile)
+    monkeypatch.setattr(engine, "load_preprocessing", fragile)
     summary = extract(odd, tmp_path / "odd.zarr", ["timm:test_vit"], _opts())
     store = FeatureStore.open(tmp_path / "odd.zarr")
     assert store.status("timm:test_vit")[5] == TRANSFORM_FAILED

@@ -64,19 +64,19 @@ def test_strict_and_the_summary_see_every_backbone(manifest_csv, tmp_path, monke
     table = load_dataset("manifest", manifest_csv)
     real = engine.load_backbone
 
-    def second_overflows(name, options, *placement):
-        backbone = real(name, options, *placement)
+    def second_overflows(name, options, *placement, **kw):
+        backbone = real(name, options, *placement, **kw)
         if name == "timm:test_resnet":
-            embed, calls = backbone.embed, []
+            own, calls = backbone.own, []
 
             def overflowing(x):
-                out = embed(x)
+                out = own(x)
                 calls.append(1)
                 if len(calls) == 1:  # the first batch: rows 0..7; row 0 goes past float16
                     out = out.clone()
                     out[0] = 1e6
                 return out
-            backbone.embed = overflowing
+            backbone.own = overflowing
         return backbone
 
     monkeypatch.setattr(engine, "load_backbone", second_overflows)

@@ -6,7 +6,7 @@ import importlib.metadata
 import json
 import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,7 @@ from PIL import Image
 from ..devices import release_freed_host_memory
 from ..errors import FgembedError
 from ..images import IMAGE_POLICY
-
-POOLINGS = ("pooled", "cls", "mean", "cls+mean")
+from .variants import POOLINGS, TokenForward, Variant, readout, split_name, variant_fingerprint
 
 
 @dataclass
@@ -27,7 +26,9 @@ class LoadOptions:
     pretrained: bool = True
     weights: Path | None = None  # a local checkpoint (file, or a directory for Hugging Face)
     image_size: int | None = None
-    pooling: str | None = None  # None: the spec's own output
+    # The output of a name without a pooling suffix (None: the model's own); `name~mean` is the
+    # way to ask for another pooling (a group of its own). Kept for stores written before variants.
+    pooling: str | None = None
     cache_dir: Path | None = None
 
 
@@ -52,10 +53,12 @@ class Placement:
 
 @dataclass
 class Backbone:
-    """A frozen model ready for extraction.
+    """A frozen model ready for extraction, and the feature group it writes.
 
     `transform` maps one decoded RGB PIL image to the model's input tensor (the source library's
-    own eval preprocessing); `embed` maps a batch of those to [B, dim] embeddings.
+    own eval preprocessing); `embed` maps a batch of those to [B, dim] embeddings of this
+    backbone's variant (`name`'s suffixes, see `variants`); `own` is the model's own output.
+    `readout(variants)` gives several variants of the same model from one forward.
     """
 
     name: str
@@ -75,15 +78,39 @@ class Backbone:
     # A text tower (open_clip members): (class names, prompt templates) → [C, dim] class embeddings,
     # each the normalised mean of its prompts' normalised embeddings (see `backbones.text`).
     text_encoder: Callable[[Sequence[str], Sequence[str]], torch.Tensor] | None = None
+    # Token outputs (ViTs): blocks' tokens after the final norm, through the library's own API.
+    own: Callable[[torch.Tensor], torch.Tensor] | None = None
+    tokens: TokenForward | None = None
+    n_blocks: int = 0
+    has_cls: bool = False
+    variant: Variant = field(default_factory=Variant)
+    model_name: str = ""  # `name` without its variant suffixes: which model (and size) this is
+    model_fingerprint: dict = field(default_factory=dict)  # the plain output's, before any variant
 
     @property
     def has_text(self) -> bool:
         return self.text_encoder is not None
 
-    def preprocessing_key(self) -> str:
-        """Equal keys mean equal transforms: the fingerprint describes the preprocessing fully."""
-        fp = self.fingerprint
-        return json.dumps([fp["source"], fp["preprocessing"], fp["input_shape"]], sort_keys=True)
+    def readout(self, variants: Sequence[Variant]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        """Every variant's embeddings of a batch, from one forward of the model."""
+        return readout(variants, self.own, self.tokens, self.n_blocks, self.has_cls, self.model_name)
+
+    def variants(self, variants: Sequence[Variant]) -> list[Backbone]:
+        """This model as the given variants (names, fingerprints, dims: probed together, once); they
+        share the model, so `DeviceModel` over `readout(variants)` runs it once per batch."""
+        if all(v.plain for v in variants):
+            return [self.as_variant(Variant(), self.dim) for _ in variants]
+        device, dtype = weights_device_dtype(self.model)
+        probe = self.transform(probe_image()).unsqueeze(0).to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            dims = [int(e.shape[-1]) for e in self.readout(variants)(probe)]
+        return [self.as_variant(v, d) for v, d in zip(variants, dims)]
+
+    def as_variant(self, variant: Variant, dim: int) -> Backbone:
+        one = self.readout([variant])
+        return replace(self, name=self.model_name + variant.suffix, variant=variant, dim=dim,
+                       embed=self.own if variant.plain else lambda x: one(x)[0],
+                       fingerprint=variant_fingerprint(self.model_fingerprint, variant, self.n_blocks))
 
 
 def library_versions(*names: str) -> dict[str, str]:
@@ -121,35 +148,31 @@ def weights_id(options: LoadOptions, tag: str | None) -> str:
     return tag or "default"
 
 
-def check_pooling(pooling: str, has_tokens: bool, name: str) -> None:
+def own_output(library_own, tokens: TokenForward | None, n_blocks: int, has_cls: bool, pooling: str,
+               name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The output of a plain name: the library's own, or (`LoadOptions.pooling`) a pooling of the
+    final block's tokens."""
     if pooling not in POOLINGS:
         raise FgembedError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-    if pooling != "pooled" and not has_tokens:
+    if pooling == "pooled":
+        return library_own
+    if tokens is None:
         raise FgembedError(f"pooling {pooling!r} needs a token model; {name} gives pooled features only")
-
-
-def pool_tokens(tokens: torch.Tensor, pooling: str, n_prefix: int) -> torch.Tensor:
-    """CLS, mean of patch tokens (prefix/register tokens excluded), or both concatenated."""
-    cls = tokens[:, 0]
-    mean = tokens[:, n_prefix:].mean(dim=1)
-    return {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean], dim=1)}[pooling]
+    one = readout([Variant(pooling=pooling)], library_own, tokens, n_blocks, has_cls, name)
+    return lambda x: one(x)[0]
 
 
 def split_size(name: str) -> tuple[str, int | None]:
     """`dinov2_vitl14~448` → (`dinov2_vitl14`, 448); a name without the suffix → (name, None).
-    Only a trailing `~<digits>` is a size (`hf:~/models/x` is a path)."""
-    base, sep, size = name.rpartition("~")
-    if not sep or "/" in size:
-        return name, None
-    if not size.isdigit() or int(size) < 1:
-        raise FgembedError(f"{name!r}: after '~' comes an image size in pixels, e.g. {base}~448")
-    return base, int(size)
+    Only a `~<digits>` is a size (`hf:~/models/x` is a path); other variants stay in the name."""
+    base, size, variant = split_name(name)
+    return base + variant.suffix, size
 
 
 def sized_name(name: str, image_size: int | None, native: int) -> str:
     """`name~size` for a non-native input size (so several sizes of one backbone sit in one store
     side by side); a name that already carries its suffix keeps it as written."""
-    if split_size(name)[1] is not None or not image_size or image_size == native:
+    if split_name(name)[1] is not None or not image_size or image_size == native:
         return name
     return f"{name}~{image_size}"
 
@@ -211,25 +234,54 @@ def weights_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dt
     return (weight.device, weight.dtype) if weight is not None else (torch.device("cpu"), torch.float32)
 
 
-def finish(name: str, model: torch.nn.Module, transform, embed, convolutional: bool, fingerprint: dict,
-           split: tuple | None = None, text_encoder=None, place: Placement = Placement()) -> Backbone:
-    """Place the model (after everything that changes its weights in fp32: checkpoint, position
-    embedding resize), then probe the transform and model once: the exact input shape and output
-    dim, not a guess; and keep the uint8 split (`split` = (geometric, mean, std)) only if it
-    reproduces the transform."""
-    model.eval().requires_grad_(False)
-    place.apply(model)
-    device, dtype = weights_device_dtype(model)
+@dataclass
+class Preprocessing:
+    """A backbone's input side, resolved before (and without) its weights: all a decode worker
+    needs, so workers can start while the models build. `load_backbone(…, preprocessing=…)`
+    reuses it rather than resolving it again."""
+
+    name: str  # the model's name, with `~size` where the size is not the model's own
+    transform: Callable[[Image.Image], torch.Tensor]
+    input_shape: tuple[int, ...]
+    fingerprint: dict  # source, model, preprocessing, image policy, input shape
+    geometric: Callable[[Image.Image], torch.Tensor] | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    state: object = None  # the library's own object the model build reads (data config, processor…)
+
+    def key(self) -> str:
+        """Equal keys mean equal transforms: the fingerprint describes the preprocessing fully."""
+        fp = self.fingerprint
+        return json.dumps([fp["source"], fp["preprocessing"], fp["input_shape"]], sort_keys=True)
+
+
+def preprocessing(name: str, transform, fingerprint: dict, split: tuple | None = None,
+                  state: object = None) -> Preprocessing:
+    """Probe the transform once (the exact input shape, not a guess) and keep the uint8 split
+    (`split` = (geometric, mean, std)) only if it reproduces the transform."""
     image = probe_image()
     probe = transform(image)
-    with torch.inference_mode():
-        dim = int(embed(probe.unsqueeze(0).to(device=device, dtype=dtype)).shape[-1])
     fingerprint = {**fingerprint, "image_policy": IMAGE_POLICY, "input_shape": list(probe.shape)}
     if split is not None and uint8_split_error(transform, *split, image) > SPLIT_TOLERANCE_LEVELS:
         split = None
     geometric, mean, std = split or (None, (), ())
-    return Backbone(name, model, transform, embed, dim, tuple(probe.shape), convolutional, fingerprint,
-                    geometric, mean, std, text_encoder)
+    return Preprocessing(name, transform, tuple(probe.shape), fingerprint, geometric, mean, std, state)
+
+
+def finish(pre: Preprocessing, model: torch.nn.Module, own, convolutional: bool, fingerprint: dict,
+           text_encoder=None, place: Placement = Placement(), tokens: TokenForward | None = None,
+           n_blocks: int = 0, has_cls: bool = False) -> Backbone:
+    """Place the model (after everything that changes its weights in fp32: checkpoint, position
+    embedding resize), then probe its own output once for the dim."""
+    model.eval().requires_grad_(False)
+    place.apply(model)
+    device, dtype = weights_device_dtype(model)
+    with torch.inference_mode():
+        dim = int(own(pre.transform(probe_image()).unsqueeze(0).to(device=device, dtype=dtype)).shape[-1])
+    fingerprint = {**pre.fingerprint, **fingerprint}
+    return Backbone(pre.name, model, pre.transform, own, dim, pre.input_shape, convolutional, fingerprint,
+                    pre.geometric, pre.mean, pre.std, text_encoder, own, tokens, n_blocks, has_cls,
+                    Variant(), pre.name, fingerprint)
 
 
 def unsafe_pickle_line(path: Path, exc: BaseException) -> str | None:

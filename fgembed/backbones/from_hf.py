@@ -1,16 +1,19 @@
 """Hugging Face transformers adapter: `AutoModel` + `AutoImageProcessor` from one repo or folder.
 
 The default output is the model's `pooler_output` (for DINOv2/DINOv3: the CLS token after the
-final layer norm). Mean pooling skips the CLS and register tokens.
+final layer norm). Blocks' tokens (variants) come from `output_hidden_states`, each through the
+model's final norm; mean pooling skips the CLS and register tokens.
 
 The reference repos' architectures are also known offline (`OFFLINE`): with `--no-pretrained`
 they build from transformers' own config and image-processor classes, never touching the hub.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -33,14 +36,18 @@ from .base import (
     Backbone,
     LoadOptions,
     Placement,
-    check_pooling,
+    Preprocessing,
     finish,
     library_versions,
-    pool_tokens,
+    own_output,
+    preprocessing,
     probe_image,
     sized_name,
     weights_id,
 )
+
+if TYPE_CHECKING:
+    from .registry import BackboneSpec
 
 # repo → (config, image processor), with the sizes written in each checkpoint's config.json and
 # preprocessor_config.json on the hub (tests check them against timm's offline definitions of the
@@ -96,20 +103,33 @@ def check_folder(folder: Path, pretrained: bool, reference: str | None) -> None:
             raise FgembedError(f"{folder}/config.json is not the architecture of {reference}: {'; '.join(differ)}")
 
 
-def _load(source: str, options: LoadOptions, reference: str | None):
-    """(processor, model): from a folder or the hub; an offline-known repo without weights never
-    touches the hub. `from_pretrained` builds on the meta device and fills the weights on the host
-    (one fp32 copy, no random init underneath); `finish` then places it. transformers' `device_map`
-    would fill the target directly but needs `accelerate`, which fgembed does not depend on."""
+def _source(repo: str, options: LoadOptions) -> str:
+    return str(options.weights) if options.weights else repo
+
+
+def _offline_known(source: str, options: LoadOptions) -> bool:
+    """A reference repo built from transformers' own classes (random init): never touches the hub."""
+    return not options.pretrained and options.weights is None and source in OFFLINE
+
+
+def _load_processor(source: str, options: LoadOptions, reference: str | None):
     cache = str(options.cache_dir) if options.cache_dir else None
-    if not options.pretrained and options.weights is None and source in OFFLINE:
-        config, processor = OFFLINE[source]
-        return processor(), AutoModel.from_config(config())
+    if _offline_known(source, options):
+        return OFFLINE[source][1]()
     if Path(source).exists() or options.weights is not None:
         check_folder(Path(source), options.pretrained, reference)
-    processor = AutoImageProcessor.from_pretrained(source, cache_dir=cache)
+    return AutoImageProcessor.from_pretrained(source, cache_dir=cache)
+
+
+def _load_model(source: str, options: LoadOptions):
+    """`from_pretrained` builds on the meta device and fills the weights on the host (one fp32
+    copy, no random init underneath); `finish` then places it. transformers' `device_map` would
+    fill the target directly but needs `accelerate`, which fgembed does not depend on."""
+    cache = str(options.cache_dir) if options.cache_dir else None
+    if _offline_known(source, options):
+        return AutoModel.from_config(OFFLINE[source][0]())
     if not options.pretrained:
-        return processor, AutoModel.from_config(AutoConfig.from_pretrained(source, cache_dir=cache))
+        return AutoModel.from_config(AutoConfig.from_pretrained(source, cache_dir=cache))
     model, info = AutoModel.from_pretrained(source, cache_dir=cache, dtype=torch.float32, output_loading_info=True)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if bad:
@@ -117,55 +137,99 @@ def _load(source: str, options: LoadOptions, reference: str | None):
         raise FgembedError(f"the weights in {source} do not fit its config.json: {len(keys)} "
                            f"{' / '.join(k.split('_')[0] for k in bad)} keys: {', '.join(keys[:3])}"
                            + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
-    return processor, model
+    return model
 
 
-def load_hf(name: str, repo: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
-    source = str(options.weights) if options.weights else repo
+@contextlib.contextmanager
+def _load_errors(source: str) -> Iterator[None]:
+    """Library errors while reading a repo or folder, as one line."""
     try:
-        processor, model = _load(source, options, repo if options.weights else None)
+        yield
     except (OSError, ValueError, RuntimeError) as exc:
         raise FgembedError(f"could not load Hugging Face model {source!r}: {str(exc).splitlines()[0]}") from None
-    if "pixel_values" not in inspect.signature(model.forward).parameters:
-        raise FgembedError(f"{source} holds a {model.config.model_type!r} model ({type(model).__name__}), "
-                           "which takes no images")
 
-    def transform(image):
-        return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+def hf_preprocessing(spec: BackboneSpec, name: str, options: LoadOptions) -> Preprocessing:
+    """The repo's (or folder's) own image processor: no model needed."""
+    repo = spec.model
+    source = _source(repo, options)
+    with _load_errors(source):
+        processor = _load_processor(source, options, repo if options.weights else None)
+
+    transform = ProcessorTransform(processor)
     name = sized_name(name, options.image_size, transform(probe_image()).shape[-1])
     if options.image_size:
         _resize_processor(processor, options.image_size)
-    check_pooling(pooling, True, name)
-    n_prefix = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
-
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        out = model(pixel_values=x)
-        if pooling == "pooled":
-            return out.pooler_output
-        return pool_tokens(out.last_hidden_state, pooling, n_prefix)
-
     settings = {k: v for k, v in processor.to_dict().items() if not k.startswith("_")}
+    fingerprint = {"source": "transformers", "model": repo, "preprocessing": settings}
+    return preprocessing(name, transform, fingerprint, _split(processor))
+
+
+def _final_norm(model) -> torch.nn.Module | None:
+    """The norm a ViT applies to its last block's output (DINOv2 `layernorm`, DINOv3 `norm`)."""
+    for attr in ("layernorm", "norm"):
+        module = getattr(model, attr, None)
+        if isinstance(module, torch.nn.LayerNorm):
+            return module
+    return None
+
+
+def _tokens(model, norm: torch.nn.Module, n_prefix: int):
+    """transformers' `output_hidden_states`: each block's output through the final norm (the last
+    one is the model's own `last_hidden_state`), prefix (CLS, registers) and patch tokens apart."""
+    def forward(x: torch.Tensor, blocks, own: bool):
+        last = model.config.num_hidden_layers - 1
+        out = model(pixel_values=x, output_hidden_states=any(b != last for b in blocks))
+        normed = {b: out.last_hidden_state if b == last else norm(out.hidden_states[b + 1]) for b in blocks}
+        tokens = {b: (t[:, :n_prefix], t[:, n_prefix:]) for b, t in normed.items()}
+        return (out.pooler_output if own else None), tokens
+    return forward
+
+
+def load_hf(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str, place: Placement,
+            pre: Preprocessing | None = None) -> Backbone:
+    repo = spec.model
+    pre = pre or hf_preprocessing(spec, name, options)
+    source = _source(repo, options)
+    with _load_errors(source):
+        model = _load_model(source, options)
+    if "pixel_values" not in inspect.signature(model.forward).parameters:
+        raise FgembedError(f"{source} holds a {model.config.model_type!r} model ({type(model).__name__}), "
+                           "which takes no images")
+    n_prefix = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+    norm = _final_norm(model)
+    n_blocks = int(getattr(model.config, "num_hidden_layers", 0) or 0) if norm is not None else 0
+    tokens = _tokens(model, norm, n_prefix) if n_blocks else None
+
+    def library_own(x: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=x).pooler_output
+
     fingerprint = {
-        "source": "transformers",
-        "model": repo,
         "weights": weights_id(options, repo),
-        "preprocessing": settings,
         "pooling": pooling,
         "versions": library_versions("transformers"),
     }
-    return finish(name, model, transform, embed, False, fingerprint, _split(processor), place=place)
+    own = own_output(library_own, tokens, n_blocks, True, pooling, pre.name)
+    return finish(pre, model, own, False, fingerprint, place=place, tokens=tokens, n_blocks=n_blocks, has_cls=True)
+
+
+class ProcessorTransform:
+    """One image → the processor's pixel values (`settings` override its own, e.g. no rescale);
+    the processor stays reachable, so the device feeds can call it on device tensors."""
+
+    def __init__(self, processor, **settings) -> None:
+        self.processor, self.settings = processor, settings
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt", **self.settings)["pixel_values"][0]
 
 
 def _split(processor) -> tuple | None:
     """The processor's own resize/crop without its rescale and normalise (a uint8 tensor), and its
-    mean/std; None where it does not rescale by 1/255 then normalise. `finish` keeps the split only
+    mean/std; None where it does not rescale by 1/255 then normalise. `preprocessing` keeps the split only
     if it reproduces the full output (not DINOv3's: its processor resizes in float)."""
     if not (getattr(processor, "do_rescale", False) and getattr(processor, "do_normalize", False)
             and abs(getattr(processor, "rescale_factor", 0) - 1 / 255) < 1e-9):
         return None
-
-    def geometric(image):
-        return processor(images=image, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"][0]
-
+    geometric = ProcessorTransform(processor, do_rescale=False, do_normalize=False)
     return geometric, tuple(map(float, processor.image_mean)), tuple(map(float, processor.image_std))

@@ -2,6 +2,7 @@
 
 open_clip keeps each pretrained tag's preprocessing beside its weights; with random init we
 still take the tag's preprocessing so the two cannot drift (SigLIP's mean/std differ from CLIP's).
+Blocks' tokens (variants) come from open_clip's own `forward_intermediates`, for its ViT towers.
 A `--weights` file loads through open_clip's own `load_checkpoint` (its format conversions
 included); a file that is not a safe torch file, or whose keys differ, is one line naming why.
 """
@@ -12,6 +13,7 @@ import functools
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -21,15 +23,20 @@ from .base import (
     Backbone,
     LoadOptions,
     Placement,
-    check_pooling,
+    Preprocessing,
     describe_mismatch,
     finish,
     library_versions,
+    own_output,
+    preprocessing,
     sized_name,
     split_compose,
     unsafe_pickle_line,
     weights_id,
 )
+
+if TYPE_CHECKING:
+    from .registry import BackboneSpec
 
 SCHEMAS = ("local-dir:", "hf-hub:")
 
@@ -55,11 +62,9 @@ def _native_size(arch: str) -> int:
     return size if isinstance(size, int) else size[0]
 
 
-def load_openclip(name: str, arch: str, tag: str | None, options: LoadOptions, pooling: str,
-                  place: Placement) -> Backbone:
-    """open_clip's own `device=` placement: it builds on the CPU (seeded random init), moves the
-    model to the device, then loads the checkpoint into it; `finish` casts it there."""
-    check_pooling(pooling, False, name)
+def _check(name: str, arch: str, tag: str | None, options: LoadOptions) -> tuple[bool, dict, dict]:
+    """(open_clip's own packaging?, the tag's pretrained config, its preprocessing settings);
+    an unknown architecture or tag is one line naming close ones."""
     schema = arch.startswith(SCHEMAS)  # open_clip's own `local-dir:` / `hf-hub:` packaging
     if not schema and arch not in open_clip.list_models():
         close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
@@ -73,20 +78,68 @@ def load_openclip(name: str, arch: str, tag: str | None, options: LoadOptions, p
                                            ("image_interpolation", "interpolation"),
                                            ("image_resize_mode", "resize_mode")) if src in tag_cfg
     }
+    return schema, tag_cfg, preprocess_cfg
+
+
+def _create(arch: str, pretrained: str | None, load_weights: bool, options: LoadOptions, device, preprocess_cfg):
+    try:
+        return open_clip.create_model_and_transforms(
+            arch, pretrained=pretrained, load_weights=load_weights, force_image_size=options.image_size,
+            cache_dir=str(options.cache_dir) if options.cache_dir else None, device=device, **preprocess_cfg)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise FgembedError(f"could not load open_clip {arch} ({pretrained}): {str(exc).splitlines()[0]}") from None
+
+
+def openclip_preprocessing(spec: BackboneSpec, name: str, options: LoadOptions) -> Preprocessing:
+    """The tag's (or package's) own preprocess, read off a model built on the meta device
+    (structure only: no weights drawn or loaded)."""
+    arch, tag = spec.model, spec.weights
+    schema, _, preprocess_cfg = _check(name, arch, tag, options)
+    with torch.device("meta"):
+        _, _, preprocess = _create(arch, None, False, options, "meta", preprocess_cfg)
+    name = sized_name(name, options.image_size, 0 if schema else _native_size(arch))
+    fingerprint = {"source": "open_clip", "model": arch, "preprocessing": repr(preprocess)}
+    return preprocessing(name, preprocess, fingerprint, split_compose(preprocess))
+
+
+def _tokens(model: torch.nn.Module):
+    """open_clip's `forward_intermediates`: the blocks' tokens after the final norm (`ln_post`, or
+    the timm trunk's norm), prefix and patch tokens apart, and `encode_image` from the same pass."""
+    def forward(x: torch.Tensor, blocks, own: bool):
+        out = model.forward_intermediates(image=x, image_indices=list(blocks), normalize=False,
+                                          normalize_intermediates=True, intermediates_only=not own,
+                                          image_output_fmt="NLC", image_output_extra_tokens=True)
+        prefix = out.get("image_intermediates_prefix") or [None] * len(blocks)
+        return out.get("image_features"), dict(zip(blocks, zip(prefix, out["image_intermediates"])))
+    return forward
+
+
+def _token_layout(visual: torch.nn.Module) -> tuple[int, bool]:
+    """(blocks, has a CLS token) of a ViT image tower, (0, False) for a convolutional one."""
+    if hasattr(visual, "transformer") and hasattr(visual, "forward_intermediates"):
+        return len(visual.transformer.resblocks), True  # open_clip's ViT: one class token, always
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and hasattr(trunk, "blocks") and hasattr(visual, "forward_intermediates"):
+        return len(trunk.blocks), getattr(trunk, "cls_token", None) is not None
+    return 0, False
+
+
+def load_openclip(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str, place: Placement,
+                  pre: Preprocessing | None = None) -> Backbone:
+    """open_clip's own `device=` placement: it builds on the CPU (seeded random init), moves the
+    model to the device, then loads the checkpoint into it; `finish` casts it there."""
+    arch, tag = spec.model, spec.weights
+    pre = pre or openclip_preprocessing(spec, name, options)
+    schema, _, preprocess_cfg = _check(name, arch, tag, options)
     from_file = options.pretrained and options.weights is not None
     pretrained = tag if options.pretrained and not from_file else None
     cache_dir = str(options.cache_dir) if options.cache_dir else None
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained, load_weights=options.pretrained and not from_file,
-            force_image_size=options.image_size, cache_dir=cache_dir, device=place.device or "cpu", **preprocess_cfg)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise FgembedError(f"could not load open_clip {arch} ({pretrained}): {str(exc).splitlines()[0]}") from None
+    model, _, _ = _create(arch, pretrained, options.pretrained and not from_file, options, place.device or "cpu",
+                          preprocess_cfg)
     if from_file:
         load_weights_file(model, options.weights, arch)
-    name = sized_name(name, options.image_size, 0 if schema else _native_size(arch))
 
-    def embed(x: torch.Tensor) -> torch.Tensor:
+    def library_own(x: torch.Tensor) -> torch.Tensor:
         return model.encode_image(x)
 
     @functools.cache
@@ -105,13 +158,12 @@ def load_openclip(name: str, arch: str, tag: str | None, options: LoadOptions, p
         return weights.T
 
     fingerprint = {
-        "source": "open_clip",
-        "model": arch,
         "weights": weights_id(options, tag or (arch if schema else None)),  # local-dir: weights hashed
-        "preprocessing": repr(preprocess),
         "pooling": pooling,
         "versions": library_versions("open_clip_torch"),
     }
+    n_blocks, has_cls = _token_layout(model.visual)
+    tokens = _tokens(model) if n_blocks else None
     convolutional = not hasattr(model.visual, "transformer") and not hasattr(model.visual, "trunk")
-    return finish(name, model, preprocess, embed, convolutional, fingerprint, split_compose(preprocess),
-                  text_encoder, place)
+    own = own_output(library_own, tokens, n_blocks, has_cls, pooling, pre.name)
+    return finish(pre, model, own, convolutional, fingerprint, text_encoder, place, tokens, n_blocks, has_cls)

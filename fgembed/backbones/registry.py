@@ -5,22 +5,26 @@ README table and a reader of the code see the same thing; the numbers that reach
 still come from the library at load time (tests check that the two agree where the library can
 tell offline). `SOURCES` is both the list of source libraries and the dispatch.
 
-A name may end in `~<size>` (`dinov2_vitl14~448`): the same backbone at another input size, a
-name of its own so several sizes sit in one store side by side.
+A name may end in variant suffixes (`dinov2_vitl14~448~linear4~flip`, see `variants`): another
+input size, layers, pooling or flip, each a group of its own. `load_preprocessing` resolves a
+name's transform without its weights; `load_backbone` builds the model, reusing it.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import FgembedError
-from .base import Backbone, LoadOptions, Placement, split_size
+from .base import Backbone, LoadOptions, Placement, Preprocessing
+from .variants import Variant, split_name
 
 RANDOM_INIT_SEED = 0
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -64,24 +68,26 @@ REFERENCE: dict[str, BackboneSpec] = {s.name: s for s in (
 )}
 
 
-def _timm(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
-    from .from_timm import load_timm
-    return load_timm(name, spec.model, options, pooling, place)
+@dataclass(frozen=True)
+class Source:
+    """One source library's adapter, imported on use (transformers alone takes seconds to import):
+    its preprocessing resolved without weights, and the model build that reuses it."""
+
+    module: str  # fgembed.backbones.<module>
+    preprocessing: str  # (spec, name, options) → Preprocessing
+    load: str  # (spec, name, options, pooling, place, preprocessing) → Backbone
+
+    def call(self, what: str, spec: BackboneSpec, name: str, options: LoadOptions, *rest):
+        module = importlib.import_module(f"fgembed.backbones.{self.module}")
+        return getattr(module, getattr(self, what))(spec, name, options, *rest)
 
 
-def _open_clip(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
-    from .from_openclip import load_openclip
-    return load_openclip(name, spec.model, spec.weights, options, pooling, place)
-
-
-def _hf(spec: BackboneSpec, name: str, options: LoadOptions, pooling: str, place: Placement) -> Backbone:
-    from .from_hf import load_hf
-    return load_hf(name, spec.model, options, pooling, place)
-
-
-# source → loader (imported on use: transformers alone takes seconds to import).
-SOURCES: dict[str, Callable[[BackboneSpec, str, LoadOptions, str, Placement], Backbone]] = {
-    "timm": _timm, "open_clip": _open_clip, "hf": _hf}
+# source → adapter; the dispatch, and the list of source libraries.
+SOURCES: dict[str, Source] = {
+    "timm": Source("from_timm", "timm_preprocessing", "load_timm"),
+    "open_clip": Source("from_openclip", "openclip_preprocessing", "load_openclip"),
+    "hf": Source("from_hf", "hf_preprocessing", "load_hf"),
+}
 PREFIXES = tuple(f"{s}:" for s in SOURCES)
 
 
@@ -92,8 +98,8 @@ def list_backbones(pattern: str = "*") -> list[str]:
 
 def resolve(name: str) -> BackboneSpec:
     """A reference name, or `timm:<model>`, `open_clip:<arch>/<tag>`, `hf:<org>/<repo>|<folder>`;
-    any of them with a `~<size>` suffix (the spec's `input_size` is then that size)."""
-    base, size = split_size(name)
+    any of them with variant suffixes (`~<size>`: the spec's `input_size` is then that size)."""
+    base, size, _ = split_name(name)
     spec = _resolve_base(base)
     return replace(spec, name=name, input_size=size) if size else spec
 
@@ -115,12 +121,51 @@ def _resolve_base(name: str) -> BackboneSpec:
                        f"or a prefixed name ({', '.join(p + '…' for p in PREFIXES)})")
 
 
+def _model_options(name: str, options: LoadOptions | None) -> tuple[BackboneSpec, str, LoadOptions, Variant]:
+    """(spec, the model's name: base and size, options with that size, the name's variant)."""
+    options = options or LoadOptions()
+    spec = resolve(name)
+    base, size, variant = split_name(name)
+    if options.pooling and not variant.plain:
+        raise FgembedError(f"{name!r} names a variant: give its pooling in the name (e.g. {base}~mean~flip), "
+                           "not as LoadOptions.pooling")
+    if size and options.image_size and options.image_size != size:
+        raise FgembedError(f"{name!r} names {size} px but --image-size is {options.image_size}")
+    return spec, base + (f"~{size}" if size else ""), replace(options, image_size=size or options.image_size), variant
+
+
+@contextlib.contextmanager
+def _offline_guard(spec: BackboneSpec, name: str, options: LoadOptions) -> Iterator[None]:
+    """With no network, weights not in the cache fail at once, before the library tries the hub,
+    and a library failure on a half-filled cache is the same one line."""
+    from_hub = options.pretrained and options.weights is None and not _local(spec)
+    offline = from_hub and _go_offline_without_network()
+    if offline and not _in_cache(spec, options.cache_dir):
+        raise FgembedError(_offline_hint(name, options.cache_dir))
+    try:
+        yield
+    except Exception as exc:  # the cache held the repo but not every file the library wants
+        if offline and (not isinstance(exc, FgembedError) or str(exc).startswith("could not load")):
+            raise FgembedError(_offline_hint(name, options.cache_dir)) from None
+        raise
+
+
+def load_preprocessing(name: str, options: LoadOptions | None = None) -> Preprocessing:
+    """What `name`'s decode workers need (its library's transform, the uint8 split), resolved
+    without building the model or touching its weights: seconds before the model is ready."""
+    spec, model_name, options, _ = _model_options(name, options)
+    with _offline_guard(spec, name, options):
+        return SOURCES[spec.source].call("preprocessing", spec, model_name, options)
+
+
 def load_backbone(name: str, options: LoadOptions | None = None, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> Backbone:
-    """Resolve `name` and build the model with its own library's preprocessing.
+                  dtype: torch.dtype | None = None, preprocessing: Preprocessing | None = None) -> Backbone:
+    """Resolve `name` and build the model with its own library's preprocessing (`preprocessing`:
+    as `load_preprocessing` resolved it already, not resolved again).
 
     `name~size` sets the input size (an `options.image_size` that disagrees is refused); the
-    returned Backbone's `.name` carries the suffix whenever the size is not the model's own.
+    returned Backbone's `.name` carries the suffix whenever the size is not the model's own, and
+    its variant suffixes (`~linear4`, `~mean`, `~flip`: see `variants`), which `embed` computes.
     With no network, weights that are not in the cache fail at once with one line saying how to
     fetch them elsewhere.
 
@@ -129,27 +174,14 @@ def load_backbone(name: str, options: LoadOptions | None = None, device: torch.d
     them (open_clip's own `device=` where the library has one). The weights are those of a CPU
     build cast afterwards: random init is drawn on the CPU (seeded) and any checkpoint loaded in
     fp32, so the numbers equal loading on the CPU then `.to()`."""
-    options = options or LoadOptions()
-    spec = resolve(name)
-    _, size = split_size(name)
-    if size and options.image_size and options.image_size != size:
-        raise FgembedError(f"{name!r} names {size} px but --image-size is {options.image_size}")
-    options = replace(options, image_size=size or options.image_size)
+    spec, model_name, options, variant = _model_options(name, options)
     pooling = options.pooling or spec.output
-    from_hub = options.pretrained and options.weights is None and not _local(spec)
-    offline = from_hub and _go_offline_without_network()
-    if offline and not _in_cache(spec, options.cache_dir):  # before building a model it could not fill
-        raise FgembedError(_offline_hint(name, options.cache_dir))
     place = Placement(torch.device(device) if device is not None else None, dtype)
     # Random init is seeded so every process and every resumed run builds the same model.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _offline_guard(spec, name, options):
         torch.manual_seed(RANDOM_INIT_SEED)
-        try:
-            return SOURCES[spec.source](spec, name, options, pooling, place)
-        except Exception as exc:  # the cache held the repo but not every file the library wants
-            if offline and (not isinstance(exc, FgembedError) or str(exc).startswith("could not load")):
-                raise FgembedError(_offline_hint(name, options.cache_dir)) from None
-            raise
+        backbone = SOURCES[spec.source].call("load", spec, model_name, options, pooling, place, preprocessing)
+    return backbone if variant.plain else backbone.variants([variant])[0]
 
 
 def _local(spec: BackboneSpec) -> bool:

@@ -10,7 +10,6 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from ..errors import FgembedError
 from .sources import ImageSource, LocalFiles
@@ -100,6 +99,8 @@ def carve_validation(table: SampleTable, fraction: float = 0.2, seed: int = 0) -
             f"cannot carve a stratified {fraction:.0%} val split: {len(eligible)} training images "
             f"for {n_classes} classes; use --val-fraction 0 or more images"
         )
+    from sklearn.model_selection import train_test_split  # here: scikit-learn takes ~1-2 s to import
+
     _, val = train_test_split(
         eligible, test_size=n_val, stratify=table.labels[eligible], random_state=seed
     )

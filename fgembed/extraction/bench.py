@@ -6,7 +6,9 @@ multiply-add as two, so `gmacs = flops / 2` is what timm's benchmark reports as 
 pooling are not (well under 1% of a ResNet-50 or ViT-B: timm's table lists 4.11 and 17.58 GMACs,
 this counts 4.09 and 17.56). Timings run on random tensors of the backbone's own input shape (its
 library's preprocessing decides it) through extraction's device path and precision; the
-end-to-end figure runs `fgembed.extraction.extract` on generated JPEGs, decode included.
+end-to-end figure runs `fgembed.extraction.extract` on generated JPEGs, decode included, after
+its first batch. It runs first: on CPU the model-only figure then uses the forward threads the
+extraction settled on, so the two time the same forward (see `bench_backbone`).
 
 Peak memory: on CUDA, `torch.cuda.max_memory_allocated` over the throughput run (weights and
 activations; the allocator's cache excluded); on CPU, the process's peak resident set during the
@@ -27,7 +29,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..backbones import Backbone, LoadOptions, load_backbone
+from ..cpu import available_cores
 from ..datasets.table import TRAIN, SampleTable
 from ..devices import (
     DeviceModel,
@@ -72,17 +75,18 @@ class CostResult:
     params: int
     gmacs: float  # multiply-adds per image, in billions
     gflops: float  # 2 × gmacs
-    throughput: float  # images/s at batch_size, model only
+    throughput: float  # images/s at batch_size, the forward alone on prepared batches
     latency_p50_ms: float  # batch 1
     latency_p95_ms: float
     peak_memory_mb: float
-    e2e_images_per_s: float | None  # files → store, decode included; None when skipped
+    e2e_images_per_s: float | None  # files → store after the first batch, decode included; None when skipped
     device: str
     precision: str
     batch_size: int
     input_shape: list[int]
     device_name: str
     peak_memory_kind: str
+    threads: int | None = None  # CPU: the forward's threads, in both figures (the extraction's choice)
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -167,28 +171,19 @@ def device_name(device: torch.device) -> str:
     return f"cpu {platform.processor() or platform.machine()}"
 
 
-def parse_name(name: str, image_size: int | None) -> tuple[str, int | None]:
-    """`model~448` is `model` at 448 px (the store's name for a non-default size)."""
-    base, sep, size = name.partition("~")
-    if not sep:
-        return name, image_size
-    if not size.isdigit():
-        raise FgembedError(f"{name!r}: after '~' comes an image size in pixels, e.g. {base}~448")
-    if image_size is not None and image_size != int(size):
-        raise FgembedError(f"{name!r} names {size} px but --image-size is {image_size}")
-    return base, int(size)
-
-
 def _measure(backbone: Backbone, device: torch.device, precision: Precision, options: BenchOptions,
-             rss_before_kb: int | None) -> dict:
+             rss_before_kb: int | None, threads: int | None) -> dict:
     """Model-only timings through extraction's own device path (`DeviceModel`: weights cast once,
-    channels-last for convolutional models, optional compile), on a prepared random batch."""
+    channels-last for convolutional models, optional compile), on a prepared random batch; on
+    CPU with `threads` forward threads (the count the end-to-end run's forward settled on)."""
     model = DeviceModel(backbone, device, precision, options.compile)
     generator = torch.Generator().manual_seed(0)
     batch = model.prepare(torch.randn(options.batch_size, *backbone.input_shape, generator=generator).to(device))
     single = batch[:1].clone()  # clone keeps the memory format
 
     with torch.inference_mode(), backend_flags(device, precision):
+        if threads is not None:
+            torch.set_num_threads(threads)
         for _ in range(options.warmup):
             model.forward(batch)
         if device.type == "cuda":
@@ -222,36 +217,44 @@ def _synthetic_table(root: Path, n: int) -> SampleTable:
 
 
 def bench_backbone(name: str, options: BenchOptions, images: SampleTable | None = None) -> CostResult:
-    """Measure one backbone; `images` (generated JPEGs) gives the end-to-end figure."""
+    """Measure one backbone; `images` (generated JPEGs) gives the end-to-end figure.
+
+    The two throughputs measure the same forward: the end-to-end run goes first, and on CPU the
+    model-only run then uses the forward threads it settled on (decode workers take cores from the
+    forward; timing the model alone on every core would compare two different forwards — on a
+    shared or small machine more threads can even be slower, so the model-only figure came out
+    below the end-to-end one)."""
     if min(options.batch_size, options.repeats, options.latency_repeats) < 1 or options.warmup < 0:
         raise FgembedError("--batch-size and --repeats must be at least 1, --warmup at least 0")
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
-    base, size = parse_name(name, options.load.image_size)
-    load = replace(options.load, image_size=size)
+    e2e, threads = None, None
+    if images is not None:
+        with tempfile.TemporaryDirectory(prefix="fgembed-bench-") as tmp:
+            summary = extract(images, str(Path(tmp) / "bench.zarr"), [name], ExtractOptions(
+                batch_size=options.batch_size, workers=options.workers, device=str(device),
+                precision=options.precision, load=options.load, shard_rows=max(options.batch_size, 256),
+                compile=options.compile, progress=False))
+        e2e = summary.steady_images_per_s or summary.images_per_s  # after the first batch (worker start-up)
+        threads = summary.forward_threads[-1][0] if summary.forward_threads else None
+        gc.collect()
     if device.type == "cpu":
+        threads = threads or min(torch.get_num_threads(), available_cores())
         _release_freed_memory()
     rss_before = _proc_kb("VmRSS") if device.type == "cpu" else None
-    backbone = load_backbone(base, load)
+    backbone = load_backbone(name, options.load)
     params = count_params(backbone.model)
     macs = count_macs(backbone.embed, torch.zeros(1, *backbone.input_shape))
-    measured = _measure(backbone, device, precision, options, rss_before)
+    measured = _measure(backbone, device, precision, options, rss_before, threads)
     input_shape = list(backbone.input_shape)
     del backbone
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    e2e = None
-    if images is not None:
-        with tempfile.TemporaryDirectory(prefix="fgembed-bench-") as tmp:
-            summary = extract(images, Path(tmp) / "bench.zarr", [base], ExtractOptions(
-                batch_size=options.batch_size, workers=options.workers, device=str(device),
-                precision=options.precision, load=load, shard_rows=max(options.batch_size, 256),
-                compile=options.compile, progress=False))
-        e2e = summary.steady_images_per_s or summary.images_per_s  # after the first batch (worker start-up)
-    return CostResult(name, params, macs / 1e9, 2 * macs / 1e9, measured["throughput"], measured["latency_p50_ms"],
-                      measured["latency_p95_ms"], measured["peak_memory_mb"], e2e, device.type, precision.name,
-                      options.batch_size, input_shape, device_name(device), measured["peak_memory_kind"])
+    return CostResult(name, params, macs / 1e9, 2 * macs / 1e9, measured["throughput"],
+                      measured["latency_p50_ms"], measured["latency_p95_ms"], measured["peak_memory_mb"], e2e,
+                      device.type, precision.name, options.batch_size, input_shape, device_name(device),
+                      measured["peak_memory_kind"], threads)
 
 
 def bench(names: list[str], options: BenchOptions | None = None, store: FeatureStore | None = None
