@@ -34,7 +34,7 @@ from torch import nn
 from fgembed.analysis.ensemble import score
 from fgembed.analysis.plan import Combination
 from fgembed.classify.heads import MLPHead
-from fgembed.classify.runs import HeadConfig, RunConfig
+from fgembed.classify.config import HeadConfig, RunConfig
 from fgembed.classify.train import train_grid
 from fgembed.classify.views import ViewConfig
 from fgembed.datasets.table import SampleTable, carve_validation
@@ -125,11 +125,11 @@ def study_store(path: Path, members: list[str], rng: np.random.Generator) -> Fea
 
 def one_head(X, y, X_val, y_val, epochs: int, device: torch.device) -> None:
     # warm up allocator and thread pools once for all three, so no candidate pays them alone
-    MLPHead(epochs=2, device=str(device)).fit(X, y, X_val, y_val, n_classes=CLASSES)
+    MLPHead(epochs=2, device=str(device)).fit(X, y, X_val, y_val)
     naive(X, y, X_val, y_val, 2, device)
     floor(X, y, X_val, 2, device)
     head = MLPHead(epochs=epochs, device=str(device))
-    t_fgembed = timed(lambda: head.fit(X, y, X_val, y_val, n_classes=CLASSES))
+    t_fgembed = timed(lambda: head.fit(X, y, X_val, y_val))
     t_naive = timed(lambda: naive(X, y, X_val, y_val, epochs, device))
     t_floor = timed(lambda: floor(X, y, X_val, epochs, device))
     print(f"1. one head: fgembed {t_fgembed:.2f} s, naive {t_naive:.2f} s, floor {t_floor:.2f} s")
@@ -141,9 +141,9 @@ def seeds_in_one_pass(X, y, X_val, y_val, epochs: int, device: torch.device) -> 
     """Three seeds as one batched model against the same three heads trained one after another
     (each alone is the 1-head case of the same loop), plus one seed alone for the GPU target."""
     seeds, dev = [0, 1, 2], str(device)
-    MLPHead(epochs=2, device=dev).fit_seeds(X, y, seeds, X_val, y_val, CLASSES)  # warm-up, as in part 1
-    t_pass = timed(lambda: MLPHead(epochs=epochs, device=dev).fit_seeds(X, y, seeds, X_val, y_val, CLASSES))
-    t_alone = [timed(lambda s=s: MLPHead(epochs=epochs, device=dev, random_state=s).fit(X, y, X_val, y_val, CLASSES))
+    MLPHead(epochs=2, device=dev).fit_grid(X, y, X_val, y_val, seeds=seeds, n_classes=CLASSES)  # warm-up
+    t_pass = timed(lambda: MLPHead(epochs=epochs, device=dev).fit_grid(X, y, X_val, y_val, seeds=seeds, n_classes=CLASSES))
+    t_alone = [timed(lambda s=s: MLPHead(epochs=epochs, device=dev, random_state=s).fit(X, y, X_val, y_val))
                for s in seeds]
     print(f"2. three seeds: one pass {t_pass:.2f} s, one at a time {sum(t_alone):.2f} s "
           f"(one pass / one at a time = {t_pass / sum(t_alone):.2f}, target ≤ 1.0); "

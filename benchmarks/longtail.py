@@ -5,7 +5,7 @@
 A store with 100 classes whose training counts follow a Zipf law (500 rows for the head class
 down to 5 for the tail; val and test balanced, 10 and 20 rows per class) is written through the
 store's own API; each class is a Gaussian around its own mean, so the tail is hard only because
-it is rare. The same MLP head is trained once per `--balance` mode (`fgembed.classify.runs.fit_run`, the
+it is rare. The same MLP head is trained once per `--balance` mode (`fgembed.classify.fitting.fit_run`, the
 code `fgembed fit` runs) and the table prints accuracy per shot bin (20, 100), overall accuracy
 and macro F1, mean over seeds. No timing: the figures are accuracies.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+from fgembed.classify.config import HeadConfig, RunConfig
+from fgembed.classify.fitting import fit_run
 from fgembed.classify.train import BALANCES
 from fgembed.classify.views import ViewConfig
 from fgembed.datasets.table import SampleTable

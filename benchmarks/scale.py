@@ -201,14 +201,14 @@ def _common_rows(parts):
 
 # ---- the new path (views → batched heads → runs → streamed fusion) ----------------------------
 def _config(members: tuple[str, ...], epochs: int = 1, seeds: tuple[int, ...] = (0,)):
-    from fgembed.classify.runs import HeadConfig, RunConfig
+    from fgembed.classify.config import HeadConfig, RunConfig
     from fgembed.classify.views import ViewConfig
     fusion = "single" if len(members) == 1 else "concat"
     return RunConfig(view=ViewConfig(features=members, fusion=fusion), head=HeadConfig(epochs=epochs, seeds=seeds))
 
 
 def _fit(store: FeatureStore, members: tuple[str, ...], runs: Path, device: torch.device, **kw):
-    from fgembed.classify.runs import fit_run
+    from fgembed.classify.fitting import fit_run
     return fit_run(store, _config(members, **kw), runs, device=str(device))
 
 

@@ -75,7 +75,7 @@ def fit(
     logits in Zarr). The same configuration on the same store is reused unless --force.
     """
     from fgembed.classify.options import run_config
-    from fgembed.classify.runs import fit_run
+    from fgembed.classify.fitting import fit_run
     from fgembed.store import FeatureStore
 
     opened = FeatureStore.open(store)
@@ -148,7 +148,7 @@ def std_of(block: dict, key: str, m: dict) -> str:
 def _print_draws(runs: list, shots: int) -> None:
     """Few-shot results over several draws of the training rows: mean ± std over draws (each
     draw's own seeds averaged first)."""
-    from fgembed.classify.runs import summarise
+    from fgembed.classify.metrics import summarise
 
     summary = summarise([{k: r.metrics[k] for k in ("accuracy", "f1", "f1_macro")} for r in runs])
     out.print(f"{len(runs)} draws of {shots} shots per class: accuracy {100 * summary['accuracy']:.2f} ± "
@@ -200,7 +200,7 @@ def ensemble(
     from fgembed.analysis.report import extra_columns, format_table, write_report
     from fgembed.classify.fusion import fusion_strategies
     from fgembed.classify.options import ensemble_config
-    from fgembed.classify.runs import check_levels
+    from fgembed.classify.fitting import check_levels
     from fgembed.store import FeatureStore
 
     names = [m.strip() for m in members.split(",") if m.strip()]

@@ -26,7 +26,9 @@ from fgembed.classify.hierarchy_metrics import (
     plot_selective_curve,
     tau_key,
 )
-from fgembed.classify.runs import HeadConfig, Run, RunConfig, fit_run
+from fgembed.classify.config import HeadConfig, RunConfig
+from fgembed.classify.fitting import fit_run
+from fgembed.classify.rundir import Run
 from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
 from fgembed.store import FeatureStore

@@ -25,10 +25,10 @@ _API = {
     "LinearHead": "fgembed.classify.heads",
     "create_head": "fgembed.classify.registry",
     "list_heads": "fgembed.classify.registry",
-    "HeadConfig": "fgembed.classify.runs",
-    "RunConfig": "fgembed.classify.runs",
-    "Run": "fgembed.classify.runs",
-    "fit_run": "fgembed.classify.runs",
+    "HeadConfig": "fgembed.classify.config",
+    "RunConfig": "fgembed.classify.config",
+    "Run": "fgembed.classify.rundir",
+    "fit_run": "fgembed.classify.fitting",
     "predict_images": "fgembed.predict",  # the function `predict`: the bare name is the module
 }
 
@@ -42,7 +42,9 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
     from .backbones import load_backbone
     from .classify.heads import LinearHead, MLPHead
     from .classify.registry import create_head, list_heads
-    from .classify.runs import HeadConfig, Run, RunConfig, fit_run
+    from .classify.config import HeadConfig, RunConfig
+    from .classify.fitting import fit_run
+    from .classify.rundir import Run
     from .classify.views import ViewConfig, build_view
     from .datasets import load_dataset
     from .errors import FgembedError

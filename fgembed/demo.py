@@ -15,7 +15,7 @@ from .analysis.plan import plan
 from .analysis.report import write_report
 from .backbones import LoadOptions
 from .classify.fusion import fusion_strategies
-from .classify.runs import HeadConfig, RunConfig
+from .classify.config import HeadConfig, RunConfig
 from .classify.views import ViewConfig
 from .datasets import load_dataset
 from .extraction.extract import ExtractOptions, ExtractSummary, extract

@@ -24,7 +24,8 @@ import torch
 
 from .backbones import LoadOptions
 from .classify.late import late_fusion
-from .classify.runs import Run, same_rows
+from .classify.config import same_rows
+from .classify.rundir import Run
 from .classify.views import level_key
 from .datasets import SampleTable
 from .datasets.folder import IMAGE_SUFFIXES

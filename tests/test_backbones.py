@@ -217,7 +217,8 @@ def test_two_sizes_of_one_backbone_in_one_store(table, tmp_path):
     np.testing.assert_allclose(small[ROWS], want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(small, full, atol=1e-3)
     # the two sizes fuse like any two members (seed 002's resolution study)
-    from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.classify.config import HeadConfig, RunConfig
+    from fgembed.classify.fitting import fit_run
     from fgembed.classify.views import ViewConfig
 
     run = fit_run(store, RunConfig(ViewConfig(features=("timm:test_vit", "timm:test_vit~64"), fusion="concat"),

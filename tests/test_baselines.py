@@ -117,7 +117,8 @@ def test_baselines_are_runs_tables_and_late_fusion_members(tmp_path):
 
     from fgembed.analysis.ensemble import score
     from fgembed.analysis.plan import plan
-    from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.classify.config import HeadConfig, RunConfig
+    from fgembed.classify.fitting import fit_run
     from fgembed.classify.views import ViewConfig, build_view
 
     from .formats import write_feature_store

@@ -89,7 +89,7 @@ def test_ctrl_c_resume_line_drops_force(capsys, store, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fgembed.classify.runs.fit_run", interrupted)
+    monkeypatch.setattr("fgembed.classify.fitting.fit_run", interrupted)
     argv = ["fit", "--store", str(store.path), "--runs", str(tmp_path), "--features", "a", "--force", "--quiet"]
     assert main(argv) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]

@@ -20,7 +20,8 @@ from fgembed.analysis import late_stream
 from fgembed.analysis.ensemble import fused_levels, late_entries
 from fgembed.analysis.plan import Combination
 from fgembed.classify.longtail import by_frequency
-from fgembed.classify.runs import HeadConfig, Run, RunConfig
+from fgembed.classify.config import HeadConfig, RunConfig
+from fgembed.classify.rundir import Run
 from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
 from fgembed.store import FeatureStore

@@ -187,7 +187,8 @@ def test_cli_expands_flags_into_groups(manifest_csv, tmp_path):
 def test_variant_groups_fit_fuse_and_predict(table, tmp_path):
     """A variant is a member like any other: a run on `~linear4~flip` predicts new images through
     a rebuild of exactly that variant, and two variants fuse."""
-    from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.classify.config import HeadConfig, RunConfig
+    from fgembed.classify.fitting import fit_run
     from fgembed.classify.views import ViewConfig
     from fgembed.predict import predict
 

@@ -326,7 +326,7 @@ def test_grid_fit_prints_the_selection_its_config_records(tmp_path, args, select
     from fgembed.cli.main import app
     from typer.testing import CliRunner
 
-    from fgembed.classify.runs import Run
+    from fgembed.classify.rundir import Run
 
     from .formats import write_feature_store
 

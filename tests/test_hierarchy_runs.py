@@ -25,7 +25,9 @@ from fgembed.classify.hierarchy_metrics import (
     selective_curve,
     tau_key,
 )
-from fgembed.classify.runs import HeadConfig, Run, summarise
+from fgembed.classify.config import HeadConfig
+from fgembed.classify.metrics import summarise
+from fgembed.classify.rundir import Run
 
 from .formats import write_feature_store
 
@@ -157,7 +159,8 @@ def test_a_multi_level_pca_sum_run_predicts_its_own_test_images(cub_root, tmp_pa
     from pathlib import Path
 
     from fgembed.backbones import LoadOptions
-    from fgembed.classify.runs import RunConfig, fit_run
+    from fgembed.classify.config import RunConfig
+    from fgembed.classify.fitting import fit_run
     from fgembed.classify.views import ViewConfig
     from fgembed.datasets import load_dataset
     from fgembed.extraction.extract import ExtractOptions, extract
@@ -179,7 +182,7 @@ def test_a_multi_level_pca_sum_run_predicts_its_own_test_images(cub_root, tmp_pa
 
 
 def test_a_learned_projection_with_levels_is_refused(store_path, tmp_path, capsys):
-    from fgembed.classify.runs import RunConfig
+    from fgembed.classify.config import RunConfig
     from fgembed.classify.views import ViewConfig
     from fgembed.errors import FgembedError
 
@@ -223,7 +226,7 @@ def test_a_format2_multi_level_run_is_retrained_a_single_level_one_reused(store_
     """Format 2's multi-level runs may lack `decoder`, `selective` and `by_frequency`: still read
     (predict needs only their weights) but `fit` retrains them (runs.FORMAT_VERSION); its
     single-level runs hold today's content: reused."""
-    from fgembed.classify.runs import FORMAT_VERSION
+    from fgembed.classify.rundir import FORMAT_VERSION
 
     levels = _fit(store_path, tmp_path, "--levels", "group,species")
     single = _fit(store_path, tmp_path)

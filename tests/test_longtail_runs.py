@@ -14,7 +14,8 @@ from torch import nn
 
 from fgembed.classify import train
 from fgembed.classify.longtail import by_frequency, class_balanced_weights, log_prior
-from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+from fgembed.classify.config import HeadConfig, RunConfig
+from fgembed.classify.fitting import fit_run
 from fgembed.classify.train import BALANCES, train_grid, weighted_f1
 from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
@@ -227,7 +228,7 @@ def test_late_fusion_by_frequency_equals_numpy_on_stored_logits(tmp_path):
 
     from fgembed.analysis.ensemble import late_entries
     from fgembed.analysis.plan import Combination
-    from fgembed.classify.runs import Run
+    from fgembed.classify.rundir import Run
 
     store = write_long_tail_store(tmp_path / "lt.zarr")
     labels, split = store.labels(), store.group["samples/split"][:]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fgembed.backbones import LoadOptions
-from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+from fgembed.classify.config import HeadConfig, RunConfig
+from fgembed.classify.fitting import fit_run
 from fgembed.classify.views import ViewConfig
 from fgembed.datasets import load_dataset
 from fgembed.errors import FgembedError

@@ -7,7 +7,9 @@ import numpy as np
 from PIL import Image
 
 from fgembed.backbones import LoadOptions
-from fgembed.classify.runs import HeadConfig, Run, RunConfig, fit_run
+from fgembed.classify.config import HeadConfig, RunConfig
+from fgembed.classify.fitting import fit_run
+from fgembed.classify.rundir import Run
 from fgembed.classify.views import ViewConfig
 from fgembed.datasets import load_dataset
 from fgembed.extraction.extract import ExtractOptions, extract

@@ -22,20 +22,12 @@ import fgembed
 from fgembed.analysis.ensemble import late_entries, score
 from fgembed.analysis.plan import Combination, plan
 from fgembed.analysis.report import compare, entry_record, format_table, write_report
-from fgembed.classify import runs as runs_module
+from fgembed.classify import fitting, rundir
 from fgembed.classify._logits import create_logits, write_logits
 from fgembed.classify.fusion import SumProjection
-from fgembed.classify.runs import (
-    ALWAYS_KEYED,
-    FORMAT_VERSION,
-    HOST,
-    HeadConfig,
-    Run,
-    RunConfig,
-    fit_run,
-    keyed_fields,
-    run_key,
-)
+from fgembed.classify.config import ALWAYS_KEYED, HeadConfig, keyed_fields, run_key, RunConfig
+from fgembed.classify.fitting import fit_run
+from fgembed.classify.rundir import FORMAT_VERSION, HOST, Run
 from fgembed.classify.views import ViewConfig
 from fgembed.errors import FgembedError
 from fgembed.store import FeatureStore
@@ -116,7 +108,7 @@ def test_a_new_release_reuses_runs_and_unreadable_ones_retrain(store, tmp_path, 
     meta = json.loads((first.path / "config.json").read_text())
     assert meta["fgembed_version"] == fgembed.__version__
     (first.path / "config.json").write_text(json.dumps(meta | {"fgembed_version": "0.0.1"}))
-    monkeypatch.setattr("fgembed.classify.runs.__version__", "99.0")
+    monkeypatch.setattr("fgembed.classify.fitting.__version__", "99.0")
     again = fit_run(store, cfg, tmp_path)
     assert again.reused and again.path == first.path and again.metrics == first.metrics
     # a format this fgembed cannot read, or a config.json that is no run's: one line, and retrained
@@ -200,7 +192,7 @@ def test_a_publish_killed_between_its_renames_loses_no_run(store, tmp_path, monk
         rename(src, dst)
 
     with monkeypatch.context() as m:  # killed after the old run went aside, before the new one came in
-        m.setattr("fgembed.classify.runs.os.rename", rename_tmp_dies)
+        m.setattr("fgembed.classify.rundir.os.rename", rename_tmp_dies)
         with pytest.raises(Killed):
             fit_run(store, cfg, tmp_path, force=True)
     assert not run.path.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
@@ -225,7 +217,7 @@ def test_a_publish_killed_between_its_renames_loses_no_run(store, tmp_path, monk
         rmtree(path, *args, **kwargs)
 
     with monkeypatch.context() as m:  # killed after the new run came in, before the old one was removed
-        m.setattr("fgembed.classify.runs.shutil.rmtree", rmtree_aside_dies)
+        m.setattr("fgembed.classify.rundir.shutil.rmtree", rmtree_aside_dies)
         with pytest.raises(Killed):
             fit_run(store, cfg, tmp_path, force=True)
     assert (run.path / "metrics.json").is_file() and len(list(tmp_path.iterdir())) == 2
@@ -248,7 +240,7 @@ def test_a_fit_that_publishes_second_reuses_the_first_ones_run(store, tmp_path, 
 
     for force in (False, True):  # the place empty; a run there, set aside by both
         with monkeypatch.context() as m:
-            m.setattr("fgembed.classify.runs.os.rename", another_fit_publishes_first)
+            m.setattr("fgembed.classify.rundir.os.rename", another_fit_publishes_first)
             ours = fit_run(store, cfg, tmp_path / "runs", force=force)
         assert ours.reused and ours.path == path and ours.metrics == theirs.metrics
         assert Run.load(path).metrics == theirs.metrics and [p.name for p in path.parent.iterdir()] == [path.name]
@@ -261,25 +253,24 @@ def test_a_fit_that_publishes_second_reuses_the_first_ones_run(store, tmp_path, 
         rename(src, dst)
 
     with monkeypatch.context() as m, pytest.raises(OSError, match="Input/output"):  # any other failure raises
-        m.setattr("fgembed.classify.runs.os.rename", disk_fails)
+        m.setattr("fgembed.classify.rundir.os.rename", disk_fails)
         fit_run(store, cfg, tmp_path / "runs", force=True)
 
 
 def test_a_run_published_while_this_fit_trained_is_kept_unless_forced(store, tmp_path, monkeypatch):
     """The ordinary race: another fit of the same key publishes while this one trains. Without
     --force this fit keeps theirs (a reader of it is not pulled from under); --force replaces it."""
-    import fgembed.classify.runs as runs_module
     cfg = config("a")
     theirs = fit_run(store, cfg, tmp_path / "theirs")
     path = tmp_path / "runs" / theirs.path.name
-    write = runs_module.write_head_logits
+    write = fitting.write_run_logits
 
     def another_fit_finishes_meanwhile(*args, **kwargs):
         if not path.exists():
             shutil.copytree(theirs.path, path)
         return write(*args, **kwargs)
 
-    monkeypatch.setattr(runs_module, "write_head_logits", another_fit_finishes_meanwhile)
+    monkeypatch.setattr(fitting, "write_run_logits", another_fit_finishes_meanwhile)
     ours = fit_run(store, cfg, tmp_path / "runs")
     assert ours.reused and Run.load(path).metrics == theirs.metrics
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # our temp folder is gone
@@ -299,7 +290,7 @@ def test_another_hosts_leftovers_stay_until_a_day_old(store, tmp_path, monkeypat
     shutil.rmtree(run.path)  # as if node-7 were between its renames right now
     assert fit_run(store, cfg, tmp_path).reused is False  # its aside is not taken: retrained in place
     assert foreign_tmp.is_dir() and foreign_old.is_dir()
-    monkeypatch.setattr(runs_module, "FOREIGN_ABANDONED_S", -1)  # now they count as untouched for a day
+    monkeypatch.setattr(rundir, "FOREIGN_ABANDONED_S", -1)  # now they count as untouched for a day
     assert fit_run(store, cfg, tmp_path).reused
     assert not foreign_tmp.exists() and not foreign_old.exists()
 
@@ -545,7 +536,7 @@ def test_config_defaults_are_pinned(cls):
     declared = {f.name: REQUIRED if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(cls)}
     assert declared == PINNED_DEFAULTS[cls], (
         f"{cls.__name__}'s fields or defaults changed. A run key leaves out a field while it holds its default "
-        "(fgembed.classify.runs.run_key), so changing a default would silently reuse runs trained under the old "
+        "(fgembed.classify.config.run_key), so changing a default would silently reuse runs trained under the old "
         "default as if trained under the new one. A changed default must come with a key change or migration "
         "(e.g. add the field to runs.ALWAYS_KEYED, or keep the old default and add an option); a new field needs "
         "a default that reproduces the old behaviour. Then update this pin.")

@@ -63,7 +63,8 @@ def test_no_text_tower_is_one_line():
 
 def test_zeroshot_head_from_text_stored_at_extraction(tmp_path, tiny_clip, manifest_csv):
     """`extract --text` stores the class-name embeddings; `--head zeroshot` scores with them."""
-    from fgembed.classify.runs import HeadConfig, RunConfig, fit_run
+    from fgembed.classify.config import HeadConfig, RunConfig
+    from fgembed.classify.fitting import fit_run
     from fgembed.classify.views import ViewConfig
     from fgembed.datasets import load_dataset
     from fgembed.extraction.extract import ExtractOptions, extract

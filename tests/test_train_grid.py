@@ -44,9 +44,9 @@ HEAD_KINDS = [
 @pytest.mark.parametrize("make", HEAD_KINDS, ids=["mlp", "linear", "mlp+learned-sum"])
 def test_seeds_in_one_pass_equal_seeds_alone(make):
     X, y, Xv, yv = _split()
-    together = make().fit_seeds(X, y, [0, 1, 2], Xv, yv, n_classes=C)
+    together = make().fit_grid(X, y, Xv, yv, seeds=[0, 1, 2], n_classes=C)
     for seed, head in zip([0, 1, 2], together):
-        alone = make(random_state=seed).fit(X, y, Xv, yv, n_classes=C)
+        alone = make(random_state=seed).fit_grid(X, y, Xv, yv, seeds=[seed], n_classes=C)[0]
         _assert_same_state(head.module_.state_dict(), alone.module_.state_dict())
         np.testing.assert_allclose(head.predict_logits(Xv), alone.predict_logits(Xv), rtol=1e-5, atol=1e-5)
         assert head.best_epoch_ == alone.best_epoch_ and head.random_state == seed
@@ -64,7 +64,7 @@ def test_every_setting_of_an_lr_wd_grid_equals_that_head_alone():
     assert [(r.lr, r.weight_decay) for r in grid[0]] == [(lr, wd) for lr in lrs for wd in wds]
     for s, seed in enumerate(seeds):
         for r in grid[s]:
-            alone = make(r.lr, r.weight_decay, seed).fit(X, y, Xv, yv, n_classes=C)
+            alone = make(r.lr, r.weight_decay, seed).fit_grid(X, y, Xv, yv, seeds=[seed], n_classes=C)[0]
             _assert_same_state(r.state_dict, alone.module_.state_dict())
             assert (r.seed, r.best_epoch) == (seed, alone.best_epoch_)
 
@@ -74,7 +74,7 @@ def test_batched_model_equals_torch_modules_trained_by_hand():
     order (dropout 0, so the generator draws only the permutation)."""
     X, y, Xv, yv = _split()
     head = MLPHead(hidden=(16, 8), dropout=0.0, epochs=3, batch_size=16, lr=1e-2, weight_decay=0.05,
-                   random_state=7, device="cpu").fit(X, y, Xv, yv, n_classes=C)
+                   random_state=7, device="cpu").fit_grid(X, y, Xv, yv, seeds=[7], n_classes=C)[0]
     torch.manual_seed(7)
     model = head._network(D, C)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
@@ -118,9 +118,9 @@ def test_grid_keeps_per_seed_the_setting_with_the_best_val_f1():
 def test_float16_rows_train_and_predict_like_float32():
     X, y, Xv, yv = _split()
     X16, Xv16 = X.astype(np.float16), Xv.astype(np.float16)
-    a = MLPHead(hidden=(16,), epochs=3, batch_size=16, device="cpu").fit(X16, y, Xv16, yv, n_classes=C)
-    b = MLPHead(hidden=(16,), epochs=3, batch_size=16, device="cpu").fit(X16.astype(np.float32), y,
-                                                                         Xv16.astype(np.float32), yv, n_classes=C)
+    make = lambda: MLPHead(hidden=(16,), epochs=3, batch_size=16, device="cpu")  # noqa: E731
+    a = make().fit_grid(X16, y, Xv16, yv, seeds=[0], n_classes=C)[0]
+    b = make().fit_grid(X16.astype(np.float32), y, Xv16.astype(np.float32), yv, seeds=[0], n_classes=C)[0]
     _assert_same_state(a.module_.state_dict(), b.module_.state_dict())
     np.testing.assert_allclose(a.predict_logits(Xv16), b.predict_logits(Xv), rtol=1e-2, atol=1e-2)
     assert (a.predict(torch.as_tensor(Xv16)) == b.predict(Xv)).mean() >= 0.95  # float16 ties may flip a row
@@ -146,11 +146,11 @@ def test_registry_lists_creates_and_refuses_with_close_names():
 
 def test_from_state_rebuilds_a_saved_head():
     X, y, Xv, yv = _split()
-    head = MLPHead(hidden=(16,), epochs=2, batch_size=16, device="cpu").fit(X, y, Xv, yv, n_classes=C)
+    head = MLPHead(hidden=(16,), epochs=2, batch_size=16, device="cpu").fit_grid(X, y, Xv, yv, seeds=[0], n_classes=C)[0]
     state = {k: v.detach().cpu().clone() for k, v in head.module_.state_dict().items()}
     again = MLPHead.from_state(head.get_params(), D, C, state)
     np.testing.assert_array_equal(again.predict_logits(Xv), head.predict_logits(Xv))
-    with pytest.raises(FgembedError, match="fitted on 12"):
+    with pytest.raises(ValueError, match="expecting 12 features"):  # scikit-learn's own check
         again.predict_logits(Xv[:, :5])
 
 

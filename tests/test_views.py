@@ -17,7 +17,7 @@ from fgembed.analysis.late_stream import LogitSource, stream_late
 from fgembed.classify.fusion import l2_normalise
 from fgembed.classify.late import late_fusion
 from fgembed.classify.metrics import classification_metrics
-from fgembed.classify.runs import HeadConfig
+from fgembed.classify.config import HeadConfig
 from fgembed.classify.fusion import create_fusion
 from fgembed.classify.views import ViewConfig, build_view
 from fgembed.errors import FgembedError

@@ -22,7 +22,10 @@ import numpy as np
 
 from ..classify.hierarchy_metrics import Taxonomy
 from ..classify.late import LATE_MODES
-from ..classify.runs import Run, RunConfig, check_levels, finished, fit_run, run_path, same_rows, summarise
+from ..classify.config import RunConfig, same_rows
+from ..classify.fitting import check_levels, fit_run, run_path
+from ..classify.metrics import summarise
+from ..classify.rundir import finished, Run
 from ..classify.views import build_view, level_key
 from ..datasets.table import SPLIT_NAMES
 from ..errors import FgembedError

@@ -23,7 +23,7 @@ from ..classify.longtail import SHOT_BINS, frequency_bins
 from ..classify.metrics import MetricCounts
 
 if TYPE_CHECKING:
-    from ..classify.runs import Run
+    from ..classify.rundir import Run
 
 BLOCK_ELEMENTS = 2 ** 25      # float32 logits held per block, over all members (128 MB)
 WEIGHT_ELEMENTS = 2 ** 26     # float32 logits of the validation sample, over a subset's members

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classify.runs import Run
+from ..classify.rundir import Run
 from ..classify.views import build_view
 from ..errors import FgembedError
 from ..store import FeatureStore

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass
 
 from ..classify.fusion import fusion_strategies
-from ..classify.runs import RunConfig
+from ..classify.config import RunConfig
 from ..errors import FgembedError
 
 

@@ -4,8 +4,7 @@ one whole chunk per write, plain zarr (other tools read it without fgembed).
 Logits are predicted, masked and cast to float16 on the head's device and written by a thread
 while the next block is predicted (`write_logits`; figures in benchmarks/README.md, `logits.py`).
 The test split is scored from those very float16 blocks as they are written, so a run's metrics
-are what every reader of its logits sees, and a single-level run reads nothing back (a
-multi-level run still reads its test logits back for the hierarchy decoders)."""
+are what every reader of its logits sees, and no run reads its logits back."""
 from __future__ import annotations
 
 from collections import deque
@@ -16,7 +15,6 @@ import numpy as np
 import torch
 import zarr
 
-from .metrics import MetricCounts
 
 LOGIT_ROWS = 4096          # rows per logits chunk and per written block
 MASKED = float(np.finfo(np.float16).min)  # logit of a class the head cannot know (finite: fusion-safe)
@@ -97,25 +95,15 @@ def _write_blocks(arrays: Sequence[zarr.Array], k: int, start: int, blocks: list
         array[k:k + 1, start:start + len(block)] = block[None]
 
 
-def write_head_logits(group: zarr.Group, modules: Sequence[torch.nn.Module], X: dict[str, np.ndarray],
-                      rows: dict[str, np.ndarray], excluded: np.ndarray, n_classes: int, y_test: np.ndarray,
-                      seen: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
-    """A single-level run's `{val,test}` logits and `{val,test}_rows`, the test split scored as it
-    is written: per seed, its metrics on the `seen` test rows and its predictions (argmax of the
-    stored float16 logits) on every test row."""
-    counts = [MetricCounts(n_classes) for _ in modules]
-    preds = [np.empty(len(y_test), np.int64) for _ in modules]
-
-    def score(k: int, start: int, blocks: list[np.ndarray]) -> None:
-        for i in range(0, len(blocks[0]), FORWARD_ROWS):  # in pieces: a float32 copy of a whole block is 164 MB
-            z = torch.from_numpy(blocks[0][i:i + FORWARD_ROWS]).float()
-            first, stop = start + i, start + i + len(z)
-            preds[k][first:stop] = z.numpy().argmax(1)  # numpy's: the first of tied maxima, ~4× torch's speed on CPU
-            keep = seen[first:stop]
-            counts[k].update(z if keep.all() else z[torch.from_numpy(keep)], y_test[first:stop][keep])
-
+def write_run_logits(group: zarr.Group, modules: Sequence[torch.nn.Module], X: dict[str, np.ndarray],
+                     rows: dict[str, np.ndarray], outputs: Sequence[tuple[str, int, np.ndarray]],
+                     on_test_block: Callable[[int, int, list[np.ndarray]], None]) -> None:
+    """A run's logits: `{val,test}_rows` and, per output `(prefix, classes, excluded)` (one for a
+    single-level run, one per level, `<level>/`, for a multi-level run), `<prefix>{val,test}`;
+    each test block, as stored, handed to `on_test_block(seed, start, blocks)` (its scoring)."""
     for split in ("val", "test"):
         group.create_array(f"{split}_rows", data=rows[split].astype(np.int64))
-        array = create_logits(group, split, len(modules), len(X[split]), n_classes)
-        write_logits([array], modules, X[split], [excluded], score if split == "test" else None)
-    return [c.metrics() for c in counts], preds
+        arrays = [create_logits(group, f"{prefix}{split}", len(modules), len(X[split]), classes)
+                  for prefix, classes, _ in outputs]
+        write_logits(arrays, modules, X[split], [excluded for _, _, excluded in outputs],
+                     on_test_block if split == "test" else None)

@@ -2,13 +2,15 @@
 
 Everything here reads logits or predictions per level (coarse → fine), never a model, so a run's
 stored logits and a late fusion of several runs are scored alike: per-level classification
-metrics and their mean (004's "avg acc"); the consistency rate (the predicted fine class's
+metrics and their mean ("avg acc"); the consistency rate (the predicted fine class's
 ancestors are the predicted coarser classes); two consistent decoders (top-down, and the product
 of level probabilities along each root-to-leaf path); mistake severity (mean depth of the lowest
 common ancestor over mistakes, root at depth 0 — higher means the mistakes stay in a closer
 group); and the selective "deepest confident level" prediction with its accuracy-versus-
-specificity curve (004's "flamingo or bird"). Row-level pieces (`consistent_rows`, `lca_depth`)
-let a streamed scorer sum them block by block.
+specificity curve (the "flamingo or bird" question of Chang et al., "Your 'Flamingo' is My
+'Bird': Fine-Grained, or Not"). Row-level pieces (`consistent_rows`, `lca_depth`) let a streamed
+scorer sum them block by block: `DecodedCounts` and `HierarchyScores` accumulate every metric of a
+multi-level run over row blocks, so a run's test logits are scored as they are written.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from ..errors import FgembedError
 from ..plots import save_figure
 from .blocks import BLOCK_ROWS
-from .metrics import classification_metrics, f1_torch
+from .metrics import MetricCounts, _counts, _prf, classification_metrics, f1_torch
 
 LEVEL_ALIASES = {"species": "label"}  # CUB and iNat fine labels are species (CONVENTIONS)
 
@@ -248,7 +250,7 @@ def selective_curve(logits: Sequence[np.ndarray], ys: Sequence[np.ndarray],
     return curve
 
 
-SELECTIVE_TAUS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # a run's fixed points (001's τ 0.5, 0.7 among them)
+SELECTIVE_TAUS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # a run's fixed points (Zusin et al.'s τ 0.5, 0.7 among them)
 SELECTIVE_KEYS = ("accuracy", "specificity", "fine_fraction")
 
 
@@ -293,3 +295,85 @@ def plot_selective_curve(curves: dict[str, dict[str, list[float]]], path: str | 
     ax.set_title(title)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+# ---- streamed over row blocks ----------------------------------------------------------------
+class DecodedCounts:
+    """`decoded_metrics` of per-level predictions accumulated over row blocks: per-level class
+    counts, consistent rows, and the LCA depths of the fine mistakes. O(classes) memory."""
+
+    def __init__(self, taxonomy: Taxonomy) -> None:
+        self.taxonomy = taxonomy
+        self.counts = [[torch.zeros(taxonomy.n_classes[name], dtype=torch.float64) for _ in range(3)]
+                       for name in taxonomy.order]
+        self.correct = [0] * len(taxonomy.order)
+        self.rows = self.consistent = self.mistakes = self.lca_sum = 0
+
+    def update(self, preds: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> None:
+        for k, (name, pred, y) in enumerate(zip(self.taxonomy.order, preds, ys)):
+            p_t, y_t = torch.as_tensor(np.asarray(pred), dtype=torch.long), torch.as_tensor(np.asarray(y), dtype=torch.long)
+            for total, part in zip(self.counts[k], _counts(y_t, p_t, self.taxonomy.n_classes[name])):
+                total += part
+            self.correct[k] += int((p_t == y_t).sum())
+        fine, truth = np.asarray(preds[-1]), np.asarray(ys[-1])
+        wrong = fine != truth
+        self.rows += len(fine)
+        self.consistent += int(consistent_rows(preds, self.taxonomy).sum())
+        self.mistakes += int(wrong.sum())
+        self.lca_sum += int(lca_depth(fine[wrong], truth[wrong], self.taxonomy).sum())
+
+    def metrics(self) -> dict:
+        """As `decoded_metrics` gives them for the same rows at once."""
+        n = max(self.rows, 1)
+        levels = {}
+        for k, name in enumerate(self.taxonomy.order):
+            levels[name] = {"accuracy": self.correct[k] / n, "f1": _prf(tuple(self.counts[k]), "weighted")[2],
+                            "f1_macro": _prf(tuple(self.counts[k]), "macro")[2]}
+        return levels[self.taxonomy.fine] | {
+            "levels": levels, "avg_accuracy": float(np.mean([m["accuracy"] for m in levels.values()])),
+            "consistency": self.consistent / n,
+            "mistake_severity": self.lca_sum / self.mistakes if self.mistakes else None}
+
+
+class HierarchyScores:
+    """One seed's metrics of a multi-level run, from its logits per level (coarse → fine) given
+    block by block: per-level classification metrics and their mean, consistency and mistake
+    severity of the argmax, every consistent decoder's metrics (`DECODERS`), and the selective
+    points (`SELECTIVE_TAUS`) — what `level_metrics`, `decoded_metrics` and `selective_points`
+    give on all the rows at once, without holding them."""
+
+    def __init__(self, taxonomy: Taxonomy, taus: Sequence[float] = SELECTIVE_TAUS) -> None:
+        self.taxonomy, self.taus = taxonomy, tuple(taus)
+        self.logits = [MetricCounts(taxonomy.n_classes[name]) for name in taxonomy.order]
+        self.argmax = DecodedCounts(taxonomy)
+        self.decoders = {name: DecodedCounts(taxonomy) for name in DECODERS}
+        self.selective = np.zeros((len(self.taus), 3))  # per τ: sums of right, depth fraction, at the finest
+        self.rows = 0
+
+    def update(self, logits: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> None:
+        z = [torch.as_tensor(np.asarray(b), dtype=torch.float32) for b in logits]
+        for counts, zk, y in zip(self.logits, z, ys):
+            counts.update(zk, y)
+        self.argmax.update([zk.argmax(1).numpy() for zk in z], ys)
+        for name, decode in DECODERS.items():
+            self.decoders[name].update(decode(logits, self.taxonomy), ys)
+        truth = np.stack([np.asarray(y) for y in ys], 1)
+        conf, preds = _confidence(logits)
+        for i, tau in enumerate(self.taus):
+            level, pred = _deepest(conf, preds, float(tau))
+            self.selective[i] += ((pred == truth[np.arange(len(pred)), level]).sum(),
+                                  ((level + 1) / len(ys)).sum(), (level == len(ys) - 1).sum())
+        self.rows += len(truth)
+
+    def metrics(self) -> dict:
+        per_level = [c.metrics() for c in self.logits]
+        argmax = self.argmax.metrics()
+        selective = self.selective / max(self.rows, 1)
+        return per_level[-1] | {
+            "levels": dict(zip(self.taxonomy.order, per_level)),
+            "avg_accuracy": float(np.mean([m["accuracy"] for m in per_level])),
+            "consistency": argmax["consistency"], "mistake_severity": argmax["mistake_severity"],
+            "decoder": {name: d.metrics() for name, d in self.decoders.items()},
+            "selective": {tau_key(tau): dict(zip(SELECTIVE_KEYS, map(float, row)))
+                          for tau, row in zip(self.taus, selective)}}
+

@@ -89,3 +89,20 @@ class MetricCounts:
         return {"accuracy": self.correct / n, "precision": p, "recall": r, "f1": f, "precision_macro": pm,
                 "recall_macro": rm, "f1_macro": fm, "top5": self.top5 / n,
                 "mean_class_accuracy": float(per_class.mean())}
+
+
+def summarise(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over seeds under each metric's own key, and the standard deviation as `<key>_std`."""
+    out: dict[str, float] = {}
+    for key in per_seed[0]:
+        if isinstance(per_seed[0][key], dict):  # nested blocks keep the same flat convention inside
+            out[key] = summarise([m[key] for m in per_seed])
+            continue
+        # None: no value for that seed (an empty shot bin; mistake severity of a seed with no mistake)
+        values = np.array([m[key] for m in per_seed if m[key] is not None])
+        if not len(values):
+            out[key], out[f"{key}_std"] = None, None
+            continue
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out

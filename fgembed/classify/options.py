@@ -13,7 +13,7 @@ import dataclasses
 
 from ..errors import FgembedError
 from .registry import head_class
-from .runs import TRAINING, HeadConfig, RunConfig
+from .config import HeadConfig, RunConfig, TRAINING
 from .views import ViewConfig
 
 VIEW_OPTIONS = frozenset(f.name for f in dataclasses.fields(ViewConfig)) - {"features"}
