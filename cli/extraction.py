@@ -122,7 +122,7 @@ def extract(
     names = expand_names(backbone, _items(layers), _items(pooling), _items(tta))
     imported = time.perf_counter()
     table = load_dataset(dataset, root, val_fraction=val_fraction, seed=seed, train_file=train_file)
-    err.print(f"{table.kind}: {len(table)} images, {len(table.class_names)} classes, "
+    err.print(f"{table.kind}: {len(table)} images, {plural(len(table.class_names), 'class')}, "
               f"splits {table.split_counts()}", highlight=False)
     if not pretrained:
         err.print("[yellow]random-initialised weights (--no-pretrained): a pipeline test, "

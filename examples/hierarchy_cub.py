@@ -1,15 +1,15 @@
-"""Seed 004's per-level table and seed 001's novelty table from cached CUB features.
+"""The flamingo-or-bird paper's per-level table and Zusin's novelty table from cached CUB features.
 
     python examples/hierarchy_cub.py --store paper-output/cub.zarr --runs paper-output/runs-cub \\
         --backbone dinov2_vitl14 [--seeds 0,1,2 --epochs 150 --lr 1e-3,3e-4 --plots paper-output]
 
 `make hierarchy-cub CUB_ROOT=…` extracts the backbone, then runs this. It fits the three
 multi-level heads on order → family → species (`--hierarchy independent|shared|disentangled`,
-004's "vanilla multi", "vanilla single" and "ours"), prints their per-level accuracy, mean ± std
-over the seeds, beside 004's Table 2 (an end-to-end fine-tuned CNN, not frozen features: a
+the flamingo-or-bird paper's "vanilla multi", "vanilla single" and "ours"), prints their per-level accuracy, mean ± std
+over the seeds, beside the flamingo-or-bird paper's Table 2 (an end-to-end fine-tuned CNN, not frozen features: a
 reference, not a target), the consistent path-product decoding and the "deepest confident level"
-points (004's "flamingo or bird"); then fits the shared head (001's two heads) with a fraction of
-the families held out and prints 001's novelty table at each level. Finished runs are reused, so
+points (the flamingo-or-bird paper's "flamingo or bird"); then fits the shared head (Zusin's two heads) with a fraction of
+the families held out and prints Zusin's novelty table at each level. Finished runs are reused, so
 a second call only prints. Figures go to `--plots`.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from fgembed.store import FeatureStore
 
 LEVELS = ("order", "family", "species")
 HEADS = {"independent": "vanilla multi", "shared": "vanilla single", "disentangled": "ours (split + reinforce)"}
-# seed 004, Table 2, CUB-200-2011: order, family, species and avg acc, percent as printed (mean of 3 runs)
+# the flamingo-or-bird paper, Table 2, CUB-200-2011: order, family, species and avg acc, percent as printed (mean of 3 runs)
 PAPER_004 = {"independent": (95.13, 89.70, 78.31, 87.71), "shared": (95.38, 87.70, 74.24, 85.77),
              "disentangled": (96.37, 90.39, 77.95, 88.24)}
 POINTS = (0.5, 0.7, 0.9, 0.99)  # of SELECTIVE_TAUS, for the printed table (the plot has them all)
@@ -49,8 +49,8 @@ def pct(block: dict, key: str) -> str:
 
 
 def level_table(runs: dict[str, Run]) -> str:
-    """004's per-level table (argmax per level), with the consistency, the path-product decoder's
-    avg accuracy and the mistake severity of each head; 004's own rows below ours."""
+    """the flamingo-or-bird paper's per-level table (argmax per level), with the consistency, the path-product decoder's
+    avg accuracy and the mistake severity of each head; the flamingo-or-bird paper's own rows below ours."""
     header = ["Head", "004 name", "order acc", "family acc", "species acc", "avg acc", "consistency",
               "avg acc (path product)", "mistake severity (LCA depth)"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name}: chosen per seed on the mean over levels of validation F1: {chosen}")
         print()
     taus = ", ".join(f"{t:g}" for t in SELECTIVE_TAUS)
-    print(f"## 004's \"flamingo or bird\": answer at the deepest level whose max probability ≥ τ "
+    print(f"## the flamingo-or-bird paper's \"flamingo or bird\": answer at the deepest level whose max probability ≥ τ "
           f"(metrics.json `selective` has τ {taus})\n")
     print(selective_table(runs))
     if args.plots is not None:

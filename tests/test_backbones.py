@@ -216,7 +216,7 @@ def test_two_sizes_of_one_backbone_in_one_store(table, tmp_path):
         want = bb.embed(torch.stack([bb.transform(im) for im in _images(table, ROWS)])).numpy()
     np.testing.assert_allclose(small[ROWS], want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(small, full, atol=1e-3)
-    # the two sizes fuse like any two members (seed 002's resolution study)
+    # the two sizes fuse like any two members (Cui et al.'s resolution study)
     from fgembed.classify.config import HeadConfig, RunConfig
     from fgembed.classify.fitting import fit_run
     from fgembed.classify.views import ViewConfig

@@ -1,4 +1,4 @@
-"""Backbone cost (seed 003): counts cross-checked by hand and by module hooks, JSON shape, the
+"""Backbone cost (the accuracy-vs-cost study): counts cross-checked by hand and by module hooks, JSON shape, the
 store round trip and the errors a user hits. Timings are run (tiny models, few repeats), never
 asserted."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Taxonomy, multi-level heads (incl. 004's stop-gradient), training, decoders and hierarchy metrics,
+"""Taxonomy, multi-level heads (incl. the flamingo-or-bird paper's stop-gradient), training, decoders and hierarchy metrics,
 checked on generated hierarchical features and against scikit-learn / brute force."""
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def test_hierarchy_cub_example_prints_both_tables(cub_root, tmp_path, capsys, mo
     table = next(line for line in out.splitlines() if line.startswith("| independent |"))
     run = Run.load(next((tmp_path / "runs").glob("toy_independent-*")))
     assert f"{100 * run.metrics['levels']['family']['accuracy']:.2f}" in table
-    assert "| knn | family |" in out and "| msp | label |" in out  # 001's table at both levels
+    assert "| knn | family |" in out and "| msp | label |" in out  # Zusin's table at both levels
     assert (tmp_path / "hierarchy-cub-selective.png").is_file() and (tmp_path / "hierarchy-cub-roc.png").is_file()
 
 
@@ -303,7 +303,7 @@ def test_novelty_table_auroc_equals_sklearn_on_stored_scores(store_path, tmp_pat
     scores, _, novel = read_scores(run.path)
     assert [r["auroc"] for r in json.loads(fused.stdout)] == pytest.approx(
         [roc_auc_score(novel, scores[name]) for name in ("msp", "msp", "knn")], abs=1e-9)
-    # alone, the multi-level run also gets 001's rows at the coarse level, from the coarse head
+    # alone, the multi-level run also gets Zusin's rows at the coarse level, from the coarse head
     alone = runner.invoke(app, ["novelty", str(levels.path), "--scores", "msp,energy", "--format", "json"])
     assert alone.exit_code == 0, alone.output
     coarse = [r for r in json.loads(alone.stdout) if r["level"] == "group"]

@@ -1,4 +1,4 @@
-"""Novelty scores, their metrics and 001's open-set table, on generated features where a held-out
+"""Novelty scores, their metrics and Zusin's open-set table, on generated features where a held-out
 family is far from the trained ones, cross-checked against scikit-learn / scipy / brute force."""
 from __future__ import annotations
 

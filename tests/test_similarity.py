@@ -1,4 +1,4 @@
-"""Domain similarity (seed 002 §4): class means, EMD and the greedy selection, each checked
+"""Domain similarity (Cui et al., §4): class means, EMD and the greedy selection, each checked
 against a direct computation — numpy over all rows for the means, POT for the transport."""
 from __future__ import annotations
 

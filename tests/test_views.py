@@ -136,7 +136,7 @@ def test_unflagged_nonfinite_rows_are_dropped_counted_and_warned(tmp_path):
     emb = store._features("a")["emb"]
     for row in bad:  # as an older fgembed wrote them: inf with status ok
         emb[int(row)] = np.full(24, np.inf, np.float32)
-    with pytest.warns(UserWarning, match="1 classes have no training rows"):
+    with pytest.warns(UserWarning, match="1 class has no training rows"):
         view = build_view(store, ViewConfig(features=("a", "b"), fusion="concat"))
     assert view.dropped["train"] == len(bad) and 5 not in set(view.labels("train"))
     np.testing.assert_array_equal(view.X("train"), _direct(store, ["a", "b"], view.rows["train"]).astype(np.float16))

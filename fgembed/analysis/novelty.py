@@ -1,11 +1,11 @@
-"""Open-set novelty scores on cached features, their metrics, and seed 001's open-set table.
+"""Open-set novelty scores on cached features, their metrics, and Zusin's open-set table.
 
 Sign convention: every score is HIGHER FOR MORE NOVEL rows, and novel rows are the positives of
 every metric (CONVENTIONS), so AUROC > 0.5 means the score ranks novel rows above seen ones.
 
 Scores (registry `SCORES`, timm-style: `create_scorer(name, **params)`, `list_scores(pattern)`):
 
-- from a head's logits: `msp` (−max softmax probability, 001's score), `maxlogit` (−max logit),
+- from a head's logits: `msp` (−max softmax probability, Zusin's score), `maxlogit` (−max logit),
   `energy` (−T·logsumexp(z/T): the free energy, low on known data);
 - from embeddings, fitted on the TRAINING rows: `knn` (distance to the k-th nearest L2-normalised
   training embedding), `mahalanobis` (min over classes of the squared Mahalanobis distance to the
@@ -235,7 +235,7 @@ def calibrate_threshold(seen_val_scores: np.ndarray, target_tpr: float = 0.95) -
 
 
 def open_set_accuracy(pred: np.ndarray, y: np.ndarray, flagged: np.ndarray, novel: np.ndarray) -> dict[str, float]:
-    """Seed 001's Table 1 at one level (its Algorithm 1, §3.2, and §5): the answer is `novel`
+    """Zusin's Table 1 at one level (its Algorithm 1, §3.2, and §5): the answer is `novel`
     when flagged, else the argmax. A seen row is right when not flagged and its class is right;
     a novel row is right when flagged. Overall is over all rows (NaN for an empty group)."""
     pred, y, flagged, novel = (np.asarray(a) for a in (pred, y, flagged, novel))
@@ -252,7 +252,7 @@ def novel_at_level(y_level: np.ndarray, train_level: np.ndarray) -> np.ndarray:
 
 def score_row(score: str, level: str, test_scores: np.ndarray, novel: np.ndarray, pred: np.ndarray, y: np.ndarray,
               threshold: float, rule: str) -> dict:
-    """One table row: detection metrics and 001's accuracies at `threshold` (flagged: score > t).
+    """One table row: detection metrics and Zusin's accuracies at `threshold` (flagged: score > t).
     Without both novel and seen rows the detection metrics are undefined (NaN), the accuracies kept."""
     novel = np.asarray(novel, bool)
     detection = detection_metrics(test_scores, novel) if novel.any() and not novel.all() else \
@@ -262,14 +262,14 @@ def score_row(score: str, level: str, test_scores: np.ndarray, novel: np.ndarray
 
 
 def default_tau(level: int, n_levels: int) -> float:
-    """001's MSP thresholds: 0.5 at the finest level, 0.7 at every coarser one."""
+    """Zusin's MSP thresholds: 0.5 at the finest level, 0.7 at every coarser one."""
     return DEFAULT_TAU["fine"] if level == n_levels - 1 else DEFAULT_TAU["coarse"]
 
 
 def level_rows(level: str, test_scores: dict[str, np.ndarray], seen_val_scores: dict[str, np.ndarray],
                novel: np.ndarray, pred: np.ndarray, y: np.ndarray, tau: float | None = None,
                target_tpr: float = 0.95) -> list[dict]:
-    """The table rows of one level: msp at 001's fixed τ (flagged when max p < τ) when `tau` is
+    """The table rows of one level: msp at Zusin's fixed τ (flagged when max p < τ) when `tau` is
     given, and every score at the threshold calibrated on its seen validation rows."""
     rows = []
     if tau is not None and "msp" in test_scores:

@@ -87,7 +87,7 @@ def score_runs(run_dirs: list[str | Path], scores: list[str], *, tau: float | No
     records = level_rows(levels[-1] if levels else "label", test_scores, val_scores, novel, test_logits.argmax(1), y,
                          default_tau(0, 1) if tau is None else tau, target_tpr)
     path = write_scores(runs[0].path, test_scores, rows, novel)
-    if all(r.config.head.levels == levels for r in runs):  # multi-level runs: 001's table at coarser levels
+    if all(r.config.head.levels == levels for r in runs):  # multi-level runs: Zusin's table at coarser levels
         for i, level in enumerate(levels[:-1]):
             records += _coarse_rows(runs, views[0], level, default_tau(i, len(levels)) if tau is None else tau,
                                     target_tpr, logit_scores, test_scores, val_scores)

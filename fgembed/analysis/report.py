@@ -3,7 +3,7 @@
 Precision, recall and F1 are weighted averages, as in the reference paper (whose recall equals
 accuracy in every row); the headers say so, and macro F1 stands beside them. Numbers are
 percentages; with several seeds a cell reads `mean ± std`. Rows of multi-level runs add an
-accuracy column per taxonomy level and their mean (`Acc order`, …, `Avg acc`, seed 004's table),
+accuracy column per taxonomy level and their mean (`Acc order`, …, `Avg acc`, the flamingo-or-bird paper's table),
 read from the nested `levels.<level>.accuracy` keys (a dotted column key walks nested blocks),
 then the consistency rate (percent) and the mistake severity (a mean LCA depth, not a percentage).
 """
@@ -291,7 +291,7 @@ def write_report(entries: list[Entry], directory: str | Path, name: str = "ensem
 
 
 def pareto_plot(entries: list[Entry], path: str | Path) -> Path:
-    """Weighted F1 against inference cost per image (003's question asked of ensembles): GMACs
+    """Weighted F1 against inference cost per image (the accuracy-vs-cost study's question asked of ensembles): GMACs
     summed over members, and a second panel in images/s where every member's throughput is known;
     the Pareto front (cheaper and better than every other row) joined and labelled."""
     import matplotlib

@@ -1,4 +1,4 @@
-"""Domain similarity between two stores' embeddings (seed 002, §4) and greedy source selection.
+"""Domain similarity between two stores' embeddings (Cui et al., §4) and greedy source selection.
 
 Each class is represented by the mean of its images' embeddings and weighted by its share of
 the split's images; the distance between domains is the Earth Mover's Distance between those
@@ -171,7 +171,7 @@ def domain_similarity(source: FeatureStore | Sequence[FeatureStore], target: Fea
 def select_classes(source: FeatureStore, target: FeatureStore, features: str, k: int,
                    source_split: str = "train", target_split: str = "train", gamma: float = DEFAULT_GAMMA,
                    progress: bool = False) -> list[ClassScore]:
-    """002's greedy rule: rank source classes by sim({(s_i, 1)}, T) and keep the top `k`.
+    """Cui et al.'s greedy rule: rank source classes by sim({(s_i, 1)}, T) and keep the top `k`.
 
     With all the mass at one point s_i, the only transport plan sends it to each target class in
     proportion to its weight, so EMD({(s_i, 1)}, T) = Σ_j w_j ‖s_i − t_j‖ — one row of the

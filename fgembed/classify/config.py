@@ -201,7 +201,7 @@ def run_key(config: RunConfig, identity: dict) -> str:
     stored: a format change reads old runs through `READERS` or retrains them at the same path.
 
     Runs keyed by the formula before this one (it also hashed fgembed's version and the format
-    version; git f05ce4b dropped them) are not found here: they are retrained once, and their old
+    version, until a release dropped them) are not found here: they are retrained once, and their old
     folders stay readable by `Run.load` (`fgembed predict --run DIR`). No legacy-key fallback: it
     would keep two retired formulas (format 1's flat config; format 2's with the version) alive
     for runs that only the unreleased 0.1.0 wrote, in the fit path of every run."""

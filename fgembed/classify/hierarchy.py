@@ -3,14 +3,14 @@
 Three multi-level heads over a view's design rows, each returning one logit tensor per level
 (coarse → fine), chosen from the `HIERARCHIES` registry (timm-style):
 
-- `independent`: one reference MLP per level (seed 004's "vanilla multi").
-- `shared`: one trunk (the reference MLP's hidden layers) with a Linear head per level (seed 001's
-  two heads; 004's "vanilla single").
-- `disentangled`: 004's split-and-reinforce (§4.2, eq. 2): the trunk's last hidden layer f is
+- `independent`: one reference MLP per level (the flamingo-or-bird paper's "vanilla multi").
+- `shared`: one trunk (the reference MLP's hidden layers) with a Linear head per level (Zusin's
+  two heads; the flamingo-or-bird paper's "vanilla single").
+- `disentangled`: the flamingo-or-bird paper's split-and-reinforce (§4.2, eq. 2): the trunk's last hidden layer f is
   split into K parts; level k's head sees CONCAT(f_k, Γ(f_{k+1}), …, Γ(f_K)) with Γ = stop-gradient,
   so a coarse loss trains its own part (and its head's weights on the finer parts) but never
   shapes the finer parts. We split the LEARNED hidden layer, not the frozen input embedding:
-  splitting a frozen input would stop nothing. The earlier trunk layers stay shared, as 004's
+  splitting a frozen input would stop nothing. The earlier trunk layers stay shared, as the flamingo-or-bird paper's
   backbone F is.
 
 Training: `fit_levels` trains one model per seed; `fit_levels_grid` trains an lr × weight-decay grid
@@ -48,7 +48,7 @@ def _trunk(d: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
 
 
 class IndependentHeads(nn.Module):
-    """One reference MLP per level, trained side by side (004's "vanilla multi")."""
+    """One reference MLP per level, trained side by side (the flamingo-or-bird paper's "vanilla multi")."""
 
     def __init__(self, d: int, n_classes: Sequence[int], hidden: Sequence[int] = (512, 256),
                  dropout: float = 0.5) -> None:
@@ -61,7 +61,7 @@ class IndependentHeads(nn.Module):
 
 
 class SharedTrunkHeads(nn.Module):
-    """One trunk, a Linear head per level (001's two heads; 004's "vanilla single")."""
+    """One trunk, a Linear head per level (Zusin's two heads; the flamingo-or-bird paper's "vanilla single")."""
 
     def __init__(self, d: int, n_classes: Sequence[int], hidden: Sequence[int] = (512, 256),
                  dropout: float = 0.5) -> None:
@@ -75,7 +75,7 @@ class SharedTrunkHeads(nn.Module):
 
 
 class DisentangledHeads(nn.Module):
-    """004's split-and-reinforce: the trunk's last hidden layer is split into K near-equal parts
+    """The flamingo-or-bird paper's split-and-reinforce: the trunk's last hidden layer is split into K near-equal parts
     (`part_slices`); level k's head reads its own part and the finer parts detached (eq. 2)."""
 
     def __init__(self, d: int, n_classes: Sequence[int], hidden: Sequence[int] = (512, 256),
@@ -184,7 +184,7 @@ def fit_levels_grid(name: str, X, ys: Sequence[np.ndarray], X_val, ys_val: Seque
                     on_epoch: Callable[[float], None] | None = None) -> list[LevelsFit]:
     """`fit_levels` at every (lr, weight decay), lr-major; per seed the setting with the best
     validation score — the same score that picks the best epoch (`select`: by default the mean over
-    levels of the weighted validation F1, 004's "avg"; ties go to the first setting), so a setting
+    levels of the weighted validation F1, the flamingo-or-bird paper's "avg"; ties go to the first setting), so a setting
     is chosen the way an epoch is. Each fit's `grid` lists every setting's score and best epoch.
 
     Settings train one after another, not batched like `train.train_grid`: its stacked model runs

@@ -1,4 +1,4 @@
-"""Long-tail analysis and re-balancing (seed 002's iNat long-tail study).
+"""Long-tail analysis and re-balancing (Cui et al.'s iNat long-tail study).
 
 - Shot bins: classes with > 100 training rows are "many", 20–100 "medium", < 20 "few" (the
   usual long-tail split; `--shot-bins 20,100` changes the edges). `by_frequency` reports each
@@ -8,7 +8,7 @@
   inverse effective number of samples (Cui et al., CVPR 2019: E_n = (1 − βⁿ)/(1 − β)); `sampler`
   draws class-balanced batches; `logit-adjust` trains on logits + τ·log prior (Menon et al.,
   ICLR 2021), so the raw logits used at test time are balanced; `second-stage` trains normally,
-  then a few epochs on class-balanced batches at a lower learning rate (seed 002's second stage).
+  then a few epochs on class-balanced batches at a lower learning rate (Cui et al.'s second stage).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ fixed protocol that does not depend on the grid). Heads that share a seed share 
 Every epoch, each head's weighted validation F1 is computed on the device and the best epoch's
 state kept there (`torch.where`, no host round-trip); the history is read back once at the end.
 
-`balance` (a name in `BALANCES`, seed 002's long-tail study) re-balances every head of the grid
+`balance` (a name in `BALANCES`, Cui et al.'s long-tail study) re-balances every head of the grid
 the same way, keeping each head's own random streams: `loss` weights the cross-entropy by class
 (`longtail.class_balanced_weights`, normalised as `nn.CrossEntropyLoss(weight=…)` does); `sampler`
 draws each head's epoch order class-balanced with its own generator; `logit-adjust` adds the

@@ -248,7 +248,7 @@ def _warn_empty_classes(store: FeatureStore, fine: np.ndarray, trainable: np.nda
     empty = np.flatnonzero(trainable & in_store & (np.bincount(fine[train], minlength=len(trainable)) == 0))
     if len(empty):
         names = store.class_names
-        warnings.warn(f"{len(empty)} classes have no training rows in store {store.path} (e.g. "
+        warnings.warn(f"{len(empty)} {'class has' if len(empty) == 1 else 'classes have'} no training rows in store {store.path} (e.g. "
                       f"{names[empty[0]]!r}); a head cannot predict them", UserWarning, stacklevel=3)
 
 

@@ -1,4 +1,4 @@
-"""What a backbone costs at inference (seed 003's question): parameters, multiply-adds, speed, memory.
+"""What a backbone costs at inference (the accuracy-vs-cost study's question): parameters, multiply-adds, speed, memory.
 
 Counts come from torch's `FlopCounterMode` on one preprocessed image. It counts FLOPs with a
 multiply-add as two, so `gmacs = flops / 2` is what timm's benchmark reports as GMACs and
