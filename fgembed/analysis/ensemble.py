@@ -209,7 +209,7 @@ def shared_train_counts(store: FeatureStore, runs: list[Run], subsets: list[tupl
         kept[:] = False
         kept[list(view.classes)] = True
     codes = store.labels(level=level_key(level)).astype(np.int64)
-    train = store.group["samples/split"][:] == SPLIT_NAMES["train"]
+    train = store.split_codes() == SPLIT_NAMES["train"]
     # per member: a concat or sum member loses a row when any of its backbones failed on it
     failed = [np.logical_or.reduce([np.isin(store.status(name), FAILED) for name in run.config.view.features])
               for run in runs]

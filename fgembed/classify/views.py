@@ -169,7 +169,7 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
         if info.rows_done < store.n_rows:
             raise FgembedError(f"features {info.name!r} in {store.path} are incomplete ({info.rows_done}/"
                                f"{store.n_rows} rows); rerun fgembed extract to finish")
-    split = store.group["samples/split"][:]
+    split = store.split_codes()
     fine = store.labels().astype(np.int64)
     n_classes = len(store.class_names)
     kept, held = _select_classes(store, config, fine, n_classes)
