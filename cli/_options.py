@@ -31,7 +31,11 @@ def at_least(low: int) -> Callable[[int | None], int | None]:
     return check
 
 
-STORE = typer.Option(..., metavar="PATH", help="Feature store from `fgembed extract` (or `import`).")
+STORE = typer.Option(..., metavar="PATH|URL", help="Feature store from `fgembed extract` (or `import`): "
+                     "a path or an fsspec URL, e.g. s3://bucket/cub.zarr.")
+STORAGE_OPTION = typer.Option([], "--storage-option", metavar="KEY=VALUE", show_default=False,
+                              help="Filesystem option of a URL store, e.g. endpoint_url=http://host:9000 "
+                              "(repeatable; credentials come as s3fs / gcsfs read them).")
 RUNS = typer.Option(Path("runs"), metavar="DIR", help="Folder of run directories.")
 HEAD = typer.Option(HEAD_DEFAULTS["head"], metavar="NAME",
                     help="mlp (the reference d→512→256→C), linear, knn, logreg, zeroshot (text embeddings "
@@ -78,6 +82,14 @@ BALANCE = typer.Option("none", metavar="KIND", rich_help_panel=LONG_TAIL,
                        "(selects on macro F1).")
 SHOT_BINS = typer.Option("20,100", metavar="LOW,HIGH", rich_help_panel=LONG_TAIL,
                          help="few < LOW ≤ medium ≤ HIGH < many training rows (by_frequency).")
+
+
+def open_store(where: str, storage_option: list[str], mode: str = "r"):
+    """The store at `--store` (a path or URL) with its `--storage-option`s."""
+    from fgembed.storage import parse_storage_options
+    from fgembed.store import FeatureStore
+
+    return FeatureStore.open(where, mode, parse_storage_options(storage_option))
 
 
 def ints(text: str, option: str) -> tuple[int, ...]:

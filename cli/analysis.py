@@ -12,6 +12,7 @@ from rich.table import Table
 from fgembed.errors import FgembedError
 
 from ._common import app, err, out, plural, print_json
+from ._options import STORAGE_OPTION, open_store
 
 FORMATS = ("table", "json")
 
@@ -24,8 +25,8 @@ def _format(fmt: str) -> str:
 
 @app.command()
 def similarity(
-    source: list[Path] = typer.Option(..., metavar="PATH", help="Source store (repeatable: matrix rows)."),
-    target: list[Path] = typer.Option(..., metavar="PATH", help="Target store (repeatable: matrix columns)."),
+    source: list[str] = typer.Option(..., metavar="PATH|URL", help="Source store (repeatable: matrix rows)."),
+    target: list[str] = typer.Option(..., metavar="PATH|URL", help="Target store (repeatable: matrix columns)."),
     features: str = typer.Option(..., metavar="A,B,…", help="Backbone(s) both stores hold."),
     source_split: str = typer.Option("train", metavar="SPLIT", help="Split of the sources: train, val or test."),
     target_split: str = typer.Option("train", metavar="SPLIT", help="Split of the targets: train, val or test."),
@@ -37,6 +38,7 @@ def similarity(
     plot: Optional[Path] = typer.Option(None, metavar="PNG", help="Heat map of the matrix (default "
                                         "similarity.png when there is more than one result)."),
     fmt: str = typer.Option("table", "--format", metavar="FMT", help="table or json."),
+    storage_option: list[str] = STORAGE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Domain similarity between stores: EMD between class-mean embeddings, sim = exp(−γ·d).
@@ -54,14 +56,13 @@ def similarity(
         similarity_matrices,
         write_class_list,
     )
-    from fgembed.store import FeatureStore
 
     fmt = _format(fmt)
     names = [n.strip() for n in features.split(",") if n.strip()]
     if not names:
         raise FgembedError("--features needs at least one backbone name")
-    sources = [FeatureStore.open(p) for p in source]
-    targets = [FeatureStore.open(p) for p in target]
+    sources = [open_store(p, storage_option) for p in source]
+    targets = [open_store(p, storage_option) for p in target]
     if select is not None:
         if out_file is None:
             raise FgembedError("--select writes a class list: give it --out FILE")
@@ -129,8 +130,9 @@ def bench(
                                     help="--no-pretrained: random init (same cost, no download)."),
     cache_dir: Optional[Path] = typer.Option(None, metavar="PATH", rich_help_panel=WEIGHTS,
                                              help="The libraries' weight cache."),
-    store: Optional[Path] = typer.Option(None, metavar="PATH", rich_help_panel=OUTPUT,
-                                         help="Record the results in this store (outside the fingerprint)."),
+    store: Optional[str] = typer.Option(None, metavar="PATH|URL", rich_help_panel=OUTPUT,
+                                        help="Record the results in this store (outside the fingerprint)."),
+    storage_option: list[str] = STORAGE_OPTION,
     fmt: str = typer.Option("table", "--format", metavar="FMT", rich_help_panel=OUTPUT, help="table or json."),
     quiet: bool = typer.Option(False, "--quiet", rich_help_panel=OUTPUT, help="No progress bar."),
 ) -> None:
@@ -146,14 +148,13 @@ def bench(
     from fgembed.backbones import LoadOptions
     from fgembed.extraction.bench import BenchOptions
     from fgembed.extraction.bench import bench as run_bench
-    from fgembed.store import FeatureStore
 
     fmt = _format(fmt)
     options = BenchOptions(device=device, precision=precision, batch_size=batch_size, warmup=warmup, repeats=repeats,
                            latency_repeats=latency_repeats, images=images, workers=workers, compile=compile_model,
                            progress=not quiet,
                            load=LoadOptions(pretrained=pretrained, image_size=image_size, cache_dir=cache_dir))
-    target = FeatureStore.open(store) if store is not None else None
+    target = open_store(store, storage_option) if store is not None else None
     if not pretrained:
         err.print("[yellow]random-initialised weights (--no-pretrained): the cost is the model's, "
                   "the weights do not matter[/yellow]")

@@ -1,7 +1,6 @@
 """`fgembed fit`, `fgembed ensemble`: the classifier stage over a feature store."""
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
@@ -38,9 +37,11 @@ from ._options import (
     SEEDS,
     SHOT_BINS,
     SHOTS,
+    STORAGE_OPTION,
     STORE,
     WEIGHT_DECAY,
     at_least,
+    open_store,
     run_options,
     typed,
 )
@@ -51,7 +52,7 @@ REPORT = "Report"
 @app.command()
 def fit(
     ctx: typer.Context,
-    store: Path = STORE,
+    store: str = STORE, storage_option: list[str] = STORAGE_OPTION,
     features: str = typer.Option(..., metavar="A[+B…]", help="One backbone, or several joined by + (fused)."),
     head: str = HEAD, seeds: str = SEEDS,
     fusion: str = typer.Option("concat", metavar="KIND", rich_help_panel=FUSION,
@@ -74,21 +75,16 @@ def fit(
     Writes one run directory (config, safetensors weights, history, metrics.json, val/test
     logits in Zarr). The same configuration on the same store is reused unless --force.
     """
+    from fgembed.classify.fitting import fit_draws
     from fgembed.classify.options import run_config
-    from fgembed.classify.fitting import fit_run
-    from fgembed.store import FeatureStore
 
-    opened = FeatureStore.open(store)
-    given = run_options(typed(ctx, "store", "features", "draws", "device", "runs", "force", "as_json", "quiet"),
-                        opened.class_names)
+    opened = open_store(store, storage_option)
+    given = run_options(typed(ctx, "store", "storage_option", "features", "draws", "device", "runs", "force",
+                              "as_json", "quiet"), opened.class_names)
     config = run_config(tuple(features.split("+")), **given)
-    if draws > 1 and config.view.shots is None:
-        raise FgembedError("--draws repeats the --shots draw: give --shots K too")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        run = fit_run(opened, config, runs, device=device, force=force, progress=not quiet)
-        others = [fit_run(opened, dataclasses.replace(config, view=dataclasses.replace(config.view, draw=draw + k)),
-                          runs, device=device, force=force, progress=not quiet) for k in range(1, draws)]
+        run, *others = fit_draws(opened, config, runs, draws, device=device, force=force, progress=not quiet)
     for warning in caught:
         err.print(f"[yellow]warning: {escape(str(warning.message))}[/yellow]", highlight=False)
     if as_json:
@@ -146,11 +142,10 @@ def std_of(block: dict, key: str, m: dict) -> str:
 
 
 def _print_draws(runs: list, shots: int) -> None:
-    """Few-shot results over several draws of the training rows: mean ± std over draws (each
-    draw's own seeds averaged first)."""
-    from fgembed.classify.metrics import summarise
+    """Few-shot results over several draws of the training rows: mean ± std over draws."""
+    from fgembed.classify.fitting import draws_summary
 
-    summary = summarise([{k: r.metrics[k] for k in ("accuracy", "f1", "f1_macro")} for r in runs])
+    summary = draws_summary(runs)
     out.print(f"{len(runs)} draws of {shots} shots per class: accuracy {100 * summary['accuracy']:.2f} ± "
               f"{100 * summary['accuracy_std']:.2f}  F1 (weighted) {100 * summary['f1']:.2f} ± "
               f"{100 * summary['f1_std']:.2f}  F1 (macro) {100 * summary['f1_macro']:.2f} ± "
@@ -160,7 +155,7 @@ def _print_draws(runs: list, shots: int) -> None:
 @app.command()
 def ensemble(
     ctx: typer.Context,
-    store: Path = STORE,
+    store: str = STORE, storage_option: list[str] = STORAGE_OPTION,
     members: str = typer.Option(..., metavar="A,B,…", help="Backbones to combine (a member may name its "
                                 "head: name@knn)."),
     strategies: str = typer.Option("late,concat,sum", metavar="LIST", help="Any of late, concat, sum."),
@@ -201,7 +196,6 @@ def ensemble(
     from fgembed.classify.fusion import fusion_strategies
     from fgembed.classify.options import ensemble_config
     from fgembed.classify.fitting import check_levels
-    from fgembed.store import FeatureStore
 
     names = [m.strip() for m in members.split(",") if m.strip()]
     if not names:
@@ -212,10 +206,10 @@ def ensemble(
     for option, value in (("late_mode", late_mode), ("late_weights", late_weights)):
         if option in typed(ctx) and "late" not in used:
             raise FgembedError(f"--{option.replace('_', '-')} {value} sets late fusion; no row of this table is late")
-    opened = FeatureStore.open(store)
+    opened = open_store(store, storage_option)
     for member in names:
         opened.backbone_info(split_member(member)[0])  # an unknown member: one line, before any work
-    given = run_options(typed(ctx, "store", "members", "strategies", "combinations", "late_mode", "late_weights",
+    given = run_options(typed(ctx, "store", "storage_option", "members", "strategies", "combinations", "late_mode", "late_weights",
                               "by_frequency", "cost", "fmt", "name", "title", "device", "runs", "force", "quiet"),
                         opened.class_names)
     base = ensemble_config(names, [s for s in fusion_strategies() if s in used], **given)
@@ -240,7 +234,7 @@ def ensemble(
     err.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
 
 
-def _add_costs(opened, entries, store_path: Path) -> None:
+def _add_costs(opened, entries, store_path: str) -> None:
     """Each row's cost (`report.combine_costs` of its members' `fgembed bench` records) into its
     metrics; one warning line names the members never benchmarked and the command that fixes it."""
     from fgembed.analysis.plan import split_member

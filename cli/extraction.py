@@ -14,6 +14,7 @@ from rich.table import Table
 from fgembed.errors import FgembedError
 
 from ._common import app, err, fits, out, plural, print_json
+from ._options import STORAGE_OPTION, open_store
 
 # The dataset formats of `--help`, spelled here rather than imported: `fgembed.datasets` loads numpy and
 # scikit-learn, which `fgembed --help` and every other command would then pay for at start-up.
@@ -42,8 +43,10 @@ def _process_age() -> float | None:
 @app.command()
 def extract(
     dataset: str = typer.Option(..., metavar="KIND", help=f"Dataset format: {', '.join(DATASET_KINDS)}."),
-    root: Path = typer.Option(..., metavar="PATH", help="Dataset root (manifest: the CSV or its folder)."),
-    store: str = typer.Option(..., metavar="PATH", help="Feature store to create or resume, e.g. cache/cub.zarr."),
+    root: str = typer.Option(..., metavar="PATH", help="Dataset root (manifest: the CSV or its folder; "
+                             "webdataset: also a URL)."),
+    store: str = typer.Option(..., metavar="PATH|URL", help="Feature store to create or resume, e.g. "
+                              "cache/cub.zarr or s3://bucket/cub.zarr."),
     backbone: list[str] = typer.Option(..., metavar="NAME", help="Repeatable: a name from `fgembed backbones`, "
                                        "timm:MODEL, open_clip:ARCH/TAG or hf:ORG/REPO, with any ~variant."),
     batch_size: int = typer.Option(64, min=1, metavar="N", rich_help_panel=SPEED, help="Images per forward."),
@@ -82,6 +85,7 @@ def extract(
                                              help="The libraries' weight cache."),
     offline: bool = typer.Option(False, "--offline", rich_help_panel=WEIGHTS,
                                  help="Never touch the network; cached or local weights only."),
+    storage_option: list[str] = STORAGE_OPTION,
     shard_rows: int = typer.Option(256, min=1, metavar="N", rich_help_panel=STORE,
                                    help="Rows per shard (the unit of resume and of parallel writes)."),
     overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=STORE,
@@ -113,6 +117,7 @@ def extract(
     from fgembed.devices import resolve_device
     from fgembed.extraction.extract import DECODES, ExtractOptions
     from fgembed.extraction.extract import extract as run_extract
+    from fgembed.storage import parse_storage_options
 
     if decode not in DECODES:
         raise FgembedError(f"unknown --decode {decode!r}; choose cpu or device")
@@ -130,7 +135,7 @@ def extract(
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, precision=precision,
                              dtype=dtype, shard_rows=shard_rows, overwrite=overwrite, strict=strict,
                              progress=not quiet, compile=compile_model, device_resize=device_resize, decode=decode,
-                             profile=profile, text=text,
+                             profile=profile, text=text, storage_options=parse_storage_options(storage_option),
                              load=LoadOptions(pretrained=pretrained, weights=weights, image_size=image_size,
                                               cache_dir=cache_dir),
                              startup={"imports": (age or 0.0) + imported - entered,
@@ -212,13 +217,12 @@ def download(
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., metavar="STORE", help="A feature store (.zarr)."),
+def info(store: str = typer.Argument(..., metavar="STORE", help="A feature store: a path or a URL."),
+         storage_option: list[str] = STORAGE_OPTION,
          as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Show a store's dataset, its identity (resolved root, files, sampled content hash), splits and
     backbones: dims, rows done/failed, fingerprints (strict) and what was recorded beside them."""
-    from fgembed.store import FeatureStore
-
-    fs = FeatureStore.open(store)
+    fs = open_store(store, storage_option)
     attrs = fs.samples_attrs
     table = fs.table()
     identity = fs.identity

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from ._common import app, err
-from ._options import at_least
+from ._options import STORAGE_OPTION, at_least
 
 RUN_DIRS = typer.Argument(..., metavar="RUN_DIR", help="Run directories (several: a late-fusion ensemble).")
 SCORES = ("msp", "maxlogit", "energy", "knn", "mahalanobis", "gmm")
@@ -24,6 +24,7 @@ def novelty(
                                      "calibrated thresholds."),
     fmt: str = typer.Option("md", "--format", metavar="FMT", help="md, csv, latex or json."),
     plot: Path | None = typer.Option(None, metavar="PNG", help="Write ROC curves to this image."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Score how novel each test row is: held-out classes are the positives.
 
@@ -33,10 +34,11 @@ def novelty(
     """
     from fgembed.analysis.novelty import format_table, plot_roc
     from fgembed.analysis.novelty_runs import score_runs
+    from fgembed.storage import parse_storage_options
 
     format_table([], fmt)  # refuses an unknown format before any work
     result = score_runs(run_dirs, [s.strip() for s in scores.split(",") if s.strip()], tau=tau, k=k,
-                        target_tpr=target_tpr)
+                        target_tpr=target_tpr, storage_options=parse_storage_options(storage_option))
     typer.echo(format_table(result.records, fmt), nl=False)  # exact text: json/csv must parse
     err.print(f"per-row scores → {result.path}", highlight=False, markup=False)
     if not result.novel.any():  # e.g. every test image of the held-out classes failed: nothing to detect

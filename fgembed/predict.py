@@ -227,19 +227,19 @@ def _target_level(run: Run) -> str | None:
 
 def _names(run: Run) -> tuple[list[str], dict[str, tuple[np.ndarray, list[str]]]]:
     """Class names of the run's target, and for a fine-label run each taxonomy level's
-    fine→ancestor code map, read from the run's store."""
-    store = FeatureStore.open(run.store_path)
+    fine→ancestor code map: recorded in the run (a copied run predicts without its store), read
+    from the training store for runs written before they were recorded."""
+    meta = run.meta
+    if "class_names" not in meta:
+        from .classify.config import class_names
+
+        meta = class_names(run.open_store())
     level = _target_level(run)
-    attrs = store.samples_attrs
     if level not in (None, "label", "species"):
-        return list(attrs["levels"][level]), {}
-    fine = store.labels()
-    levels = {}
-    for name, names in attrs["levels"].items():
-        codes = np.zeros(len(attrs["class_names"]), np.int64)
-        codes[fine] = store.labels(level=name)
-        levels[name] = (codes, list(names))
-    return store.class_names, levels
+        return list(meta["taxonomy"][level]["names"]), {}
+    levels = {name: (np.maximum(np.asarray(t["of_class"], np.int64), 0), list(t["names"]))
+              for name, t in meta["taxonomy"].items()}
+    return list(meta["class_names"]), levels
 
 
 def format_predictions(predictions: Predictions, fmt: str) -> str:

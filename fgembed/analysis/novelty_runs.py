@@ -15,7 +15,6 @@ import numpy as np
 from ..classify.rundir import Run
 from ..classify.views import build_view
 from ..errors import FgembedError
-from ..store import FeatureStore
 from .novelty import (
     create_scorer,
     default_tau,
@@ -47,8 +46,9 @@ def _logits(runs: list[Run], split: str, level: str | None = None) -> np.ndarray
 
 
 def score_runs(run_dirs: list[str | Path], scores: list[str], *, tau: float | None = None, k: int = 10,
-               target_tpr: float = 0.95) -> NoveltyResult:
-    """Score, tabulate and write (into the first run dir) the novelty of the runs' test rows."""
+               target_tpr: float = 0.95, storage_options: dict | None = None) -> NoveltyResult:
+    """Score, tabulate and write (into the first run dir) the novelty of the runs' test rows
+    (`storage_options`: for runs trained on a store at a URL)."""
     unknown = [s for s in scores if s not in list_scores()]
     if unknown or not scores:
         raise FgembedError(f"unknown novelty score {','.join(unknown) or '(none)'}; "
@@ -58,7 +58,7 @@ def score_runs(run_dirs: list[str | Path], scores: list[str], *, tau: float | No
         if not run.meta.get("holdout_classes"):
             raise FgembedError(f"{run.path} held no classes out: refit it with --holdout FRACTION "
                                "[--holdout-level family] to have novel test rows")
-    views = [build_view(FeatureStore.open(r.store_path), r.config.view) for r in runs]
+    views = [build_view(r.open_store(storage_options), r.config.view) for r in runs]
     rows = views[0].rows["test"]
     for run, view in zip(runs, views):
         if not np.array_equal(run.rows("test"), rows) or not np.array_equal(view.rows["test"], rows):

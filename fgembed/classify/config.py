@@ -16,6 +16,9 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from ..errors import FgembedError
 from ..store import FeatureStore
@@ -165,6 +168,25 @@ def store_identity(store: FeatureStore, features: tuple[str, ...]) -> dict:
         identity["features"][name] = {"fingerprint": info.fingerprint, "dtype": info.dtype,
                                       "failed_sha256": hashlib.sha256(store.status(name).tobytes()).hexdigest()}
     return identity
+
+
+def store_location(store: FeatureStore) -> str:
+    """Where a run's store is, as it can be reopened from any working directory: a local store's
+    resolved folder, or the URL of one elsewhere."""
+    return str(Path(store.path).resolve()) if store.storage.local else store.location
+
+
+def class_names(store: FeatureStore) -> dict:
+    """The class names and taxonomy a run's predictions are named with, recorded in the run so that
+    a run directory copied elsewhere predicts without its training store: each level's names and the
+    level code of every fine class (-1 for a class with no row to say)."""
+    attrs, fine = store.samples_attrs, store.labels()
+    taxonomy = {}
+    for level, names in attrs["levels"].items():
+        of_class = np.full(len(attrs["class_names"]), -1, np.int64)
+        of_class[fine] = store.labels(level=level)
+        taxonomy[level] = {"names": list(names), "of_class": of_class.tolist()}
+    return {"class_names": list(attrs["class_names"]), "taxonomy": taxonomy}
 
 
 def same_rows(a: dict, b: dict) -> bool:

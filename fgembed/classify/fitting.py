@@ -7,6 +7,7 @@ val and test logits streamed block by block to the logits store while the test b
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from ..errors import FgembedError
 from ..progress import Tick, progress_bar
 from ..store import FeatureStore
 from ._logits import write_run_logits
-from .config import RunConfig, run_key, store_identity
+from .config import RunConfig, class_names, run_key, store_identity, store_location
 from .level_runs import train_levels
 from .metrics import summarise
 from .rundir import FORMAT_VERSION, Run, finished, publish, save_weights, temp_dir
@@ -62,6 +63,20 @@ def fit_run(store: FeatureStore, config: RunConfig, runs_dir: str | Path, device
     view = view or build_view(store, config.view, progress=progress, device=device)
     with progress_bar(config.head.total_epochs, config.label, enabled=progress, unit="epoch") as own:
         return _train(store, config, view, identity, path, device, own, force)
+
+
+def fit_draws(store: FeatureStore, config: RunConfig, runs_dir: str | Path, draws: int = 1, **fit_options) -> list[Run]:
+    """The run of `config` and of the next `draws - 1` seeded draws of its `--shots` training rows:
+    a few-shot result is read over draws of the rows, not only over seeds of one draw."""
+    if draws > 1 and config.view.shots is None:
+        raise FgembedError("--draws repeats the --shots draw: give --shots K too")
+    return [fit_run(store, dataclasses.replace(config, view=dataclasses.replace(config.view, draw=config.view.draw + k)),
+                    runs_dir, **fit_options) for k in range(draws)]
+
+
+def draws_summary(runs: list[Run]) -> dict:
+    """Mean ± std over draws of accuracy and both F1s (each draw's own seeds averaged first)."""
+    return summarise([{k: r.metrics[k] for k in ("accuracy", "f1", "f1_macro")} for r in runs])
 
 
 def _train(store: FeatureStore, config: RunConfig, view: View, identity: dict, path: Path, device: str,
@@ -113,7 +128,7 @@ def _write_run(store: FeatureStore, config: RunConfig, view: View, identity: dic
     save_weights(tmp, dict(zip(h.seeds, trained.modules)), view.fusion)
     (tmp / "history.json").write_text(json.dumps({str(s): hist for s, hist in zip(h.seeds, trained.history)}))
     meta = {"format_version": FORMAT_VERSION, "fgembed_version": __version__, "config": config.to_json(),
-            "store": identity, "store_path": str(store.path), "dims": view.dims,
+            "store": identity, "store_path": store_location(store), **class_names(store), "dims": view.dims,
             "holdout_classes": view.holdout_classes, **trained.meta}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     metrics = summarise(per_seed) | {

@@ -42,6 +42,7 @@ from safetensors.torch import save_file as save_torch
 
 from ..devices import resolve_device
 from ..errors import FgembedError
+from ..store import FeatureStore
 from ._logits import LOGIT_ROWS
 from .config import RunConfig
 from .fusion import Fusion, create_fusion
@@ -91,8 +92,17 @@ class Run:
         return cls(path, config, metrics, store, meta=meta)
 
     @property
-    def store_path(self) -> Path:
-        return Path(self.meta["store_path"])
+    def store_path(self) -> Path | str:
+        """The training store: its folder (resolved since runs record it so) or its URL."""
+        where = self.meta["store_path"]
+        return where if "://" in where else Path(where)
+
+    def open_store(self, storage_options: dict | None = None) -> FeatureStore:
+        """The store this run was trained on (ensembles and novelty read its rows; predict does not)."""
+        try:
+            return FeatureStore.open(self.store_path, storage_options=storage_options)
+        except FgembedError as exc:
+            raise FgembedError(f"run {self.path}: its training store cannot be opened ({exc})") from None
 
     def _logits_group(self) -> zarr.Group:
         return zarr.open_group(self.path / "logits.zarr", mode="r")

@@ -48,7 +48,7 @@ from ..devices import (
 )
 from ..errors import FgembedError
 from ..progress import progress_bar
-from ..store import FeatureStore, _key
+from ..store import FeatureStore
 from .extract import ExtractOptions, extract
 
 E2E_IMAGE_SIZE = (500, 375)  # a typical CUB photo: decode and resize cost like real data
@@ -297,8 +297,7 @@ def write_cost(store: FeatureStore, result: CostResult) -> dict:
     if stored_shape is not None and list(stored_shape) != result.input_shape:
         raise FgembedError(f"{result.backbone!r} was benchmarked at input {result.input_shape} but its features in "
                            f"{store.path} were extracted at {list(stored_shape)}; pass the same --image-size")
-    group = FeatureStore.open(store.path, "r+").group[f"features/{_key(result.backbone)}"]
-    cost = dict(group.attrs).get("cost") or {}
+    cost = store.backbone_attrs(result.backbone).get("cost") or {}
     counts = {"params": result.params, "gmacs": result.gmacs, "gflops": result.gflops,
               "input_shape": result.input_shape}
     if any(cost.get(k) != v for k, v in counts.items()):
@@ -306,12 +305,10 @@ def write_cost(store: FeatureStore, result: CostResult) -> dict:
     timing = {k: v for k, v in asdict(result).items() if k not in counts and k != "backbone"}
     cost = {**counts, "measurements": {**cost.get("measurements", {}), _measurement_key(result): {
         **timing, "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}}
-    group.attrs["cost"] = cost
+    store.record_backbone_attrs(result.backbone, cost=cost)
     return cost
 
 
 def read_cost(store: FeatureStore, backbone: str) -> dict | None:
     """The `cost` record `write_cost` left for `backbone` in `store`, or None if never benchmarked."""
-    store.backbone_info(backbone)  # one-line error for an unknown name
-    group = FeatureStore.open(store.path).group[f"features/{_key(backbone)}"]
-    return dict(group.attrs).get("cost")
+    return store.backbone_attrs(backbone).get("cost")

@@ -62,6 +62,7 @@ class ExtractOptions:
     uint8_feed: bool = True  # False: always the float transform (the reference path for tests/benchmarks)
     profile: bool = False  # per-stage seconds in the summary (CUDA events on a GPU)
     text: bool = False  # also store class-name text embeddings of open_clip backbones (zero-shot heads)
+    storage_options: dict = field(default_factory=dict)  # fsspec options of a store at a URL
     # start-up stages the caller ran before `extract` (the CLI: "imports", "dataset read"), in seconds
     startup: dict[str, float] = field(default_factory=dict)
 
@@ -273,11 +274,12 @@ def _open_store(store_path, table: SampleTable, names: list[str], options: Extra
     try:
         with failures_shared("preparing the store", rank, world):
             if rank == 0:
-                store = FeatureStore.create(store_path, table, options.shard_rows, options.overwrite, names=names)
+                store = FeatureStore.create(store_path, table, options.shard_rows, options.overwrite, names=names,
+                                                storage_options=options.storage_options)
         if world > 1:  # the others open it once it is ready; a rank that cannot is everyone's failure
             with failures_shared("opening the store", rank, world):
                 if rank != 0:
-                    store = FeatureStore.open(store_path, "r+")
+                    store = FeatureStore.open(store_path, "r+", options.storage_options)
     except BaseException:
         if store is not None and rank == 0:
             store.release()
