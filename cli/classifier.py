@@ -56,7 +56,8 @@ def fit(
     features: str = typer.Option(..., metavar="A[+B…]", help="One backbone, or several joined by + (fused)."),
     head: str = HEAD, seeds: str = SEEDS,
     fusion: str = typer.Option("concat", metavar="KIND", rich_help_panel=FUSION,
-                               help="Several features: concat, or sum (projected and added)."),
+                               help="Several features: concat, sum (projected and added), or a "
+                               "registered fusion."),
     project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
     epochs: int = EPOCHS, lr: str = LR, weight_decay: str = WEIGHT_DECAY, batch_size: int = BATCH_SIZE,
     classes: Path | None = CLASSES, holdout: float = HOLDOUT, holdout_level: str | None = HOLDOUT_LEVEL,
@@ -158,7 +159,7 @@ def ensemble(
     store: str = STORE, storage_option: list[str] = STORAGE_OPTION,
     members: str = typer.Option(..., metavar="A,B,…", help="Backbones to combine (a member may name its "
                                 "head: name@knn)."),
-    strategies: str = typer.Option("late,concat,sum", metavar="LIST", help="Any of late, concat, sum."),
+    strategies: str = typer.Option("late,concat,sum", metavar="LIST", help="late and any registered fusion (concat, sum, …)."),
     combinations: str = typer.Option("all", metavar="LIST", help="all (every subset of ≥ 2), pairs, full, "
                                      "singles, or a+b+c; strategy: limits one (late:full)."),
     head: str = HEAD, seeds: str = SEEDS,

@@ -24,7 +24,7 @@ import torch
 
 from .backbones import LoadOptions
 from .classify.late import late_fusion
-from .classify.config import same_rows
+from .classify.config import class_names, same_rows
 from .classify.rundir import Run
 from .classify.views import level_key
 from .datasets import SampleTable
@@ -202,11 +202,19 @@ def _load_options(name: str, fingerprint: dict, base: LoadOptions | None, weight
                        pooling=fingerprint.get("pooling") if plain else None, cache_dir=base.cache_dir)
 
 
+def design_rows(run: Run, store: FeatureStore) -> np.ndarray:
+    """What the run's heads see of every work-store row: its members' embeddings through the
+    view's fusion with the state fitted at training time (`Run.load_fusion`), float16 as the
+    training view's rows; NaN rows of failed images are zeros. Public so that a fusion's author
+    can check that prediction rebuilds exactly the rows training saw."""
+    embeddings = [np.nan_to_num(store.features(name)) for name in run.config.view.features]
+    return run.load_fusion([e.shape[1] for e in embeddings]).transform(embeddings)
+
+
 def _run_scores(run: Run, store: FeatureStore, late_mode: str) -> np.ndarray:
     """The run's scores for every work-store row: seeds fused like ensemble members. Rows with a
     failed member image get zeros (they are reported by status, never predicted)."""
-    embeddings = [np.nan_to_num(store.features(name)) for name in run.config.view.features]
-    X = run.load_fusion([e.shape[1] for e in embeddings]).transform(embeddings)
+    X = design_rows(run, store)
     if run.config.head.levels:  # a multi-level run: its finest level (coarser names follow from the taxonomy)
         from .classify.hierarchy import predict_levels
         per_seed = [predict_levels(module, X)[-1] for module in run.load_heads()]
@@ -231,8 +239,6 @@ def _names(run: Run) -> tuple[list[str], dict[str, tuple[np.ndarray, list[str]]]
     from the training store for runs written before they were recorded."""
     meta = run.meta
     if "class_names" not in meta:
-        from .classify.config import class_names
-
         meta = class_names(run.open_store())
     level = _target_level(run)
     if level not in (None, "label", "species"):

@@ -25,7 +25,7 @@ def table(manifest_csv):
 
 def _extract(table, tmp_path, name, **load):
     options = ExtractOptions(batch_size=7, workers=0, dtype="float32", shard_rows=16, progress=False,
-                             load=LoadOptions(**load))
+                             device="cpu", load=LoadOptions(**load))  # compared with the fp32 CPU forward
     extract(table, tmp_path / "s.zarr", [name], options)
     return FeatureStore.open(tmp_path / "s.zarr").features(name)
 
@@ -203,7 +203,7 @@ def test_size_suffix_names_a_backbone_of_its_own(table, tmp_path):
 
 def test_two_sizes_of_one_backbone_in_one_store(table, tmp_path):
     options = ExtractOptions(batch_size=30, workers=0, dtype="float32", shard_rows=16, progress=False,
-                             load=LoadOptions(pretrained=False))
+                             device="cpu", load=LoadOptions(pretrained=False))
     summary = extract(table, tmp_path / "s.zarr", ["timm:test_vit~64", "timm:test_vit"], options)
     assert summary.backbones == {"timm:test_vit~64": 64, "timm:test_vit": 64}
     store = FeatureStore.open(tmp_path / "s.zarr")

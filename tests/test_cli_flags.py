@@ -40,7 +40,7 @@ FIT = [  # (arguments after `fit --store S`, what the one line names)
 ENSEMBLE = [
     (["--members", "a,b", "--strategies", "late", "--project-dim", "8"], "no sum"),
     (["--members", "a,b", "--strategies", "late,concat", "--project", "linear"], "no sum"),
-    (["--members", "a,b", "--strategies", "late", "--l2"], "neither"),
+    (["--members", "a,b", "--strategies", "late", "--l2"], "has none"),
     (["--members", "a,b", "--strategies", "concat", "--late-weights", "val"], "no row of this table is late"),
     (["--members", "a,b", "--combinations", "singles", "--late-mode", "proba"], "no row of this table is late"),
     (["--members", "a,b", "--head", "knn", "--epochs", "3"], "--epochs"),

@@ -31,6 +31,7 @@ from .conftest import TIMM_TINY, run_cli
 
 
 def _opts(**kw):
+    kw.setdefault("device", "cpu")  # decode and resume logic, compared bit for bit: the CPU path
     return ExtractOptions(batch_size=kw.pop("batch_size", 8), workers=kw.pop("workers", 0),
                           shard_rows=kw.pop("shard_rows", 16), progress=False,
                           load=LoadOptions(pretrained=False), **kw)

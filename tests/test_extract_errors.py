@@ -20,6 +20,7 @@ from fgembed.store import FeatureStore
 
 
 def _opts(**kw):
+    kw.setdefault("device", "cpu")  # decode and resume logic, compared bit for bit: the CPU path
     return ExtractOptions(batch_size=8, workers=0, shard_rows=16, progress=False,
                           load=LoadOptions(pretrained=False), **kw)
 

@@ -21,7 +21,7 @@ from ..errors import FgembedError
 
 @dataclass(frozen=True)
 class Combination:
-    strategy: str               # single, concat, sum or late
+    strategy: str               # single, late, or a registered fusion's name (concat, sum, …)
     members: tuple[str, ...]
 
     @property

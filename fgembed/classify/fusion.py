@@ -8,7 +8,9 @@ the members into design rows; `state` / `load` save it beside a run's heads and 
 same object serves the training view (`views.build_view`), `fgembed predict` (`transform` on new
 images' embeddings), `fgembed ensemble` (every registered fusion but `single` is a strategy) and
 the report (`title`, `colour`), so a fusion written in one file trains, scores, reports and
-predicts.
+predicts: a class registered from any module (a plug-in, a test) is a `--fusion` choice and an
+ensemble strategy at once. The view settings it reads are its `settings` (`l2` by default; `sum`
+adds `project`, `project_dim`); the view resets the others.
 
 Built in:
 - `single`: one member as it is;
@@ -74,6 +76,9 @@ class Fusion:
     title: ClassVar[str] = ""         # how tables and charts name its rows
     colour: ClassVar[str] = "#8c564b"  # its bars and points in charts
     min_members: ClassVar[int] = 2
+    # the view settings it reads (`ViewConfig` fields): the rest are reset, so a setting that
+    # cannot change its numbers cannot split one run into two run keys
+    settings: ClassVar[tuple[str, ...]] = ("l2",)
 
     def __init__(self, config: ViewConfig, dims: Sequence[int], device: str | torch.device = "cpu") -> None:
         self.config, self.dims, self.device = config, [int(d) for d in dims], device
@@ -130,7 +135,7 @@ class Fusion:
 
 @register_fusion("single")
 class Single(Fusion):
-    title, colour, min_members = "single", "#7f7f7f", 1
+    title, colour, min_members, settings = "single", "#7f7f7f", 1, ()
 
     def apply(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         return np.asarray(parts[0], np.float32)
@@ -159,7 +164,7 @@ class Sum(Fusion):
     """PCA per member (fitted on training rows), summed; or, with `project="linear"`, the
     concatenation, which the head projects and sums itself (`SumProjection`)."""
 
-    title, colour = "sum", "#2ca02c"
+    title, colour, settings = "sum", "#2ca02c", ("l2", "project", "project_dim")
 
     def __init__(self, config: ViewConfig, dims: Sequence[int], device: str | torch.device = "cpu") -> None:
         super().__init__(config, dims, device)

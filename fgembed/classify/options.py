@@ -14,6 +14,7 @@ import dataclasses
 from ..errors import FgembedError
 from .registry import head_class
 from .config import HeadConfig, RunConfig, TRAINING
+from .fusion import FUSIONS
 from .views import ViewConfig
 
 VIEW_OPTIONS = frozenset(f.name for f in dataclasses.fields(ViewConfig)) - {"features"}
@@ -62,7 +63,7 @@ def run_config(features: tuple[str, ...] | list[str], **given) -> RunConfig:
     if "fusion" in given and not fused:
         raise FgembedError(f"--fusion joins several features; {features[0]} is one (join names with +)")
     fusion = given.get("fusion", "concat") if fused else "single"
-    if fusion != "sum":
+    if fusion in FUSIONS and "project" not in FUSIONS[fusion].settings:  # an unknown name: ViewConfig says so
         named = [flag(k) for k in ("project", "project_dim") if k in given]
         if named:
             raise FgembedError(f"{', '.join(named)} set the sum fusion's projection; this run is "
@@ -81,12 +82,14 @@ def ensemble_config(members: list[str], strategies: list[str], **given) -> RunCo
     combination). A fusion setting with no fusion strategy to use it is refused."""
     if "fusion" in given:
         raise TypeError("ensemble fuses by --strategies, not fusion")
-    if "sum" not in strategies:
+    reads = {name for s in strategies if s in FUSIONS for name in FUSIONS[s].settings}  # late reads none
+    if "project" not in reads:
         named = [flag(k) for k in ("project", "project_dim") if k in given]
         if named:
             raise FgembedError(f"{', '.join(named)} set the sum fusion's projection; --strategies has no sum")
-    if given.get("l2") and not {"sum", "concat"} & set(strategies):
-        raise FgembedError("--l2 normalises the members of a concat or sum fusion; --strategies has neither")
+    if given.get("l2") and "l2" not in reads:
+        raise FgembedError("--l2 normalises the members of an embedding fusion; --strategies has none "
+                           "(late fusion averages logits)")
     _check_needs(given)
     _check_head(given)
     view, head = _split(given)

@@ -17,7 +17,7 @@ non-finite value) are dropped and counted per split.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from .fusion import FUSIONS, PROJECTIONS, Fusion, create_fusion
 SPLITS = ("train", "val", "test")
 FINE = (None, "label", "species")
 READ_ROWS = 4096  # store rows read per block (rounded to whole shards): bounds the overhead
+FUSION_SETTINGS = ("project", "project_dim", "l2")  # view fields a fusion reads if it names them
 
 
 def level_key(level: str | None) -> str | None:
@@ -46,9 +47,10 @@ class ViewConfig:
 
     features: tuple[str, ...]
     fusion: str = "single"            # a name in fusion.FUSIONS (registered fusions included)
-    project: str = "pca"              # sum only: pca (fitted on train rows) | linear (learned by the head)
-    project_dim: int | None = None    # sum only: default the smallest member dim
-    l2: bool = False                  # concat/sum: L2-normalise each member first
+    # FUSION_SETTINGS: each kept only where the fusion's `settings` name it (reset otherwise)
+    project: str = "pca"              # sum: pca (fitted on train rows) | linear (learned by the head)
+    project_dim: int | None = None    # sum: default the smallest member dim
+    l2: bool = False                  # concat, sum, most fusions: L2-normalise each member first
     classes: tuple[int, ...] | None = None   # store fine class ids kept (None: all)
     holdout: float = 0.0              # fraction of classes held out of train + val (novel at test)
     holdout_level: str | None = None  # None: fine classes; else whole groups of this taxonomy level
@@ -94,11 +96,10 @@ class ViewConfig:
             fix("holdout_seed", 0)
         if self.shots is None:
             fix("draw", 0)
-        if self.fusion != "sum":
-            fix("project", "pca")
-            fix("project_dim", None)
-        if self.fusion == "single":
-            fix("l2", False)
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in FUSION_SETTINGS:  # the ones the fusion does not read (its `settings`)
+            if name not in FUSIONS[self.fusion].settings:
+                fix(name, defaults[name])
 
     @property
     def label(self) -> str:
