@@ -17,6 +17,7 @@ non-finite value) are dropped and counted per split.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -165,18 +166,15 @@ class View:
 def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = False, device: str = "cpu") -> View:
     """Select rows and classes as `config` says and read the members' design rows. `device`
     (`auto`, `cpu`, `cuda`, …) is where a PCA sum's projections are fitted; the rows stay on the host."""
-    infos = [store.backbone_info(name) for name in config.features]
-    for info in infos:
-        if info.rows_done < store.n_rows:
-            raise FgembedError(f"features {info.name!r} in {store.path} are incomplete ({info.rows_done}/"
-                               f"{store.n_rows} rows); rerun fgembed extract to finish")
+    dims = [_finished_dim(store, name) for name in config.features]
     split = store.split_codes()
     fine = store.labels().astype(np.int64)
     n_classes = len(store.class_names)
     kept, held = _select_classes(store, config, fine, n_classes)
     failed = np.zeros(store.n_rows, bool)
-    for name in config.features:
-        failed |= np.isin(store.status(name), FAILED)
+    with ThreadPoolExecutor(max_workers=len(config.features)) as pool:  # a request per shard on object storage
+        for status in pool.map(store.status, config.features):
+            failed |= np.isin(status, FAILED)
     rows, dropped = {}, {}
     for name in SPLITS:
         in_split = (split == SPLIT_NAMES[name]) & kept[fine] if name == "test" else \
@@ -185,7 +183,6 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
     if config.shots:
         _warn_few_shots(store, fine, rows["train"], config.shots)
         rows["train"] = _draw_shots(rows["train"], fine, config.shots, config.draw)
-    dims = [info.dim for info in infos]
     reader = _Reader(store, config, rows, dims, progress, resolve_device(device))
     X, fusion = reader.read()
     for name in SPLITS:  # rows with a non-finite value that their status did not flag (older stores)
@@ -198,6 +195,19 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
     holdout = np.flatnonzero(held).tolist()
     return View(config, list(config.features), dims, X["train"].shape[1], rows, dropped, holdout,
                 held[fine[rows["test"]]], fusion, kept & ~held, store, X)
+
+
+def _finished_dim(store: FeatureStore, name: str) -> int:
+    """A member's width, refusing one whose extraction has not finished. A group marked complete
+    is taken at its word; only one that is not has its `done` rows counted (on object storage each
+    array read is a request per shard)."""
+    attrs = store.backbone_attrs(name)
+    if not attrs.get("complete"):
+        info = store.backbone_info(name)
+        if info.rows_done < store.n_rows:
+            raise FgembedError(f"features {name!r} in {store.path} are incomplete ({info.rows_done}/"
+                               f"{store.n_rows} rows); rerun fgembed extract to finish")
+    return int(attrs["dim"])
 
 
 def _no_rows(store: FeatureStore, name: str, split: np.ndarray, dropped: int) -> str:
@@ -302,9 +312,6 @@ class _Reader:
         shard = store.shard_rows
         self.block = max(shard, READ_ROWS // shard * shard)
 
-    def _array(self, name: str):
-        return self.store._features(name)["emb"]
-
     def _blocks(self, rows: dict[str, np.ndarray]):
         """(store rows lo:hi to read, {split: (positions in the split, store rows)}) per block that holds rows."""
         n = self.store.n_rows
@@ -316,6 +323,24 @@ class _Reader:
                 lo = max(start, min(r[0] for _, r in picks.values()))
                 yield slice(lo, max(r[-1] for _, r in picks.values()) + 1), picks
 
+    def _read_ahead(self, names, blocks):
+        """(span, picks, each member's rows of the span) per block, the next block's members read
+        while the caller works on this one: on object storage a read is mostly waiting for the
+        service, so the members' requests overlap each other and the fusion's work. At most three
+        blocks (`READ_ROWS` rows each) are held at once: the one in use and the next two."""
+        def fetch(span: slice) -> list:
+            return [pool.submit(self.store.embeddings, name, span) for name in names]
+
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            pending = None
+            for span, picks in blocks:
+                ahead = (span, picks, fetch(span))
+                if pending is not None:
+                    yield pending[0], pending[1], [f.result() for f in pending[2]]
+                pending = ahead
+            if pending is not None:
+                yield pending[0], pending[1], [f.result() for f in pending[2]]
+
     def read(self) -> tuple[dict[str, np.ndarray], Fusion]:
         fusion = create_fusion(self.config, self.dims, self.device)
         n_blocks = sum(1 for _ in self._blocks(self.rows))
@@ -325,10 +350,8 @@ class _Reader:
             if fusion.stateful:
                 self._fit(fusion, tick)
             X = {s: np.empty((len(r), fusion.width()), np.float16) for s, r in self.rows.items()}
-            arrays = [self._array(name) for name in self.config.features]
-            for span, picks in self._blocks(self.rows):
-                data = [array[span] for array in arrays]  # the stored dtype: widened only where a fusion computes
-                for split, (positions, r) in picks.items():
+            for span, picks, data in self._read_ahead(self.config.features, self._blocks(self.rows)):
+                for split, (positions, r) in picks.items():  # data: the stored dtype, widened only where a fusion computes
                     fusion.apply_into([d[r - span.start] for d in data], X[split][positions])
                 tick(1)
         return X, fusion
@@ -339,10 +362,10 @@ class _Reader:
         train = self.rows["train"]
         fusion.start_fit(len(train))
         for i, (name, d) in enumerate(zip(self.config.features, self.dims)):
-            array, member = self._array(name), np.empty((len(train), d), np.float32)
-            for span, picks in self._blocks({"train": train}):
+            member = np.empty((len(train), d), np.float32)
+            for span, picks, (data,) in self._read_ahead([name], self._blocks({"train": train})):
                 positions, r = picks["train"]
-                member[positions] = array[span][r - span.start]
+                member[positions] = data[r - span.start]
                 tick(1)
             member = fusion.members([member])[0]  # L2-normalised with the view's l2
             finite = np.isfinite(member).all(1)
