@@ -248,7 +248,7 @@ def test_disk_full_mid_import_then_resume_equals_clean(dataset, tmp_path, monkey
             from fgembed.cli.interchange import import_ as command
 
             command(source=dataset["npy"], store=store, name="a", key=None, order=None, dataset="manifest",
-                    root=dataset["big"], val_fraction=0.2, seed=0, overwrite=False, quiet=True)
+                    root=dataset["big"], val_fraction=0.2, seed=0, overwrite=False, storage_option=(), quiet=True)
         except FgembedError as exc:  # a disk that fills late may not be hit: then the run simply finished
             assert "disk full" in str(exc) and "the store is intact" in str(exc)
             FIGURES["disk-full faults injected"] += 1
@@ -271,7 +271,7 @@ def test_disk_full_on_a_real_small_filesystem(dataset, tmp_path):
             from fgembed.cli.interchange import import_ as command
 
             command(source=dataset["npy"], store=mount / "s.zarr", name="a", key=None, order=None,
-                    dataset="manifest", root=dataset["big"], val_fraction=0.2, seed=0, overwrite=False, quiet=True)
+                    dataset="manifest", root=dataset["big"], val_fraction=0.2, seed=0, overwrite=False, storage_option=(), quiet=True)
         FIGURES["disk-full faults injected"] += 1
         FIGURES["disk-full on a real tmpfs"] += 1
         _opens(mount / "s.zarr")
