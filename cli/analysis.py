@@ -61,8 +61,9 @@ def similarity(
     names = [n.strip() for n in features.split(",") if n.strip()]
     if not names:
         raise FgembedError("--features needs at least one backbone name")
-    sources = [open_store(p, storage_option) for p in source]
-    targets = [open_store(p, storage_option) for p in target]
+    # storage options go to the stores at URLs (a local target beside an s3:// source is common)
+    sources = [open_store(p, storage_option if "://" in p else []) for p in source]
+    targets = [open_store(p, storage_option if "://" in p else []) for p in target]
     if select is not None:
         if out_file is None:
             raise FgembedError("--select writes a class list: give it --out FILE")

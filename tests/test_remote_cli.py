@@ -121,3 +121,21 @@ def test_a_relative_local_store_is_recorded_resolved(stores, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert Run.load(path).store_path == local.resolve()
     assert Run.load(path).open_store().n_rows == FeatureStore.open(local).n_rows
+
+
+def test_export_and_similarity_read_a_store_at_a_url(stores, capsys, tmp_path):
+    """`export` and `similarity` from s3:// give what they give from the local copy."""
+    import h5py
+
+    local, url, options = stores
+    for where, extra, name in ((str(local), [], "local.h5"), (url, options, "s3.h5")):
+        assert main(["export", where, *extra, "--to", str(tmp_path / name)]) == 0
+    with h5py.File(tmp_path / "local.h5") as a, h5py.File(tmp_path / "s3.h5") as b:
+        assert sorted(a) == sorted(b)
+        for key in a:
+            if isinstance(a[key], h5py.Dataset):
+                np.testing.assert_array_equal(a[key][()], b[key][()])
+    results = [_json(capsys, ["similarity", "--source", where, "--target", str(local), *extra,
+                              "--features", "timm:test_vit", "--format", "json", "--quiet"])
+               for where, extra in ((str(local), []), (url, options))]
+    assert [r["similarity"] for r in results[0]] == [r["similarity"] for r in results[1]]
