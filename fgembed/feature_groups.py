@@ -10,6 +10,7 @@ index; its shards are then written whole, `done` last, by the job that holds its
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,7 +217,13 @@ class FeatureGroups(SampleRows):
         """Rows of one backbone's embeddings as stored (float16 unless extracted as float32), NaN
         where the image failed or the row is not done yet. Read by `row_blocks`, a reader fetches
         each shard once."""
-        return self._features(name)["emb"][rows if rows is not None else slice(None)]
+        return self.embedding_reader(name)(rows if rows is not None else slice(None))
+
+    def embedding_reader(self, name: str) -> Callable[[slice], np.ndarray]:
+        """`embeddings(name, rows)` for a caller reading many blocks: the group is looked up once
+        (on object storage each lookup is requests for its metadata), each call reads its rows."""
+        emb = self._features(name)["emb"]
+        return lambda rows: emb[rows]
 
     def features(self, name: str, split: str | None = None, dtype=np.float32) -> np.ndarray:
         """[rows, dim] embeddings of one backbone for a split; refuses an unfinished extraction."""

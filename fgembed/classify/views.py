@@ -328,8 +328,10 @@ class _Reader:
         while the caller works on this one: on object storage a read is mostly waiting for the
         service, so the members' requests overlap each other and the fusion's work. At most three
         blocks (`READ_ROWS` rows each) are held at once: the one in use and the next two."""
+        readers = [self.store.embedding_reader(name) for name in names]
+
         def fetch(span: slice) -> list:
-            return [pool.submit(self.store.embeddings, name, span) for name in names]
+            return [pool.submit(read, span) for read in readers]
 
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             pending = None
