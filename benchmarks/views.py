@@ -106,7 +106,7 @@ def child(spec: dict) -> dict:
     if spec["case"] == "view":
         store = FeatureStore.open(spec["store"])
         config = ViewConfig(features=tuple(f"m{m}" for m in range(len(dims))), fusion="sum")
-        run = lambda: build_view(store, config, device=device).projection
+        run = lambda: build_view(store, config, device=device).fusion.pca  # the fitted PCASum
     else:
         feats = [f.astype(np.float32) for f in members(spec["rows"], dims)[0]]  # as a view hands them over
         run = lambda: PCASum(device=device).fit(feats)

@@ -33,7 +33,10 @@ from .storage import Storage
 
 # Group attributes fgembed owns; `record_backbone_attrs` may add any others (e.g. `cost`).
 OWN_ATTRS = ("name", "dim", "dtype", "fingerprint", "recorded", "fingerprint_schema", "complete", "status_codes",
-             "throughput_images_per_s", "text", "rows_sha256")
+             "throughput_images_per_s", "text", "rows_sha256", "failed_rows")
+# A finished group lists its failed rows in its attributes up to this many (else readers read
+# its status array): the common case — none or a few — then costs a reader no status requests.
+MAX_FAILED_IN_ATTRS = 10_000
 
 
 def group_key(name: str) -> str:
@@ -186,8 +189,12 @@ class FeatureGroups(SampleRows):
         self._check_lock(name)
         group = self._features(name)
         complete = bool(group["done"][:].all())
+        update = {"complete": complete, "throughput_images_per_s": throughput}
+        if complete:  # a finished group's shards are never written again (`--overwrite` builds a new one)
+            failed = np.flatnonzero(np.isin(group["status"][:], FAILED))
+            update["failed_rows"] = failed.tolist() if len(failed) <= MAX_FAILED_IN_ATTRS else None
         with self.storage.errors():
-            group.update_attributes({"complete": complete, "throughput_images_per_s": throughput})
+            group.update_attributes(update)
         return complete
 
     def write_text(self, name: str, embeddings: np.ndarray, logit_scale: float, templates: tuple[str, ...]) -> None:
@@ -212,6 +219,15 @@ class FeatureGroups(SampleRows):
     def status(self, name: str) -> np.ndarray:
         """Each row's status code for one backbone (`images.STATUS_NAMES`)."""
         return self._features(name)["status"][:]
+
+    def failed_rows(self, name: str) -> np.ndarray:
+        """Rows whose image failed for one backbone (a status in `images.FAILED`), sorted. A
+        finished group records them at completion; only older or failure-heavy groups are read
+        status shard by status shard (on object storage, a request per shard)."""
+        attrs = dict(self._features(name).attrs)
+        if attrs.get("complete") and attrs.get("failed_rows") is not None:
+            return np.asarray(attrs["failed_rows"], dtype=np.int64)
+        return np.flatnonzero(np.isin(self.status(name), FAILED))
 
     def embeddings(self, name: str, rows: slice | None = None) -> np.ndarray:
         """Rows of one backbone's embeddings as stored (float16 unless extracted as float32), NaN

@@ -177,6 +177,14 @@ class LocalStorage(Storage):
             raise
 
 
+# Options fgembed sets on a filesystem unless the user's `--storage-option` says otherwise.
+# s3fs splits a whole-object read into concurrent ranged GETs (`max_concurrency`, default 10),
+# and to know whether to it first sends a HEAD for the size: a second request for every shard
+# object read. fgembed reads many shards at once (zarr's own concurrency and the views'
+# read-ahead), never one object large enough to need splitting, so one request per object it is.
+PROTOCOL_DEFAULTS: dict[str, dict] = {"s3": {"max_concurrency": 1}}
+
+
 class ObjectStorage(Storage):
     """A store under an fsspec URL. `fs` is the synchronous filesystem fgembed's own operations use;
     zarr gets an `FsspecStore` on its asynchronous twin."""
@@ -184,7 +192,7 @@ class ObjectStorage(Storage):
     def __init__(self, url: str, protocol: str, storage_options: dict) -> None:
         super().__init__(url)
         self.protocol = protocol
-        self.storage_options = {"use_listings_cache": False, **storage_options}
+        self.storage_options = {"use_listings_cache": False, **PROTOCOL_DEFAULTS.get(protocol, {}), **storage_options}
         self.writable = protocol in CONDITIONAL_CREATE
         try:
             self.fs, self.root = fsspec.url_to_fs(url, **self.storage_options)

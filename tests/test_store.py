@@ -423,3 +423,25 @@ def test_an_unreadable_store_is_one_line_on_open(data, tmp_path, monkeypatch):
         FeatureStore.open(path)
     message = str(refused.value)
     assert "\n" not in message and str(path) in message and "permission denied" in message
+
+
+def test_failed_rows_are_recorded_when_a_group_completes(data, tmp_path):
+    """A finished group lists its failed rows in its attributes, so a reader need not read the
+    status shards (a request each on object storage); an unfinished one is read from status."""
+    table = _table(data)
+    store = FeatureStore.create(tmp_path / "s.zarr", table, shard_rows=4)
+    store.prepare("a", {"source": "t"}, 2, "float16")
+    n_shards = -(-store.n_rows // 4)
+    for shard in range(n_shards):
+        rows = min(4, store.n_rows - 4 * shard)
+        emb = np.ones((rows, 2))
+        if shard == 1:
+            emb[2, 0] = np.nan
+        store.write_shard("a", shard, emb, np.zeros(rows, np.uint8))
+        if shard == 1:  # not finished yet: from the status array, no attribute
+            assert store.failed_rows("a").tolist() == [6]
+            assert "failed_rows" not in store.backbone_attrs("a")
+    assert store.mark_complete("a", None)
+    assert store.backbone_attrs("a")["failed_rows"] == [6]
+    reopened = FeatureStore.open(tmp_path / "s.zarr")
+    assert reopened.failed_rows("a").tolist() == np.flatnonzero(reopened.status("a") != OK).tolist() == [6]

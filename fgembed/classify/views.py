@@ -172,9 +172,9 @@ def build_view(store: FeatureStore, config: ViewConfig, *, progress: bool = Fals
     n_classes = len(store.class_names)
     kept, held = _select_classes(store, config, fine, n_classes)
     failed = np.zeros(store.n_rows, bool)
-    with ThreadPoolExecutor(max_workers=len(config.features)) as pool:  # a request per shard on object storage
-        for status in pool.map(store.status, config.features):
-            failed |= np.isin(status, FAILED)
+    with ThreadPoolExecutor(max_workers=len(config.features)) as pool:  # metadata requests on object storage
+        for rows_failed in pool.map(store.failed_rows, config.features):
+            failed[rows_failed] = True
     rows, dropped = {}, {}
     for name in SPLITS:
         in_split = (split == SPLIT_NAMES[name]) & kept[fine] if name == "test" else \
