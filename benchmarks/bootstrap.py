@@ -1,4 +1,4 @@
-"""Bootstrap intervals at iNat shape: what `fgembed.analysis.bootstrap` costs next to scoring.
+"""Bootstrap intervals at iNat shape: what `fgembed.classify.bootstrap` costs next to scoring.
 
 Generated labels: 40,000 test rows, 10,000 classes, predictions right ~75 % of the time, 1,000
 resamples (all by default; see the flags). Every candidate is warmed up once, then each repeat
@@ -43,8 +43,8 @@ import scipy
 import sklearn
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from fgembed.analysis import bootstrap
-from fgembed.analysis.bootstrap import Resamples
+from fgembed.classify import bootstrap
+from fgembed.classify.bootstrap import Resamples
 
 MEMBERS = 5
 SEEDS = 3

@@ -1,4 +1,4 @@
-"""Bootstrap intervals and paired differences (fgembed.analysis.bootstrap), checked against
+"""Bootstrap intervals and paired differences (fgembed.classify.bootstrap), checked against
 scipy.stats.bootstrap on the very same resamples (scipy draws `rng.integers(0, n, (B, n))` from
 the Generator it is given, and so does `Resamples`) with scikit-learn's metrics as the statistic,
 and resample by resample against scikit-learn on explicitly resampled copies."""
@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from fgembed.analysis import bootstrap
-from fgembed.analysis.bootstrap import Resamples, distribution, interval, paired
+from fgembed.classify import bootstrap
+from fgembed.classify.bootstrap import Resamples, distribution, interval, paired
 from fgembed.errors import FgembedError
 
 
