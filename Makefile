@@ -98,7 +98,7 @@ paper-cub: $(PAPER_DIR)/runs-cub/table1.json $(PAPER_DIR)/runs-cub/table2.json
 paper-inat: $(PAPER_DIR)/runs-inat/table1.json $(PAPER_DIR)/runs-inat/table3.json
 	$(BIN)/python examples/paper/compare.py inat $^ --members $(MEMBERS)
 
-# ---- Resolution (seed 002): one backbone at several input sizes in one store, and their fusions --
+# ---- Resolution (the input-size study): one backbone at several input sizes in one store, and their fusions --
 # make resolution-cub CUB_ROOT=/data/CUB_200_2011 [RESOLUTION="dinov2_vitl14 dinov2_vitl14~448"]
 # A non-native size is its own backbone group, `<name>~<size>`, usable wherever a backbone name is.
 RESOLUTION ?= dinov2_vitl14 dinov2_vitl14~448
@@ -110,10 +110,10 @@ resolution-cub: | install
 	  --members $(subst $(space),$(comma),$(strip $(RESOLUTION))) --strategies late,concat,sum --combinations all \
 	  --name resolution --title "CUB: one backbone at several input sizes" $(FIT_FLAGS)
 
-# ---- Taxonomy-aware heads and novelty (issue 9; seeds 001 and 004) -----------------------------
+# ---- Taxonomy-aware heads and novelty ------------------------------------------------------------
 # make hierarchy-cub CUB_ROOT=/data/CUB_200_2011 [HIERARCHY_BACKBONE=dinov2_vitl14] [HIERARCHY_FLAGS="--lr 1e-3,3e-4"]
-# 004's per-level table for the three multi-level heads (order → family → species, 3 seeds), then
-# a run with 20 % of the families held out and 001's novelty table on its novel test rows
+# The per-level table of the taxonomy-aware heads study for the three multi-level heads (order → family → species, 3 seeds), then
+# a run with 20 % of the families held out and the novelty table on its novel test rows
 # (examples/hierarchy_cub.py; HIERARCHY_FLAGS: its own --seeds --epochs --lr --weight-decay --holdout …,
 # not FIT_FLAGS, which may hold fit-only options such as --balance for the paper targets).
 # make hierarchy-cub-tiny: the same on a generated CUB-format folder (tools/make_tiny_cub.py) with a

@@ -70,7 +70,7 @@ def inputs(args) -> tuple[list, dict, dict, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def old_path(group, heads, X, rows, excluded, n_classes, y_test, seen):
-    """fit_run's logits loop as it was (git 389c567, runs.py `_train`), verbatim but for names."""
+    """fit_run's logits loop as it was before the float16 logits writer (runs.py `_train`), verbatim but for names."""
     counts = [MetricCounts(n_classes) for _ in heads]
     for split in ("val", "test"):
         Xs = X[split]

@@ -1,4 +1,4 @@
-"""Checkpoints as users have them (issue 12): each loads, or fails with one line naming what did
+"""Checkpoints as users have them: each loads, or fails with one line naming what did
 not match. Tiny random-init models saved the way each library saves them."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Long-tail runs: by_frequency in metrics.json, the --balance modes inside the batched grid,
-and their usage errors (issue 10, item 2)."""
+and their usage errors."""
 from __future__ import annotations
 
 import dataclasses

@@ -138,7 +138,7 @@ def test_a_config_json_without_the_store_is_one_line_and_retrained(store, tmp_pa
 
 
 def _as_format1(run: Run) -> None:
-    """Rewrite a run directory as format 1 wrote it (git 3c12463): no format_version, a flat
+    """Rewrite a run directory as format 1 wrote it (the first release of runs): no format_version, a flat
     RunConfig, no dims / n_classes / excluded classes, float32 logits."""
     view, head = run.config.to_json()["view"], run.config.to_json()["head"]
     flat = {k: view[k] for k in ("features", "fusion", "project", "project_dim", "l2")} | {
@@ -504,7 +504,7 @@ KEY_IDENTITY = {"manifest_sha256": "0" * 64,
 
 
 def test_run_keys_of_existing_runs_stay_and_a_new_default_field_keeps_them():
-    """Keys as git 389c567 computed them (it hashed every field): runs written before are found."""
+    """Keys as the release that hashed every field computed them: runs written before are found."""
     plain = RunConfig(ViewConfig(features=("a",)), HeadConfig())
     fused = RunConfig(ViewConfig(features=("a", "b"), fusion="concat", l2=True, holdout=0.2, shots=5),
                       HeadConfig(seeds=(0, 1), lr=(1e-3, 3e-3), balance="loss"))
@@ -520,7 +520,7 @@ def test_run_keys_of_existing_runs_stay_and_a_new_default_field_keeps_them():
     assert '"epochs": 150' in json.dumps(keyed_fields(plain.head, ALWAYS_KEYED["head"]))
 
 
-PINNED_KEYS = ["dc8818c374", "67f0f09a0d", "e2c8cc0b6b"]  # computed by git 389c567
+PINNED_KEYS = ["dc8818c374", "67f0f09a0d", "e2c8cc0b6b"]  # computed by the release that hashed every field
 REQUIRED = "<required>"
 PINNED_DEFAULTS = {
     ViewConfig: {"features": REQUIRED, "fusion": "single", "project": "pca", "project_dim": None, "l2": False,

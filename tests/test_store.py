@@ -97,7 +97,7 @@ def test_open_errors(tmp_path):
         FeatureStore.open(tmp_path / "g.zarr")
 
 
-# ---- dataset identity, --overwrite, atomic setup, fingerprints, locks (issue 8) --------------------
+# ---- dataset identity, --overwrite, atomic setup, fingerprints, locks ----------------------------
 
 
 @pytest.fixture()
@@ -188,7 +188,7 @@ def test_overwrite_of_other_images_replaces_only_what_it_names(data, tmp_path):
 
 
 def test_half_made_stores_open_and_are_repaired(data, tmp_path):
-    """The states issue 8 found after kills during setup (by the release before atomic setup)."""
+    """The states once found after kills during setup (by the release before atomic setup)."""
     path = tmp_path / "s.zarr"
     emb = _fill(FeatureStore.create(path, _table(data), shard_rows=4), "a")
     runner = CliRunner()
