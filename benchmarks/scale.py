@@ -11,18 +11,25 @@ RSS (`resource.getrusage`), so no case inherits another's memory:
                                                         loop, float32 logits stacked
   (b) a five-member concat head, one epoch         same two paths, 5,632-d input
   (c) late fusion of all 26 subsets of five        new: `ensemble.score`, streamed over row blocks
+                                                        (the scoring alone: no intervals, see (e))
                                                    old: per subset, every member's val and test
                                                         logits loaded, common rows copied, stacked
                                                         as float64 (the previous `ensemble._late`)
+  (e) bootstrap intervals of that table            `ensemble.score` of the five singles and the 26
+                                                        late subsets with 1,000 resamples (every row's
+                                                        interval, every subset's paired difference to
+                                                        its best member) against `--bootstrap 0`,
+                                                        alternately, `--repeats` times each
 
 The old (c) cannot run at full size on a 24 GB machine (40k × 10k logits × 5 members as float64
 is 16 GB before the copies), so its ratio is taken on a second, smaller store (same 10,000
 classes, 20,000 train, 3,000 val, 12,000 test rows) and the new path is shown at full size too.
 With CUDA present, (d) times a 150-epoch iNat-shaped head and three seeds in one pass against one.
 
-Targets (CPU): (c) ≥ 5× faster with ≥ 10× less peak memory than the old path. GPU: three seeds
-≤ 1.4 × one, a 150-epoch iNat-shaped head ≤ 60 s.
-Usage: python benchmarks/scale.py [--quick] [--parts a,b,c,d] [--device auto|cpu|cuda] [--keep DIR]
+Targets (CPU): (c) ≥ 5× faster with ≥ 10× less peak memory than the old path; (e) ≤ 1.5 × the
+scoring time without intervals, at the same peak memory. GPU: three seeds ≤ 1.4 × one, a
+150-epoch iNat-shaped head ≤ 60 s.
+Usage: python benchmarks/scale.py [--quick] [--parts a,b,c,d,e] [--repeats N] [--device auto|cpu|cuda] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -234,12 +241,21 @@ def run_case(case: str, work: Path, device: torch.device) -> dict:
     elif case.startswith("late-"):
         from fgembed.analysis.ensemble import score
         from fgembed.analysis.plan import plan
+        from fgembed.classify.intervals import BootstrapConfig
         singles = {m: _fit(store, (m,), runs, device).path for m in MEMBERS}  # reused, not trained
-        combos = [c for c in plan(list(MEMBERS), ["late"], ["all"]) if c.strategy == "late"]
+        # (e): the table as `fgembed ensemble` scores it, singles included (the baseline of the deltas)
+        table = case.startswith("late-ci")
+        combos = [c for c in plan(list(MEMBERS), ["late"], ["all"]) if c.strategy == "late" or table]
         started = time.perf_counter()
-        if case.startswith("late-new"):
-            entries = score(store, runs, combos, _config(("m1",)), device=str(device), late_weights="equal")
+        if case.startswith(("late-new", "late-ci")):
+            entries = score(store, runs, combos, _config(("m1",)), device=str(device), late_weights="equal",
+                            bootstrap=BootstrapConfig(1000 if case == "late-ci" else 0))
             extra["best_f1"] = max(e.metrics["f1"] for e in entries if e.combination.strategy == "late")
+            if case == "late-ci":
+                best = max((e for e in entries if e.combination.strategy == "late"), key=lambda e: e.metrics["f1"])
+                extra["best_f1_ci"], extra["best_delta_f1"] = best.metrics["f1_ci"], best.metrics["delta_f1"]
+                extra["best_delta_f1_ci"], extra["best_delta_f1_p"] = best.metrics["delta_f1_ci"], best.metrics[
+                    "delta_f1_p"]
         else:
             extra["best_f1"] = previous_late(store, singles, [c.members for c in combos])
         extra["subsets"] = len(combos)
@@ -268,6 +284,29 @@ def in_child(case: str, work: Path, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def bootstrap_cost(work: Path, device: str, repeats: int) -> None:
+    """(e): the late table with and without its intervals, alternately (load hits both alike):
+    seconds min / median, their ratio, and peak RSS."""
+    runs = {"late-ci-off": [], "late-ci": []}
+    for _ in range(repeats):
+        for case, results in runs.items():
+            results.append(in_child(case, work, device))
+    if any("failed" in r for rs in runs.values() for r in rs):
+        print(f"(e) bootstrap intervals: failed: {[r for rs in runs.values() for r in rs if 'failed' in r][:1]}")
+        return
+    seconds = {case: sorted(r["seconds"] for r in rs) for case, rs in runs.items()}
+    median = {case: s[len(s) // 2] for case, s in seconds.items()}
+    peak = {case: max(r["peak_rss_mb"] for r in rs) / 1024 for case, rs in runs.items()}
+    best = runs["late-ci"][0]
+    print(f"(e) late table (5 singles + 26 subsets), {repeats}× each: without intervals "
+          f"{seconds['late-ci-off'][0]:.1f} / {median['late-ci-off']:.1f} s (min / median), peak {peak['late-ci-off']:.2f}"
+          f" GiB; with 1,000 resamples {seconds['late-ci'][0]:.1f} / {median['late-ci']:.1f} s, peak "
+          f"{peak['late-ci']:.2f} GiB; ratio {median['late-ci'] / median['late-ci-off']:.2f}× (medians), "
+          f"{seconds['late-ci'][0] / seconds['late-ci-off'][0]:.2f}× (mins) (target ≤ 1.5×); best late F1 "
+          f"{best['best_f1']:.4f} {best['best_f1_ci']}, Δ vs its best member {best['best_delta_f1']:+.4f} "
+          f"{best['best_delta_f1_ci']} p={best['best_delta_f1_p']:.3f}", flush=True)
+
+
 def fmt(result: dict) -> str:
     if "failed" in result:
         return result["failed"]
@@ -286,8 +325,9 @@ def ratio(new: dict, old: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 classes and a tenth of the rows (smoke run)")
-    parser.add_argument("--parts", default="a,b,c,d",
+    parser.add_argument("--parts", default="a,b,c,d,e",
                         help="cases to run (d only with CUDA; c-ratio: only (c)'s ratio, on the smaller store)")
+    parser.add_argument("--repeats", type=int, default=3, help="(e): runs of each of its two cases, alternately")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", help="build the stores in this folder and keep them (default: a temp dir)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -327,6 +367,10 @@ def main() -> None:
             print(f"    the same at full size, {full.test} test rows   new {fmt(full_new)}   old: not run (≈ {gib:.1f} "
                   "GiB: five members' logits, their row-aligned copies, the float64 stack and its weighted copy)",
                   flush=True)
+        if "e" in parts:
+            if not parts & {"a", "c"}:
+                in_child("single-new", work, dev)
+            bootstrap_cost(work, dev, args.repeats)
         if "b" in parts:
             new, old = in_child("concat-new", work, dev), in_child("concat-old", work, dev)
             print(f"(b) five-member concat, 1 epoch  new {fmt(new)}   old {fmt(old)}   {ratio(new, old)}", flush=True)

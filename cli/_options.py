@@ -17,6 +17,7 @@ from fgembed.errors import FgembedError
 
 HEAD_DEFAULTS = {"head": "mlp", "epochs": 150, "lr": "1e-3", "weight_decay": "0.01", "batch_size": 128, "seeds": "0"}
 VIEW_DEFAULTS = {"project": "pca", "l2": False}
+BOOTSTRAP_DEFAULTS = {"n_resamples": 1000}  # fgembed.classify.intervals.BootstrapConfig's
 
 TRAINING, FUSION, ROWS, TAXONOMY, LONG_TAIL = "Training", "Fusion", "Rows and classes", "Taxonomy", "Long tail"
 
@@ -43,6 +44,8 @@ HEAD = typer.Option(HEAD_DEFAULTS["head"], metavar="NAME",
 DEVICE = typer.Option("auto", metavar="NAME", help="auto (CUDA if present), cpu, cuda, cuda:N.")
 QUIET = typer.Option(False, "--quiet", help="No progress bars.")
 SEEDS = typer.Option(HEAD_DEFAULTS["seeds"], metavar="LIST", help="Seeds, trained in one pass: mean ± std.")
+BOOTSTRAP = typer.Option(BOOTSTRAP_DEFAULTS["n_resamples"], "--bootstrap", metavar="N", callback=at_least(0),
+                         help="Resamples of the 95 % bootstrap intervals over test images (seeded; 0: none).")
 
 EPOCHS = typer.Option(HEAD_DEFAULTS["epochs"], metavar="N", rich_help_panel=TRAINING, callback=at_least(1), help="Epochs; the best "
                       "validation F1's epoch is kept.")
@@ -52,6 +55,8 @@ WEIGHT_DECAY = typer.Option(HEAD_DEFAULTS["weight_decay"], metavar="LIST", rich_
                             help="Weight decay(s), a grid with --lr.")
 BATCH_SIZE = typer.Option(HEAD_DEFAULTS["batch_size"], metavar="N", rich_help_panel=TRAINING, callback=at_least(2))
 
+FUSION_KIND = typer.Option("concat", metavar="KIND", rich_help_panel=FUSION,
+                           help="Several features: concat, sum (projected and added), or a registered fusion.")
 PROJECT = typer.Option(VIEW_DEFAULTS["project"], metavar="KIND", rich_help_panel=FUSION,
                        help="sum: pca (fitted on train rows) or linear (learned with the head).")
 PROJECT_DIM = typer.Option(None, metavar="N", rich_help_panel=FUSION, callback=at_least(1),

@@ -13,7 +13,9 @@ from ._common import app, err, out, plural, print_json
 from ._options import (
     BALANCE,
     BATCH_SIZE,
+    BOOTSTRAP,
     FUSION,
+    FUSION_KIND,
     LONG_TAIL,
     ROWS,
     CLASSES,
@@ -55,9 +57,7 @@ def fit(
     store: str = STORE, storage_option: list[str] = STORAGE_OPTION,
     features: str = typer.Option(..., metavar="A[+B…]", help="One backbone, or several joined by + (fused)."),
     head: str = HEAD, seeds: str = SEEDS,
-    fusion: str = typer.Option("concat", metavar="KIND", rich_help_panel=FUSION,
-                               help="Several features: concat, sum (projected and added), or a "
-                               "registered fusion."),
+    fusion: str = FUSION_KIND,
     project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
     epochs: int = EPOCHS, lr: str = LR, weight_decay: str = WEIGHT_DECAY, batch_size: int = BATCH_SIZE,
     classes: Path | None = CLASSES, holdout: float = HOLDOUT, holdout_level: str | None = HOLDOUT_LEVEL,
@@ -68,6 +68,7 @@ def fit(
     balance: str = BALANCE, shot_bins: str = SHOT_BINS,
     device: str = DEVICE, runs: Path = RUNS,
     force: bool = typer.Option(False, "--force", help="Retrain even if a finished run of this configuration exists."),
+    bootstrap: int = BOOTSTRAP,
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
     quiet: bool = QUIET,
 ) -> None:
@@ -76,16 +77,19 @@ def fit(
     Writes one run directory (config, safetensors weights, history, metrics.json, val/test
     logits in Zarr). The same configuration on the same store is reused unless --force.
     """
+    from fgembed.analysis.interval_cells import interval_text
     from fgembed.classify.fitting import fit_draws
+    from fgembed.classify.intervals import BootstrapConfig
     from fgembed.classify.options import run_config
 
     opened = open_store(store, storage_option)
     given = run_options(typed(ctx, "store", "storage_option", "features", "draws", "device", "runs", "force",
-                              "as_json", "quiet"), opened.class_names)
+                              "bootstrap", "as_json", "quiet"), opened.class_names)
     config = run_config(tuple(features.split("+")), **given)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        run, *others = fit_draws(opened, config, runs, draws, device=device, force=force, progress=not quiet)
+        run, *others = fit_draws(opened, config, runs, draws, device=device, force=force, progress=not quiet,
+                                 bootstrap=BootstrapConfig(bootstrap))
     for warning in caught:
         err.print(f"[yellow]warning: {escape(str(warning.message))}[/yellow]", highlight=False)
     if as_json:
@@ -96,11 +100,18 @@ def fit(
         _print_draws([run, *others], config.view.shots)
     m = run.metrics
     std = lambda k: f" ± {100 * m[k + '_std']:.2f}" if len(m["seeds"]) > 1 else ""  # noqa: E731
+    ci = lambda k: interval_text(m.get(f"{k}_ci"))  # noqa: E731
     state = "reused finished run" if run.reused else f"trained in {m['train_seconds']:.1f} s"
     out.print(f"{config.label}: {state} → {run.path}", highlight=False, markup=False)
     out.print(f"test ({m['n_test']} rows, seeds {','.join(map(str, m['seeds']))}): "
-              f"accuracy {100 * m['accuracy']:.2f}{std('accuracy')}  F1 (weighted) {100 * m['f1']:.2f}{std('f1')}  "
-              f"F1 (macro) {100 * m['f1_macro']:.2f}  top-5 {100 * m['top5']:.2f}", highlight=False)
+              f"accuracy {100 * m['accuracy']:.2f}{std('accuracy')}{ci('accuracy')}  F1 (weighted) "
+              f"{100 * m['f1']:.2f}{std('f1')}{ci('f1')}  F1 (macro) {100 * m['f1_macro']:.2f}{ci('f1_macro')}  "
+              f"balanced accuracy {100 * m['mean_class_accuracy']:.2f}{ci('mean_class_accuracy')}  "
+              f"top-5 {100 * m['top5']:.2f}", highlight=False, markup=False)
+    if "bootstrap" in m:
+        b = m["bootstrap"]
+        out.print(f"[lo, hi]: {100 * b['confidence']:g} % percentile bootstrap interval over the {b['rows']} test "
+                  f"images ({b['n_resamples']} resamples, seed {b['seed']})", highlight=False, markup=False)
     if len(config.head.lr) * len(config.head.weight_decay) > 1:
         chosen = ", ".join(f"seed {s}: lr {c['lr']:g} wd {c['weight_decay']:g}"
                            for s, c in zip(m["seeds"], m["chosen"]) if c)
@@ -159,14 +170,16 @@ def ensemble(
     store: str = STORE, storage_option: list[str] = STORAGE_OPTION,
     members: str = typer.Option(..., metavar="A,B,…", help="Backbones to combine (a member may name its "
                                 "head: name@knn)."),
-    strategies: str = typer.Option("late,concat,sum", metavar="LIST", help="late and any registered fusion (concat, sum, …)."),
+    strategies: str = typer.Option("late,concat,sum", metavar="LIST", help="late, gated (per-image member "
+                                   "weights, gate trained on val) and any registered fusion (concat, sum, …)."),
     combinations: str = typer.Option("all", metavar="LIST", help="all (every subset of ≥ 2), pairs, full, "
                                      "singles, or a+b+c; strategy: limits one (late:full)."),
     head: str = HEAD, seeds: str = SEEDS,
     late_mode: str = typer.Option("logits", metavar="KIND", rich_help_panel=FUSION,
                                   help="Late fusion averages logits or proba."),
     late_weights: str = typer.Option("equal", metavar="KIND", rich_help_panel=FUSION,
-                                     help="Late fusion weights: equal, or val (fitted on validation)."),
+                                     help="Late fusion weights: equal, val (fitted on validation), or "
+                                     "equal,val (both rows)."),
     project: str = PROJECT, project_dim: int | None = PROJECT_DIM, l2: bool = L2,
     epochs: int = EPOCHS, lr: str = LR, weight_decay: str = WEIGHT_DECAY, batch_size: int = BATCH_SIZE,
     level: str | None = LEVEL, levels: str = LEVELS, hierarchy: str = HIERARCHY, level_weights: str | None = LEVEL_WEIGHTS,
@@ -183,6 +196,7 @@ def ensemble(
                               help="Bar chart title."),
     device: str = DEVICE, runs: Path = RUNS,
     force: bool = typer.Option(False, "--force", help="Retrain every run."),
+    bootstrap: int = BOOTSTRAP,
     quiet: bool = QUIET,
 ) -> None:
     """Score single backbones and their fusions, ranked by weighted F1.
@@ -191,10 +205,11 @@ def ensemble(
     every format and a bar chart of the ranking next to the runs. With --levels every run is
     multi-level and late fusion is scored level by level.
     """
-    from fgembed.analysis.ensemble import score
+    from fgembed.analysis.ensemble import late_weightings, score
     from fgembed.analysis.plan import plan, split_member
     from fgembed.analysis.report import extra_columns, format_table, write_report
     from fgembed.classify.fusion import fusion_strategies
+    from fgembed.classify.intervals import BootstrapConfig
     from fgembed.classify.options import ensemble_config
     from fgembed.classify.fitting import check_levels
 
@@ -202,16 +217,20 @@ def ensemble(
     if not names:
         raise FgembedError("--members needs at least one backbone name")
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
+    late_weightings(late_weights)  # a bad value: one line before any work
+    if "gated" in chosen and len(names) < 2:
+        raise FgembedError(f"--strategies gated weighs two or more --members; got {names[0]} alone")
     combos = plan(names, chosen, [c.strip() for c in combinations.split(",") if c.strip()])
     used = {c.strategy for c in combos}
-    for option, value in (("late_mode", late_mode), ("late_weights", late_weights)):
-        if option in typed(ctx) and "late" not in used:
+    for option, value, uses in (("late_mode", late_mode, {"late", "gated"}), ("late_weights", late_weights, {"late"})):
+        if option in typed(ctx) and not used & uses:
             raise FgembedError(f"--{option.replace('_', '-')} {value} sets late fusion; no row of this table is late")
     opened = open_store(store, storage_option)
     for member in names:
         opened.backbone_info(split_member(member)[0])  # an unknown member: one line, before any work
     given = run_options(typed(ctx, "store", "storage_option", "members", "strategies", "combinations", "late_mode", "late_weights",
-                              "by_frequency", "cost", "fmt", "name", "title", "device", "runs", "force", "quiet"),
+                              "by_frequency", "cost", "fmt", "name", "title", "device", "runs", "force", "bootstrap",
+                              "quiet"),
                         opened.class_names)
     base = ensemble_config(names, [s for s in fusion_strategies() if s in used], **given)
     check_levels(opened, base)
@@ -219,7 +238,8 @@ def ensemble(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         entries = score(opened, runs, combos, base, device=device, force=force,
-                        late_mode=late_mode, late_weights=late_weights, progress=not quiet)
+                        late_mode=late_mode, late_weights=late_weights, progress=not quiet,
+                        bootstrap=BootstrapConfig(bootstrap))
     for warning in caught:
         err.print(f"[yellow]warning: {escape(str(warning.message))}[/yellow]", highlight=False)
     if cost:

@@ -164,15 +164,18 @@ def test_streamed_late_fusion_equals_direct_per_subset(monkeypatch, mode):
     subsets = [(0, 1), (0, 2), (1, 2), (0, 1, 2), (1,)]
     weights = [[rng.dirichlet(np.ones(len(s))) for _ in range(2)] for s in subsets]
     results = stream_late(sources, subsets, y, mode, weights)
-    for subset, w, (per_seed, n) in zip(subsets, weights, results):
+    for subset, w, (per_seed, n, preds) in zip(subsets, weights, results):
         common = np.arange(700)
         for m in subset:
             common = np.intersect1d(common, sources[m].rows)
-        assert n == len(common)
+        assert n == len(common) and preds.shape == (2, n) and preds.dtype == np.int32
         for k in range(2):
             parts = [sources[m].array[k][np.searchsorted(sources[m].rows, common)] for m in subset]
-            direct = classification_metrics(late_fusion(parts, mode, w[k]), y[common])
+            fused = late_fusion(parts, mode, w[k])
+            direct = classification_metrics(fused, y[common])
             assert per_seed[k] == pytest.approx(direct, abs=1e-9)
+            # every row's prediction kept, in store-row order (what the intervals resample)
+            np.testing.assert_array_equal(preds[k], np.asarray(fused).argmax(1))
 
 
 def test_float16_late_fusion_within_a_tenth_of_a_point_of_float32():
@@ -180,7 +183,7 @@ def test_float16_late_fusion_within_a_tenth_of_a_point_of_float32():
     y, full = _sources(rng, 20_000, 50, 3, 1, np.float32)
     half = [LogitSource(s.rows, s.array.astype(np.float16)) for s in full]
     subsets = [(0, 1), (0, 1, 2)]
-    for (m32, _), (m16, _) in zip(stream_late(full, subsets, y), stream_late(half, subsets, y)):
+    for (m32, _, _), (m16, _, _) in zip(stream_late(full, subsets, y), stream_late(half, subsets, y)):
         for key in ("accuracy", "f1", "f1_macro", "top5"):
             assert abs(m32[0][key] - m16[0][key]) < 1e-3
 

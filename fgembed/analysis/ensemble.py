@@ -3,17 +3,22 @@ fusion (averaging the single runs' logits, seed by seed), ranked by weighted F1.
 
 `score` trains the runs the rows need (reusing finished ones, building each view once for the
 runs that share it) and scores every row: a fused run's metrics are its own; late-fusion rows
-come from one streamed pass over the single runs' stored logits (`late_stream`). A late row
+come from one streamed pass over the single runs' stored logits (`late_stream`); `--late-weights
+equal,val` scores each late row with equal and with validation-fitted weights (`late-val`), and a
+gated row is a gated run of the same single runs (`classify/gated.py`: per-image weights from a
+gate trained on validation rows), so all three stand in one table. A late row
 carries what a trained run's metrics.json does, `by_frequency` included (binned by the training
 rows its members share, as a concat run of them would train on). Multi-level runs
 (`--levels order,family,species`) are fused level by level: besides `levels.<level>.*` and
 `avg_accuracy`, the row gets `consistency` and `mistake_severity`; its top-level keys are the
 finest level's. Members must share their levels; a mix of single-level members (e.g.
 `member@knn`, which predicts the finest level only) and multi-level ones fuses that finest level
-alone, with one warning.
+alone, with one warning. Every row gets bootstrap intervals on the table's shared resamples, and
+every fused row its paired difference to the best single member of its subset (`intervals`).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,70 +26,99 @@ from pathlib import Path
 import numpy as np
 
 from ..classify.hierarchy_metrics import Taxonomy
+from ..classify.intervals import BootstrapConfig, RowPredictions, run_intervals
 from ..classify.late import LATE_MODES
+from ..classify.longtail import shared_train_counts
 from ..classify.config import RunConfig, same_rows
 from ..classify.fitting import check_levels, fit_run, run_path
+from ..classify.gated import fit_gated
 from ..classify.metrics import summarise
 from ..classify.rundir import finished, Run
 from ..classify.views import build_view, level_key
-from ..datasets.table import SPLIT_NAMES
 from ..errors import FgembedError
-from ..images import FAILED
 from ..progress import progress_bar
 from ..store import FeatureStore
+from .table_intervals import table_intervals
 from .late_stream import LogitSource, fit_subset_weights, stream_late_levels
 from .plan import Combination, run_config
 
 LATE_WEIGHTS = ("equal", "val")
+LATE_STRATEGIES = ("late", "gated")  # rows fused from the members' single runs' logits
+
+
+def late_weightings(late_weights: str) -> list[str]:
+    """`--late-weights`: `equal`, `val`, or both (`equal,val`: each late row twice, the weighted
+    one named `late-val`, so the two stand side by side in one table)."""
+    chosen = [w.strip() for w in late_weights.split(",") if w.strip()]
+    if not chosen or len(set(chosen)) != len(chosen) or any(w not in LATE_WEIGHTS for w in chosen):
+        raise FgembedError(f"late weights must be {', '.join(LATE_WEIGHTS)} or both ({','.join(LATE_WEIGHTS)}), "
+                           f"got {late_weights!r}")
+    return chosen
 
 
 @dataclass
 class Entry:
-    """One scored row of the table: the combination, its metrics (mean, `_std`) and its runs."""
+    """One scored row of the table: the combination, its metrics (mean, `_std`) and its runs;
+    `predictions`, where the row is not one run's, its test predictions (the intervals')."""
 
     combination: Combination
     metrics: dict
     runs: list[Path]
     weights: list[float] | None = None
+    predictions: RowPredictions | None = None
 
 
 def score(store: FeatureStore, runs_dir: str | Path, combinations: list[Combination], base: RunConfig,
           device: str = "auto", force: bool = False, late_mode: str = "logits", late_weights: str = "equal",
-          progress: bool = False) -> list[Entry]:
+          progress: bool = False, bootstrap: BootstrapConfig = BootstrapConfig()) -> list[Entry]:
     """Train the runs the combinations need (reusing finished ones) and score them all.
 
     `base` gives the head and the view settings of every run (build its view with fusion `sum`
-    to carry l2 / projection settings); its features are replaced per combination."""
-    if late_weights not in LATE_WEIGHTS:
-        raise FgembedError(f"late weights must be one of {', '.join(LATE_WEIGHTS)}, got {late_weights!r}")
+    to carry l2 / projection settings); its features are replaced per combination. `bootstrap`
+    says how the rows' intervals are computed (0 resamples: none)."""
+    weightings = late_weightings(late_weights)
     if late_mode not in LATE_MODES:
         raise FgembedError(f"late fusion mode must be one of {', '.join(LATE_MODES)}, got {late_mode!r}")
     check_levels(store, base)
     needed: dict[tuple[str, tuple[str, ...]], RunConfig] = {}
     for combo in combinations:
-        if combo.strategy == "late":
+        if combo.strategy in LATE_STRATEGIES:  # fused from the members' single runs
             needed.update({("single", (m,)): run_config(base, "single", (m,)) for m in combo.members})
         else:
             needed[combo.strategy, combo.members] = run_config(base, combo.strategy, combo.members)
-    runs = _train_all(store, runs_dir, needed, device, force, progress)
-    entries, late = [], []
+    runs = _train_all(store, runs_dir, needed, device, force, progress, bootstrap)
+    entries, late, gated, of_run = [], [], [], {}
     for combo in combinations:
-        if combo.strategy == "late":
-            late.append(combo)
+        if combo.strategy in LATE_STRATEGIES:
+            (late if combo.strategy == "late" else gated).append(combo)
         else:
             run = runs[combo.strategy, combo.members]
             entries.append(Entry(combo, run.metrics, [run.path]))
-    if late:
-        singles = {m: runs["single", (m,)] for combo in late for m in combo.members}
+            of_run[id(entries[-1])] = run
+    if late or gated:
+        singles = {m: runs["single", (m,)] for combo in late + gated for m in combo.members}
         if len({run.config.head.head for run in singles.values()}) > 1 and late_mode != "proba":
             late_mode = "proba"  # heads whose scores differ in scale (CONVENTIONS): average probabilities
             warnings.warn("late fusion of different heads averages probabilities (--late-mode proba)")
-        entries += late_entries(store, singles, late, base.head.level, late_mode, late_weights)
+    for weighting in weightings if late else ():
+        rows = late_entries(store, singles, late, base.head.level, late_mode, weighting)
+        if weighting != "equal" and len(weightings) > 1:  # both in one table: the weighted rows are late-val
+            for entry in rows:
+                entry.combination = Combination(f"late-{weighting}", entry.combination.members)
+        entries += rows
+    for combo in gated:  # a gated run per subset, trained on validation rows (classify/gated.py)
+        run = run_intervals(fit_gated(store, [singles[m] for m in combo.members], runs_dir, mode=late_mode,
+                                      device=device, force=force, progress=progress), store, bootstrap)
+        entries.append(Entry(combo, run.metrics, [run.path], np.mean(run.metrics["gate_weights"], 0).round(4).tolist()))
+        of_run[id(entries[-1])] = run
+    if bootstrap.enabled:
+        table_intervals(entries, of_run, store, base.head.levels[-1] if base.head.levels else base.head.level,
+                        bootstrap)
     return sorted(entries, key=lambda e: -e.metrics["f1"])
 
 
 def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: str, force: bool,
-               progress: bool) -> dict:
+               progress: bool, bootstrap: BootstrapConfig) -> dict:
     """Reuse finished runs; train the rest under one progress bar (epochs of every run to train),
     building each view once for the runs that share it."""
     runs, todo = {}, []
@@ -94,7 +128,7 @@ def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: 
         if run is None:
             todo.append((key, config))
         else:
-            runs[key] = run
+            runs[key] = run_intervals(run, store, bootstrap)
     todo.sort(key=lambda item: repr(item[1].view))
     total = sum(config.head.total_epochs for _, config in todo)
     with progress_bar(total, f"training {len(todo)} runs", enabled=progress, unit="epoch") as tick:
@@ -107,7 +141,7 @@ def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: 
                 view = build_view(store, config.view, device=device)
             tick(0, description=what)
             runs[key] = fit_run(store, config, runs_dir, device=device, force=True, view=view,
-                                tick=lambda n=1, description=None: tick(n))
+                                tick=lambda n=1, description=None: tick(n), bootstrap=bootstrap)
         tick(0, description=f"trained {len(todo)} run{'s' * (len(todo) != 1)}")
     return runs
 
@@ -182,7 +216,7 @@ def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Comb
                                  train_counts=counts, bins=singles[names[0]].config.head.shot_bins)
     entries = []
     for i, combo in enumerate(combos):
-        per_seed, n_rows = results[i]
+        per_seed, n_rows, preds = results[i]
         seeds = singles[combo.members[0]].metrics["seeds"][:len(per_seed)]
         metrics = summarise(per_seed) | {"per_seed": per_seed, "n_test": n_rows, "seeds": seeds}
         if per_level:
@@ -191,39 +225,9 @@ def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Comb
         if weights is not None:
             metrics["late_weight_rows"] = sample_rows[i]
             mean_weights = np.mean(weights[-1][i], axis=0).round(4).tolist()
-        entries.append(Entry(combo, metrics, [singles[m].path for m in combo.members], mean_weights))
+        rows = functools.reduce(np.intersect1d, [test[-1][names.index(m)].rows for m in combo.members])
+        rows = rows if novel is None else rows[~novel[rows]]   # the rows the stream scored, in its order
+        entries.append(Entry(combo, metrics, [singles[m].path for m in combo.members], mean_weights,
+                             RowPredictions(rows, preds)))
     return entries
 
-
-def shared_train_counts(store: FeatureStore, runs: list[Run], subsets: list[tuple[int, ...]], level: str,
-                        n_classes: int) -> list[np.ndarray]:
-    """Per subset (indices into `runs`): training rows per class at `level` that a fused view of
-    its members trains on — the runs' class selection less their held-out classes, rows whose image
-    failed in any of its members left out, K per fine class with `--shots K` (a view draws
-    min(K, n) rows of each class). What bins the classes for `by_frequency`, as a single or concat
-    run of those members bins them."""
-    view = runs[0].config.view
-    fine = store.labels().astype(np.int64)
-    kept = np.ones(len(store.class_names), bool)
-    if view.classes is not None:
-        kept[:] = False
-        kept[list(view.classes)] = True
-    codes = store.labels(level=level_key(level)).astype(np.int64)
-    train = store.split_codes() == SPLIT_NAMES["train"]
-    # per member: a concat or sum member loses a row when any of its backbones failed on it
-    failed = [np.logical_or.reduce([np.isin(store.status(name), FAILED) for name in run.config.view.features])
-              for run in runs]
-    out = []
-    for subset in subsets:
-        held = np.zeros(len(kept), bool)  # the members' held-out classes, together (as late fusion masks them)
-        for m in subset:
-            held[runs[m].meta.get("holdout_classes", [])] = True
-        ok = train & (kept & ~held)[fine] & ~np.logical_or.reduce([failed[m] for m in subset])
-        if view.shots is None:
-            out.append(np.bincount(codes[ok], minlength=n_classes))
-            continue
-        group = np.zeros(len(kept), np.int64)
-        group[fine[ok]] = codes[ok]  # levels nest: all of a fine class's rows share its group
-        shots = np.minimum(np.bincount(fine[ok], minlength=len(kept)), view.shots)
-        out.append(np.bincount(group, weights=shots, minlength=n_classes).astype(np.int64))
-    return out

@@ -75,16 +75,25 @@ def frequency_block(counts: MetricCounts, train_counts: np.ndarray,
 
 
 class LateScores:
-    """One subset's running scores for one seed: per-class counts at every level, and with a
-    taxonomy the row sums behind consistency and mistake severity. O(classes) memory."""
+    """One subset's running scores for one seed: per-class counts at every level, with a taxonomy
+    the row sums behind consistency and mistake severity, and the finest level's predicted class
+    of every row scored, int32 in the order the rows came (ascending store rows: what the
+    bootstrap intervals resample). O(classes) memory, and four bytes a row."""
 
     def __init__(self, widths: list[int]) -> None:
         self.counts = [MetricCounts(w) for w in widths]
         self.consistent = self.mistakes = self.lca_sum = 0
+        self._preds: list[np.ndarray] = []
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """The finest level's predicted class of every row scored so far, in order (int32)."""
+        return np.concatenate(self._preds) if self._preds else np.empty(0, np.int32)
 
     def update(self, fused: list[torch.Tensor], ys: list[torch.Tensor], taxonomy: Taxonomy | None) -> None:
         for counts, z, y in zip(self.counts, fused, ys):
-            counts.update(z, y)
+            pred = counts.update(z, y)
+        self._preds.append(pred.numpy().astype(np.int32))   # the finest level's, from the count's own argmax
         if taxonomy is None:
             return
         preds = [z.argmax(1).numpy() for z in fused]
@@ -117,7 +126,7 @@ def stream_late(sources: list[LogitSource], subsets: list[tuple[int, ...]], labe
                 weights: list[list[np.ndarray]] | None = None,
                 skip: np.ndarray | None = None) -> list[tuple[list[dict], int]]:
     """One level's late fusion (`stream_late_levels` of that level alone): per subset, the
-    classification metrics per seed and the rows scored."""
+    classification metrics per seed, the rows scored and their predictions per seed."""
     return stream_late_levels([sources], subsets, [labels], mode, None if weights is None else [weights], skip)
 
 
@@ -126,7 +135,8 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
                        skip: np.ndarray | None = None, *, taxonomy: Taxonomy | None = None,
                        train_counts: list[np.ndarray] | None = None,
                        bins: tuple[int, int] = SHOT_BINS) -> list[tuple[list[dict], int]]:
-    """Per subset (member indices): (metrics per seed, `LateScores.metrics`; rows scored).
+    """Per subset (member indices): (metrics per seed, `LateScores.metrics`; rows scored; the
+    finest level's predictions `[seeds, rows]` int32 on those rows, ascending store rows).
 
     sources[level][member], coarse → fine (a member's levels share its rows); labels[level] and
     `skip` are indexed by store row; weights[level][subset][seed]: member weights (None: equal).
@@ -161,7 +171,8 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
                 scores[i][k].update(fused, [y[select] for y in ys], taxonomy)
                 if k == 0:
                     n_rows[i] += int(mask.sum())
-    return [([s.metrics(taxonomy, None if train_counts is None else train_counts[i], bins) for s in per_subset], n)
+    return [([s.metrics(taxonomy, None if train_counts is None else train_counts[i], bins) for s in per_subset], n,
+             np.stack([s.predictions for s in per_subset]))
             for i, (per_subset, n) in enumerate(zip(scores, n_rows))]
 
 

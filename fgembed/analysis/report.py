@@ -2,7 +2,11 @@
 
 Precision, recall and F1 are weighted averages, as in the reference paper (whose recall equals
 accuracy in every row); the headers say so, and macro F1 stands beside them. Numbers are
-percentages; with several seeds a cell reads `mean ± std`. Rows of multi-level runs add an
+percentages; with several seeds a cell reads `mean ± std`, and with bootstrap intervals (`fgembed
+ensemble --bootstrap N`, on by default) `84.10 [83.20, 85.00]`: the 95 % interval over the test
+images; a fused row's `Δ F1 (w)` cell is its paired difference to the best single member of its
+subset, `+1.30 [0.40, 2.20] p=0.004` (CSV: `_ci_lo` / `_ci_hi` columns; JSON: `_ci` lists and
+`delta_*` keys, as metrics.json holds them). Rows of multi-level runs add an
 accuracy column per taxonomy level and their mean (`Acc order`, …, `Avg acc`, the flamingo-or-bird paper's table),
 read from the nested `levels.<level>.accuracy` keys (a dotted column key walks nested blocks),
 then the consistency rate (percent) and the mistake severity (a mean LCA depth, not a percentage).
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import FgembedError
 from ..plots import save_figure
+from .interval_cells import DELTA, delta_cell, interval_columns, interval_record, interval_text, terminal_delta
 
 if TYPE_CHECKING:  # tables only read entries: importing the report stays free of the training stack
     from rich.table import Table
@@ -30,20 +35,22 @@ if TYPE_CHECKING:  # tables only read entries: importing the report stays free o
 FORMATS = ("md", "csv", "latex", "json")
 METRICS = (("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", "Recall (w)"),
            ("f1", "F1 (w)"), ("f1_macro", "F1 (macro)"), ("top5", "Top-5"))
-LATE = ("late fusion", "#d62728")  # late fusion is no embedding fusion: named here
+# late fusion and its forms are no embedding fusions: named here (name, colour)
+LATE = {"late": ("late fusion", "#d62728"), "late-val": ("late fusion, val weights", "#ff9896"),
+        "gated": ("gated late fusion", "#9467bd")}
 
 
 def strategy_name(strategy: str) -> str:
-    """How tables name a row's strategy: a registered fusion's title, or late fusion."""
+    """How tables name a row's strategy: a registered fusion's title, or a form of late fusion."""
     from ..classify.fusion import FUSIONS
 
-    return LATE[0] if strategy == "late" else FUSIONS[strategy].title
+    return LATE[strategy][0] if strategy in LATE else FUSIONS[strategy].title
 
 
 def strategy_colour(strategy: str) -> str:
     from ..classify.fusion import FUSIONS
 
-    return LATE[1] if strategy == "late" else FUSIONS[strategy].colour
+    return LATE[strategy][1] if strategy in LATE else FUSIONS[strategy].colour
 FREQUENCY_METRICS = (("many", "Acc many"), ("medium", "Acc medium"), ("few", "Acc few"))  # --by-frequency
 HIERARCHY_METRICS = (("consistency", "Consistency"), ("mistake_severity", "Mistake depth"))  # with levels
 NUMBERS = ("gmacs", "mistake_severity")  # cells printed as numbers, not percentages
@@ -63,7 +70,8 @@ def entry_record(entry: Entry) -> dict:
             "gmacs": entry.metrics.get("gmacs"), "throughput": entry.metrics.get("throughput"),
             **{k: entry.metrics.get(k) for k in ("level_order", "levels", "avg_accuracy", "avg_accuracy_std",
                                                  "consistency", "consistency_std", "mistake_severity",
-                                                 "mistake_severity_std")}}
+                                                 "mistake_severity_std")},
+            **interval_record(entry.metrics)}
 
 
 def value(record: dict, key: str):
@@ -127,8 +135,16 @@ def row_key(strategy: str, members: list[str] | tuple[str, ...]) -> str:
 
 
 def cell(record: dict, key: str) -> str:
-    """A metric as a percentage, `mean ± std` when the row has several seeds; GMACs and mistake
-    severity (`NUMBERS`) as numbers; – where the row has no value."""
+    """A metric as a percentage, `mean ± std` when the row has several seeds, then its interval
+    `[lo, hi]` where it has one; a paired difference (`delta_*`) as `+d [lo, hi] p=…`; GMACs and
+    mistake severity (`NUMBERS`) as numbers; – where the row has no value."""
+    if key.startswith("delta_"):
+        return delta_cell(record, key)
+    text = _point(record, key)
+    return text + interval_text(record.get(f"{key}_ci")) if text != "–" else text
+
+
+def _point(record: dict, key: str) -> str:
     number = value(record, key)
     if number is None or (isinstance(number, float) and math.isnan(number)):  # missing, or NaN (an empty bin)
         return "–"
@@ -149,22 +165,25 @@ def format_table(entries: list[Entry], fmt: str, extra: list[tuple[str, str]] = 
     records = [entry_record(e) for e in entries]
     if fmt == "json":
         return json.dumps(records, indent=2)
-    columns = [*METRICS, *level_columns(records, level_names), *extra]
+    delta = [DELTA] if any(r.get(DELTA[0]) is not None for r in records) else []
+    columns = [*METRICS, *level_columns(records, level_names), *delta, *extra]
     header = ["#", "Method", "Members", *(title for _, title in columns)]
     rows = [[str(i), strategy_name(r["strategy"]), " + ".join(r["members"]), *(cell(r, k) for k, _ in columns)]
             for i, r in enumerate(records, 1)]
     if fmt == "csv":
-        keys = [k for k, _ in columns]
+        keys = [k for k, _ in columns if k != DELTA[0]]
         stds = [f"{k}_std" for k in keys if k != "gmacs"]
+        intervals = interval_columns(records)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["rank", "strategy", "members", *keys, *stds])
+        writer.writerow(["rank", "strategy", "members", *keys, *stds, *intervals])
         for i, r in enumerate(records, 1):
             writer.writerow([i, r["strategy"], "+".join(r["members"]), *(value(r, k) for k in keys),
-                             *(value(r, k) for k in stds)])
+                             *(value(r, k) for k in stds), *(get(r) for get in intervals.values())])
         return buffer.getvalue()
     if fmt == "latex":
-        escape = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("#", r"\#")  # noqa: E731
+        escape = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("#", r"\#").replace(  # noqa: E731
+            "Δ", r"$\Delta$")
         lines = [r"\begin{tabular}{rll" + "r" * len(columns) + "}", r"\toprule",
                  " & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
         lines += [" & ".join(escape(c) for c in row) + r" \\" for row in rows]
@@ -189,29 +208,46 @@ def ranking_table(entries: list[Entry]) -> tuple[Table, list[str]]:
 
     Members are short keys (`A+B`) explained under the table, so every row stays identifiable at
     80 columns; weighted recall is left out when it equals accuracy in every row (it always does
-    for single-label data; the files keep it).
+    for single-label data; the files keep it). With bootstrap intervals each cell takes a second
+    line, `[lo,hi]` to one decimal, and fused rows a `ΔF1` column (the paired difference to the
+    best single member); top-5 then makes room for it (the files keep it).
     """
     from rich import box
     from rich.table import Table
 
     records = [entry_record(e) for e in entries]
     keys = member_keys(entries)
+    delta = any(r.get(DELTA[0]) is not None for r in records)
     metrics = [(k, title) for k, title in TERMINAL_METRICS
-               if k != "recall" or any(abs(r["recall"] - r["accuracy"]) > 1e-9 for r in records)]
-    table = Table(box=box.SIMPLE_HEAD, padding=0)  # one space between columns: 5 members × 3 seeds fit in 80
+               if (k != "recall" or any(abs(r["recall"] - r["accuracy"]) > 1e-9 for r in records))
+               and (k != "top5" or not delta)]
+    table = Table(box=box.SIMPLE_HEAD, padding=0, show_edge=False)  # one space between columns: 5 × 3 seeds fit in 80
     table.add_column("#", justify="right")
     table.add_column("fusion")
     table.add_column("members", no_wrap=True)
-    for _, title in metrics:
+    for _, title in [*metrics, *([(DELTA[0], "ΔF1 (w)")] if delta else [])]:
         table.add_column(title, justify="right", no_wrap=True)
     for i, r in enumerate(records, 1):
         table.add_row(str(i), r["strategy"], "+".join(keys[m] for m in r["members"]),
-                      *(cell(r, k).replace(" ± ", "±") for k, _ in metrics))
+                      *(_terminal_cell(r, k) for k, _ in metrics), *([terminal_delta(r)] if delta else []))
     legend = [f"{key}  {member}" for member, key in keys.items()]
     legend.append("percent on the test split; (w) weighted, (m) macro")
     if all(k != "recall" for k, _ in metrics):
         legend.append("weighted recall equals accuracy: left out here, kept in the files")
+    if (block := next((r["bootstrap"] for r in records if r.get("bootstrap")), None)) is not None:
+        legend.append(f"[lo,hi]: {100 * block['confidence']:g} % bootstrap interval over the test images "
+                      f"({block['n_resamples']} resamples)")
+    if delta:
+        legend += ["ΔF1: a fusion minus its best single member, paired on the same resamples;",
+                   "     its interval and two-sided p-value (top-5: in the files)"]
     return table, legend
+
+
+def _terminal_cell(record: dict, key: str) -> str:
+    """`84.10±0.30`, and under it the interval to one decimal, `[83.2,85.0]`."""
+    text = _point(record, key).replace(" ± ", "±")
+    ci = record.get(f"{key}_ci")
+    return text if not ci or text == "–" else f"{text}\n[{100 * ci[0]:.1f},{100 * ci[1]:.1f}]"
 
 
 def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 on the test split") -> Path:
@@ -248,8 +284,11 @@ def compare(records: list[dict], expected: dict[str, dict], rename: dict[str, st
 
     `expected` maps row keys to the paper's values as fractions (plus an optional `label`, the row
     as printed); the metrics compared are the ones it has. Our numbers and the paper's print as
-    percent (the paper's at the precision it printed); Δ is ours − paper in points. `rename` maps
-    the paper's backbone names to the ones we ran in their place.
+    percent (the paper's at the precision it printed), ours with its bootstrap interval where it has
+    one; Δ is ours − paper in points. With intervals a last column gives each fused row's paired
+    gain over the best single member of its subset (weighted F1): the question a single number
+    leaves open, whether a fusion's gain is more than test-set noise. `rename` maps the paper's
+    backbone names to the ones we ran in their place.
     """
     rename = rename or {}
 
@@ -259,7 +298,9 @@ def compare(records: list[dict], expected: dict[str, dict], rename: dict[str, st
 
     metrics = list(dict.fromkeys(k for row in expected.values() for k in row if k != "label"))
     ours = {r["key"]: r for r in records}
-    header = ["Paper row", "Our row", *(f"{m} {side}" for m in metrics for side in ("ours", "paper", "Δ"))]
+    gains = any(r.get(DELTA[0]) is not None for r in records)
+    header = ["Paper row", "Our row", *(f"{m} {side}" for m in metrics for side in ("ours", "paper", "Δ")),
+              *(["f1 gain vs best member (ours)"] if gains else [])]
     lines = ["| " + " | ".join(header) + " |", "|---|---" + "|---:" * (len(header) - 2) + "|"]
     paper_keys = {our_key(k): k for k in expected}
     for key in [*paper_keys, *(k for k in ours if k not in paper_keys)]:
@@ -269,6 +310,8 @@ def compare(records: list[dict], expected: dict[str, dict], rename: dict[str, st
             a, b = (100 * mine[m] if mine else None), (100 * theirs[m] if theirs.get(m) is not None else None)
             row += [cell(mine, m) if mine else "–", "–" if b is None else f"{b:.1f}",
                     f"{a - b:+.2f}" if a is not None and b is not None else "–"]
+        if gains:
+            row.append(delta_cell(mine, DELTA[0]) if mine else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -36,18 +36,19 @@ class LevelScores:
                  bins: tuple[int, int]) -> None:
         self.scores, self.ys, self.seen = HierarchyScores(taxonomy), ys, seen
         self.train_counts, self.bins = train_counts, bins
-        self.fine_pred = np.empty(len(seen), np.int64)
+        self.preds = [np.empty(len(seen), np.int32) for _ in ys]  # per level, every test row (intervals)
 
     def update(self, start: int, blocks: list[np.ndarray]) -> None:
         rows = slice(start, start + len(blocks[0]))
-        self.fine_pred[rows] = blocks[-1].argmax(1)
+        for pred, block in zip(self.preds, blocks):
+            pred[rows] = block.argmax(1)
         keep = self.seen[rows]
         self.scores.update([b[keep] for b in blocks], [y[rows][keep] for y in self.ys])
 
     def metrics(self) -> dict:
         fine = self.ys[-1][self.seen]
         return self.scores.metrics() | {"by_frequency": frequency_metrics(
-            fine, self.fine_pred[self.seen], self.train_counts, self.bins)}
+            fine, self.preds[-1][self.seen], self.train_counts, self.bins)}
 
 
 def train_levels(store: FeatureStore, config: RunConfig, view: View, device: str, on_epoch) -> Trained:

@@ -68,7 +68,8 @@ class MetricCounts:
         self.tp, self.support, self.predicted = (torch.zeros(n_classes, dtype=torch.float64) for _ in range(3))
         self.rows = self.correct = self.top5 = 0
 
-    def update(self, logits: torch.Tensor | np.ndarray, y_true: torch.Tensor | np.ndarray) -> None:
+    def update(self, logits: torch.Tensor | np.ndarray, y_true: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Count a block of rows; returns its predicted classes (a caller keeping them pays no second argmax)."""
         logits, y = torch.as_tensor(logits), torch.as_tensor(y_true, dtype=torch.long)
         pred = logits.argmax(1)
         tp, support, predicted = _counts(y, pred, self.n_classes)
@@ -79,6 +80,7 @@ class MetricCounts:
         self.top5 += int((logits.topk(k, dim=1).indices == y[:, None]).any(1).sum())
         self.correct += int((pred == y).sum())
         self.rows += len(y)
+        return pred
 
     def metrics(self) -> dict[str, float]:
         counts = (self.tp, self.support, self.predicted)

@@ -39,12 +39,22 @@ class Trained:
 
 class TestScores:
     """One seed's test metrics from its stored float16 logits, block by block: per-class counts of
-    the seen rows and every row's prediction (for `by_frequency`)."""
+    the seen rows and every row's prediction (for `by_frequency` and the intervals)."""
 
     def __init__(self, y: np.ndarray, seen: np.ndarray, n_classes: int, train_counts: np.ndarray,
                  bins: tuple[int, int]) -> None:
         self.y, self.seen, self.train_counts, self.bins = y, seen, train_counts, bins
-        self.counts, self.pred = MetricCounts(n_classes), np.empty(len(y), np.int64)
+        self.counts, self.pred = MetricCounts(n_classes), np.empty(len(y), np.int32)
+
+    @property
+    def ys(self) -> list[np.ndarray]:
+        """Labels of every test row, per output (one: a single-level run)."""
+        return [self.y]
+
+    @property
+    def preds(self) -> list[np.ndarray]:
+        """This seed's predicted class of every test row, per output (what intervals resample)."""
+        return [self.pred]
 
     def update(self, start: int, blocks: list[np.ndarray]) -> None:
         for i in range(0, len(blocks[0]), FORWARD_ROWS):  # in pieces: a float32 copy of a whole block is 164 MB

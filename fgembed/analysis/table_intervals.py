@@ -1,0 +1,82 @@
+"""Bootstrap intervals of an ensemble table's rows, and each fused row's paired difference to the
+best single member of its subset.
+
+Every row of a table is resampled on one shared set of resamples over the table's test rows (the
+union of the store rows any row scores; seeded, `BootstrapConfig`), so any two rows are paired: a
+resample draws the same test images for both. A row scored on part of those rows (a late subset
+where a member lacks an image) uses their counts alone (`bootstrap.distribution(rows=…)`).
+
+A fused row (any strategy of two or more members: concat, PCA sum, late, a registered fusion) is
+read against its members' single rows on the rows all of them have, metric by metric against the
+member whose point value of that metric is best there: `delta_<metric>`, its paired interval
+`delta_<metric>_ci`, its two-sided p-value `delta_<metric>_p` and the member `delta_<metric>_vs`.
+
+Predictions come from where the row's numbers came from: a run's stored test predictions (its
+held-out classes' rows left out, as its metrics leave them out), or those the row's scorer kept
+(`Entry.predictions`: late fusion keeps every subset's per seed). A row with neither gets no
+interval.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..classify.bootstrap import METRICS, Distribution, distribution
+from ..classify.intervals import BootstrapConfig, RowPredictions, delta_keys, interval_keys, stored_predictions
+from ..classify.views import level_key
+
+if TYPE_CHECKING:
+    from ..classify.rundir import Run
+    from ..store import FeatureStore
+    from .ensemble import Entry
+
+
+def run_predictions(run: Run, fine_labels: np.ndarray) -> RowPredictions:
+    """A run's test predictions at its finest level on the rows its metrics score."""
+    levels = run.config.head.levels
+    rows, preds = stored_predictions(run, levels[-1] if levels else None)
+    seen = ~np.isin(fine_labels[rows], run.meta.get("holdout_classes", []))
+    return RowPredictions(rows[seen], preds[:, seen])
+
+
+def table_intervals(entries: list[Entry], of_run: dict[int, Run], store: FeatureStore, level: str | None,
+                    config: BootstrapConfig) -> None:
+    """Add each row's intervals (and a fused row's paired differences) to its metrics, in place.
+    `of_run` maps `id(entry)` to the run a row is; `level` is the level the rows score."""
+    labels = store.labels(level=level_key(level)).astype(np.int64)
+    fine = store.labels()
+    found: dict[int, RowPredictions] = {}
+    for i, entry in enumerate(entries):
+        if entry.predictions is not None:
+            found[i] = entry.predictions
+        elif id(entry) in of_run:
+            found[i] = run_predictions(of_run[id(entry)], fine)
+    found = {i: p for i, p in found.items() if len(p.rows)}
+    if not found:
+        return
+    union = functools.reduce(np.union1d, [p.rows for p in found.values()])
+    resamples = config.resamples(len(union))
+    cache: dict[tuple[int, bytes], Distribution] = {}
+
+    def scored(i: int, rows: np.ndarray) -> Distribution:
+        """Row i's distribution on `rows` (sorted store rows it has), computed once."""
+        key = (i, rows.tobytes())
+        if key not in cache:
+            p = found[i]
+            own = p.preds[:, np.searchsorted(p.rows, rows)]
+            cache[key] = distribution(labels[rows], own, resamples, METRICS, rows=np.searchsorted(union, rows))
+        return cache[key]
+
+    singles = {entries[i].combination.members[0]: i for i in found if entries[i].combination.strategy == "single"}
+    for i, p in found.items():
+        entry = entries[i]
+        extra = interval_keys(scored(i, p.rows), config.confidence) | {"bootstrap": config.block(len(p.rows))}
+        members = [singles.get(m) for m in entry.combination.members]
+        if len(members) > 1 and None not in members:
+            common = functools.reduce(np.intersect1d, [p.rows, *(found[j].rows for j in members)])
+            if len(common):
+                extra |= delta_keys(scored(i, common), {entries[j].combination.members[0]: scored(j, common)
+                                                        for j in members}, config.confidence)
+        entry.metrics = entry.metrics | extra
