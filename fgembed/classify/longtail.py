@@ -12,10 +12,19 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+from ..datasets.table import SPLIT_NAMES
 from ..errors import FgembedError
+from ..images import FAILED
+from .views import level_key
+
+if TYPE_CHECKING:
+    from ..store import FeatureStore
+    from .rundir import Run
 
 SHOT_BINS = (20, 100)
 BIN_NAMES = ("many", "medium", "few")
@@ -81,3 +90,37 @@ def balanced_order(labels: torch.Tensor, n_classes: int, generator: torch.Genera
     counts = torch.bincount(labels, minlength=n_classes).double()
     weights = 1.0 / counts[labels]
     return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+
+
+def shared_train_counts(store: FeatureStore, runs: list[Run], subsets: list[tuple[int, ...]], level: str,
+                        n_classes: int) -> list[np.ndarray]:
+    """Per subset (indices into `runs`): training rows per class at `level` that a fused view of
+    its members trains on — the runs' class selection less their held-out classes, rows whose image
+    failed in any of its members left out, K per fine class with `--shots K` (a view draws
+    min(K, n) rows of each class). What bins the classes for `by_frequency`, as a single or concat
+    run of those members bins them."""
+    view = runs[0].config.view
+    fine = store.labels().astype(np.int64)
+    kept = np.ones(len(store.class_names), bool)
+    if view.classes is not None:
+        kept[:] = False
+        kept[list(view.classes)] = True
+    codes = store.labels(level=level_key(level)).astype(np.int64)
+    train = store.split_codes() == SPLIT_NAMES["train"]
+    # per member: a concat or sum member loses a row when any of its backbones failed on it
+    failed = [np.logical_or.reduce([np.isin(store.status(name), FAILED) for name in run.config.view.features])
+              for run in runs]
+    out = []
+    for subset in subsets:
+        held = np.zeros(len(kept), bool)  # the members' held-out classes, together (as late fusion masks them)
+        for m in subset:
+            held[runs[m].meta.get("holdout_classes", [])] = True
+        ok = train & (kept & ~held)[fine] & ~np.logical_or.reduce([failed[m] for m in subset])
+        if view.shots is None:
+            out.append(np.bincount(codes[ok], minlength=n_classes))
+            continue
+        group = np.zeros(len(kept), np.int64)
+        group[fine[ok]] = codes[ok]  # levels nest: all of a fine class's rows share its group
+        shots = np.minimum(np.bincount(fine[ok], minlength=len(kept)), view.shots)
+        out.append(np.bincount(group, weights=shots, minlength=n_classes).astype(np.int64))
+    return out
