@@ -7,7 +7,9 @@ used). Extraction goes through the ordinary engine into a work store, so a bad i
 flagged row, members that load alike share one decode of each image, and a killed prediction
 over many images resumes (with `work_dir`).
 Then the run's saved projection and heads turn the embeddings into class scores; seeds of a run
-and several runs are averaged like `fgembed ensemble`'s late fusion.
+and several runs are averaged like `fgembed ensemble`'s late fusion. A gated run extracts every
+backbone its member runs need, scores them with the members' heads and weighs them per image
+with its gates.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import numpy as np
 import torch
 
 from .backbones import LoadOptions
-from .classify.late import late_fusion
+from .classify.late import combine, prepare
 from .classify.config import class_names, same_rows
+from .classify.gated import gated_scores, is_gated, member_runs
 from .classify.rundir import Run
 from .classify.views import level_key
 from .datasets import SampleTable
@@ -112,7 +115,7 @@ def predict(run_dirs: list[str | Path], inputs: list[str | Path], *, top_k: int 
     if top_k < 1:
         raise FgembedError(f"--top-k must be ≥ 1, got {top_k}")
     runs = [Run.load(p) for p in run_dirs]
-    _check_compatible(runs)
+    check_compatible(runs)
     table = image_table(inputs)
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="fgembed-predict-") as tmp:
@@ -122,8 +125,12 @@ def predict(run_dirs: list[str | Path], inputs: list[str | Path], *, top_k: int 
                     weights or {}, progress)
 
 
-def _check_compatible(runs: list[Run]) -> None:
-    """Late fusion needs runs over the same classes of the same dataset (and the same level)."""
+def check_compatible(runs: list[Run]) -> None:
+    """Late fusion needs runs over the same classes of the same dataset (and the same level); a
+    gated run, its member runs (one line before any image is read)."""
+    for run in runs:
+        if is_gated(run):
+            member_runs(run)
     first = runs[0]
     for run in runs[1:]:
         if not same_rows(run.store, first.store):
@@ -135,14 +142,9 @@ def _check_compatible(runs: list[Run]) -> None:
 def _predict(runs: list[Run], table: SampleTable, work: Path, top_k: int, late_mode: str, device: str,
              batch_size: int, workers: int | None, load: LoadOptions | None, weights: dict[str, Path],
              progress: bool) -> Predictions:
-    members = _members(runs)
+    members = members_of(runs)
     store_path = work / "features.zarr"
-    groups: dict[str, tuple[LoadOptions, tuple[str, str], list[str]]] = {}  # members that load alike: one pass
-    for name, recorded in members.items():
-        options = _load_options(name, recorded["fingerprint"], load, weights)
-        setting = (recorded["fingerprint"].get("precision", "auto"), recorded.get("dtype", "float16"))
-        groups.setdefault(repr((options, setting)), (options, setting, []))[2].append(name)
-    for options, (precision, dtype), names in groups.values():
+    for options, precision, dtype, names in load_groups(members, load, weights):
         extract_options = ExtractOptions(batch_size=batch_size, device=device, progress=progress,
                                          precision=precision, dtype=dtype, load=options)
         if workers is not None:
@@ -150,31 +152,27 @@ def _predict(runs: list[Run], table: SampleTable, work: Path, top_k: int, late_m
         extract(table, store_path, names, extract_options)
     store = FeatureStore.open(store_path)
     for name, recorded in members.items():
-        changes = fingerprint_changes(recorded["fingerprint"], store.backbone_info(name).fingerprint)
-        if changes:
-            raise FgembedError(f"{name} cannot be rebuilt as the run recorded it — {'; '.join(changes)} "
-                               f"(pass the original --weights {name}=PATH, or --cache-dir with its weights)")
+        check_rebuilt(name, recorded, store.backbone_info(name).fingerprint)
     failed = np.zeros(len(table), bool)
     status = np.zeros(len(table), np.int64)
     for name in members:
         s = store.status(name)
         failed |= np.isin(s, FAILED)
         status = np.where(status == 0, s, status)
-    scores = [_run_scores(run, store, late_mode) for run in runs]
-    fused = late_fusion(scores, late_mode) if len(scores) > 1 else scores[0]
-    proba = torch.softmax(torch.as_tensor(fused, dtype=torch.float64), 1)
+    fused = fused_scores([_run_scores(run, store, late_mode) for run in runs], late_mode)
+    proba = torch.softmax(fused.double(), 1)
     k = min(top_k, proba.shape[1])
     top = proba.topk(k, dim=1)
     top_ids, top_probs = top.indices.numpy().copy(), top.values.numpy().copy()
     top_ids[failed], top_probs[failed] = -1, np.nan
-    class_names, levels = _names(runs[0])
+    class_names, levels = target_names(runs[0])
     level_names = {level: [names[codes[top_ids[i, 0]]] if top_ids[i, 0] >= 0 else "" for i in range(len(table))]
                    for level, (codes, names) in levels.items()}
     return Predictions(table.paths, [STATUS_NAMES.get(int(c), str(c)) for c in status], top_ids, top_probs,
                        class_names, level_names)
 
 
-def _members(runs: list[Run]) -> dict[str, dict]:
+def members_of(runs: list[Run]) -> dict[str, dict]:
     """Every backbone the runs need, with how it was extracted (fingerprint and stored dtype)."""
     members: dict[str, dict] = {}
     for run in runs:
@@ -183,6 +181,26 @@ def _members(runs: list[Run]) -> dict[str, dict]:
             if members.setdefault(name, recorded) != recorded:
                 raise FgembedError(f"runs disagree on how {name} was extracted; fuse runs of one store")
     return members
+
+
+def load_groups(members: dict[str, dict], load: LoadOptions | None,
+                weights: dict[str, Path]) -> list[tuple[LoadOptions, str, str, list[str]]]:
+    """(load options, precision, stored dtype, names) of the members that load alike (one
+    extraction pass, one build of each model): as each was recorded."""
+    groups: dict[str, tuple[LoadOptions, str, str, list[str]]] = {}
+    for name, recorded in members.items():
+        options = _load_options(name, recorded["fingerprint"], load, weights)
+        setting = (recorded["fingerprint"].get("precision", "auto"), recorded.get("dtype", "float16"))
+        groups.setdefault(repr((options, setting)), (options, *setting, []))[3].append(name)
+    return list(groups.values())
+
+
+def check_rebuilt(name: str, recorded: dict, fingerprint: dict) -> None:
+    """Refuse a member whose rebuilt fingerprint differs from the run's record in a strict key."""
+    changes = fingerprint_changes(recorded["fingerprint"], fingerprint)
+    if changes:
+        raise FgembedError(f"{name} cannot be rebuilt as the run recorded it — {'; '.join(changes)} "
+                           f"(pass the original --weights {name}=PATH, or --cache-dir with its weights)")
 
 
 def _load_options(name: str, fingerprint: dict, base: LoadOptions | None, weights: dict[str, Path]) -> LoadOptions:
@@ -211,20 +229,39 @@ def design_rows(run: Run, store: FeatureStore) -> np.ndarray:
     return run.load_fusion([e.shape[1] for e in embeddings]).transform(embeddings)
 
 
-def _run_scores(run: Run, store: FeatureStore, late_mode: str) -> np.ndarray:
-    """The run's scores for every work-store row: seeds fused like ensemble members. Rows with a
-    failed member image get zeros (they are reported by status, never predicted)."""
+def _seed_scores(run: Run, store: FeatureStore) -> list[np.ndarray]:
+    """Each seed's scores of every work-store row; a gated run's are its gates' weighting of its
+    member runs' seeds (`classify.gated`)."""
+    if is_gated(run):
+        members = member_runs(run)
+        embeddings = [np.nan_to_num(store.features(name)) for name in run.meta["gated"]["backbones"]]
+        return gated_scores(run, members, embeddings, [_seed_scores(m, store) for m in members])
     X = design_rows(run, store)
     if run.config.head.levels:  # a multi-level run: its finest level (coarser names follow from the taxonomy)
         from .classify.hierarchy import predict_levels
-        per_seed = [predict_levels(module, X)[-1] for module in run.load_heads()]
-    else:
-        per_seed = [head.predict_logits(X).astype(np.float32) for head in run.load_heads()]
-    scores = late_fusion(per_seed, late_mode) if len(per_seed) > 1 else per_seed[0]
-    excluded = run.excluded_classes()
-    if len(excluded):
-        scores[:, excluded] = -np.inf if late_mode == "logits" else np.log(1e-30)
-    return scores
+        return [predict_levels(module, X)[-1] for module in run.load_heads()]
+    return [head.predict_logits(X).astype(np.float32) for head in run.load_heads()]
+
+
+def _run_scores(run: Run, store: FeatureStore, late_mode: str) -> torch.Tensor:
+    """The run's scores for every work-store row: seeds fused like ensemble members. Rows with a
+    failed member image get zeros (they are reported by status, never predicted)."""
+    return masked(fused_scores(_seed_scores(run, store), late_mode), run.excluded_classes(), late_mode)
+
+
+def fused_scores(scores: list, late_mode: str) -> torch.Tensor:
+    """A run's seeds, or runs, fused like ensemble members (`late.combine` of `late.prepare`,
+    equal weights), float32; one alone as it is. On tensors or arrays: `fgembed export-model`
+    traces the same rule into its file."""
+    if len(scores) == 1:
+        return torch.as_tensor(scores[0], dtype=torch.float32)
+    return combine([prepare(z, late_mode) for z in scores], None, late_mode)
+
+
+def masked(scores: torch.Tensor, excluded, late_mode: str) -> torch.Tensor:
+    """Scores with the classes the run's heads cannot know (unselected, held out) never predicted."""
+    fill = -float("inf") if late_mode == "logits" else float(np.log(1e-30))
+    return scores.index_fill(1, torch.as_tensor(excluded, dtype=torch.long, device=scores.device), fill)
 
 
 def _target_level(run: Run) -> str | None:
@@ -233,7 +270,7 @@ def _target_level(run: Run) -> str | None:
     return level_key(h.levels[-1]) if h.levels else h.level
 
 
-def _names(run: Run) -> tuple[list[str], dict[str, tuple[np.ndarray, list[str]]]]:
+def target_names(run: Run) -> tuple[list[str], dict[str, tuple[np.ndarray, list[str]]]]:
     """Class names of the run's target, and for a fine-label run each taxonomy level's
     fine→ancestor code map: recorded in the run (a copied run predicts without its store), read
     from the training store for runs written before they were recorded."""

@@ -3,8 +3,9 @@
 Combinations are written as tokens: `all` (every subset of two or more members), `pairs`,
 `full` (all members together), `singles` (no fusion rows), or an explicit `a+b+c`; a
 `strategy:` prefix limits a token to one strategy (`late:full`). A strategy is any registered
-embedding fusion of several members (`concat`, `sum`, …: a run trained on the fused view) or
-`late` (the single runs' logits averaged). Single-backbone rows are always included: they are the
+embedding fusion of several members (`concat`, `sum`, …: a run trained on the fused view),
+`late` (the single runs' logits averaged) or `gated` (the single runs' logits weighted per image by
+a gate trained on validation rows, `classify/gated.py`). Single-backbone rows are always included: they are the
 baseline every fusion is read against, and late fusion needs them anyway. A member may name its
 head (`dinov2_vitl14@knn`).
 """
@@ -21,7 +22,7 @@ from ..errors import FgembedError
 
 @dataclass(frozen=True)
 class Combination:
-    strategy: str               # single, late, or a registered fusion's name (concat, sum, …)
+    strategy: str               # single, late (late-val: val-weighted beside it), gated, or a registered fusion
     members: tuple[str, ...]
 
     @property

@@ -4,7 +4,8 @@ Each fusion is one class in one registry (`FUSIONS`, timm-style: the dict is bot
 choices and the dispatch; `register_fusion` adds one from any module). One object per view:
 `create_fusion(view_config, member_dims)` builds it; a fusion with state (`stateful`) is fitted
 on the training rows one member at a time (`start_fit`, `fit_member`); `apply` turns any rows of
-the members into design rows; `state` / `load` save it beside a run's heads and rebuild it. The
+the members into design rows; `state` / `load` save it beside a run's heads and rebuild it;
+`torch_module` is `apply` in torch, for a model file (`fgembed export-model`). The
 same object serves the training view (`views.build_view`), `fgembed predict` (`transform` on new
 images' embeddings), `fgembed ensemble` (every registered fusion but `single` is a strategy) and
 the report (`title`, `colour`), so a fusion written in one file trains, scores, reports and
@@ -19,7 +20,8 @@ Built in:
   only (`pca.PCASum`), or (`project="linear"`) the concatenation, projected by the head's own
   learned `SumProjection`.
 
-Late fusion (logits of separately trained heads) is not an embedding fusion: see `late.py`.
+Late fusion (logits of separately trained heads) is not an embedding fusion: see `late.py`, and
+`gate.py` for its input-gated form.
 """
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ def create_fusion(config: ViewConfig, dims: Sequence[int], device: str | torch.d
 
 
 def fusion_strategies() -> tuple[str, ...]:
-    """What `fgembed ensemble` can score beside single heads: every fusion of several members, and late."""
-    return (*[name for name, cls in FUSIONS.items() if cls.min_members > 1], "late")
+    """What `fgembed ensemble` can score beside single heads: every fusion of several members, late
+    fusion, and gated late fusion (`gated.py`: per-image member weights from a gate)."""
+    return (*[name for name, cls in FUSIONS.items() if cls.min_members > 1], "late", "gated")
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -132,6 +135,11 @@ class Fusion:
     def load(self, arrays: dict[str, np.ndarray]) -> Fusion:
         return self
 
+    def torch_module(self) -> nn.Module | None:
+        """`apply` of the fitted fusion as a torch module over float32 member rows (a list of
+        [rows, d_i] tensors), for `fgembed export-model`; None: no torch form, not exportable."""
+        return None
+
 
 @register_fusion("single")
 class Single(Fusion):
@@ -139,6 +147,9 @@ class Single(Fusion):
 
     def apply(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         return np.asarray(parts[0], np.float32)
+
+    def torch_module(self) -> nn.Module:
+        return FusionModule()
 
     def apply_into(self, parts: Sequence[np.ndarray], out: np.ndarray) -> None:
         out[...] = parts[0]  # the stored dtype as it is: no float32 copy
@@ -157,6 +168,9 @@ class Concat(Fusion):
         for part in self.members(parts):
             out[:, offset:offset + part.shape[1]] = part
             offset += part.shape[1]
+
+    def torch_module(self) -> nn.Module:
+        return FusionModule(self.config.l2)
 
 
 @register_fusion("sum")
@@ -199,6 +213,30 @@ class Sum(Fusion):
                 raise FgembedError("a PCA sum view needs its fitted projection (projection.safetensors)")
             self.pca = PCASum.from_arrays(arrays)
         return self
+
+    def torch_module(self) -> nn.Module:
+        return FusionModule(self.config.l2, self.pca)
+
+
+class FusionModule(nn.Module):
+    """The built-in fusions' `apply` in torch: the members (L2-normalised first with `l2`) side by
+    side (single, concat, a learned sum's input), or, given the fitted `PCASum`, each projected by
+    its own PCA and summed."""
+
+    def __init__(self, l2: bool = False, pca: PCASum | None = None) -> None:
+        super().__init__()
+        self.l2, self.projected = l2, pca is not None
+        for i, (mean, components) in enumerate(zip(pca.means_, pca.components_) if pca is not None else ()):
+            self.register_buffer(f"mean{i}", torch.from_numpy(np.array(mean, np.float32)))
+            self.register_buffer(f"components{i}", torch.from_numpy(np.array(components, np.float32)))
+
+    def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if self.l2:
+            parts = [nn.functional.normalize(p, dim=1, eps=1e-12) for p in parts]  # as `l2_normalise`
+        if not self.projected:
+            return torch.cat(parts, 1)
+        terms = [(p - getattr(self, f"mean{i}")) @ getattr(self, f"components{i}").T for i, p in enumerate(parts)]
+        return torch.stack(terms).sum(0)
 
 
 class SumProjection(nn.Module):

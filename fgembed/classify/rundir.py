@@ -138,6 +138,9 @@ class Run:
     def load_heads(self, device: str = "cpu") -> list:
         """The kept head of every seed, rebuilt from its saved state dict (a multi-level run's:
         its `hierarchy` module, whose forward gives one logit tensor per level)."""
+        if self.meta.get("kind") == "gated":
+            raise FgembedError(f"{self.path} is a gated run: it has gates, and its heads are its member runs' "
+                               "(classify/gated.py)")
         if self.config.head.levels:
             return _level_modules(self, device)
         dims, n_classes = self.meta["dims"], self.meta["n_classes"]
