@@ -527,7 +527,8 @@ PINNED_DEFAULTS = {
                  "classes": None, "holdout": 0.0, "holdout_level": None, "holdout_seed": 0, "shots": None, "draw": 0},
     HeadConfig: {"head": "mlp", "level": None, "epochs": 150, "lr": (1e-3,), "weight_decay": (0.01,),
                  "batch_size": 128, "dropout": 0.5, "hidden": (512, 256), "seeds": (0,), "balance": "none",
-                 "shot_bins": (20, 100), "levels": (), "hierarchy": "shared", "level_weights": None},
+                 "shot_bins": (20, 100), "levels": (), "hierarchy": "shared", "level_weights": None,
+                 "teacher": (), "temperature": 4.0, "kd_alpha": 0.9, "kd_top_k": 64},
 }
 
 

@@ -25,6 +25,7 @@ from ..store import FeatureStore
 from .fusion import create_fusion
 from .longtail import SHOT_BINS, parse_shot_bins
 from .registry import create_head, head_class
+from .soft_targets import KD_ALPHA, KD_TOP_K, TEMPERATURE
 from .train import BALANCES, SECOND_STAGE_EPOCHS
 from .views import ViewConfig, level_key
 
@@ -49,6 +50,12 @@ class HeadConfig:
     levels: tuple[str, ...] = ()    # coarse → fine taxonomy levels (multi-level head); () = one level
     hierarchy: str = "shared"       # a name in fgembed.classify.hierarchy.HIERARCHIES (with levels only)
     level_weights: tuple[float, ...] | None = None  # per-level loss weights (with levels only)
+    # knowledge distillation (`fgembed distill`, soft_targets.py): the late fusion of these members'
+    # runs teaches; the other three are reset without a teacher
+    teacher: tuple[str, ...] = ()
+    temperature: float = TEMPERATURE
+    kd_alpha: float = KD_ALPHA      # weight of the T²·KL term; 1 − kd_alpha weights the cross-entropy
+    kd_top_k: int = KD_TOP_K        # teacher classes kept per row (exact when ≥ the classes)
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -75,6 +82,7 @@ class HeadConfig:
         if int(self.epochs) < 1 or int(self.batch_size) < 2:
             raise FgembedError(f"epochs must be ≥ 1 and batch size ≥ 2; got {self.epochs}, {self.batch_size}")
         self._fix_levels(fix, as_tuple)
+        self._fix_distillation(fix, as_tuple)
         # settings the head does not take cannot matter: reset, so they never split a key
         taken = self.head_settings()
         defaults = HeadConfig.__dataclass_fields__
@@ -106,6 +114,31 @@ class HeadConfig:
                                    f"{','.join(map(str, weights))}")
             fix("level_weights", weights)
 
+    def _fix_distillation(self, fix, as_tuple) -> None:
+        """Without a teacher the distillation settings reset (a plain run's key never changes);
+        with one, only a trained single-level head without re-balancing learns from it."""
+        teacher = tuple(str(m) for m in as_tuple(self.teacher) if m != "")
+        fix("teacher", teacher)
+        if not teacher:
+            for name in ("temperature", "kd_alpha", "kd_top_k"):
+                fix(name, HeadConfig.__dataclass_fields__[name].default)
+            return
+        if len(set(teacher)) != len(teacher):
+            raise FgembedError(f"a teacher member is named twice: {','.join(teacher)}")
+        if not head_class(self.head).trained:
+            raise FgembedError(f"distillation trains the student by gradient descent; --head {self.head} is not trained")
+        if self.balance != "none" or self.levels:
+            raise FgembedError("distillation trains one level on the teacher's targets; it takes no --balance or --levels")
+        fix("temperature", float(self.temperature))
+        fix("kd_alpha", float(self.kd_alpha))
+        fix("kd_top_k", int(self.kd_top_k))
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise FgembedError(f"--temperature must be a number > 0, got {self.temperature:g}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise FgembedError(f"--kd-alpha weighs the teacher's term in [0, 1], got {self.kd_alpha:g}")
+        if self.kd_top_k < 1:
+            raise FgembedError(f"--kd-top-k must be ≥ 1, got {self.kd_top_k}")
+
     @property
     def total_epochs(self) -> int:
         """Epochs a progress bar counts: `second-stage` adds its balanced epochs."""
@@ -136,6 +169,7 @@ class RunConfig:
     def label(self) -> str:
         head = ("" if self.head.head == "mlp" else f"@{self.head.head}")
         head += f"@{self.head.hierarchy}" if self.head.levels else ""
+        head += "-distilled" if self.head.teacher else ""
         return re.sub(r"[^\w.+-]", "_", self.view.label + head)
 
     def to_json(self) -> dict:

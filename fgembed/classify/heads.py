@@ -19,6 +19,7 @@ from ..errors import FgembedError
 from .base import Head, all_finite, as_rows
 from .fusion import SumProjection
 from .registry import register_head
+from .soft_targets import SoftTargets
 from .train import TrainResult, train_grid
 
 
@@ -54,10 +55,12 @@ class TrainedHead(Head):
             raise FgembedError(f"weight decays must be ≥ 0, got {weight_decays}")
 
     def fit_grid(self, X, y, X_val, y_val, *, seeds, lrs=None, weight_decays=None, n_classes: int | None = None,
-                 on_epoch: Callable[[int], None] | None = None, balance: str = "none") -> list[TrainedHead]:
+                 on_epoch: Callable[[int], None] | None = None, balance: str = "none",
+                 soft_targets: SoftTargets | None = None) -> list[TrainedHead]:
         """Train every (seed, lr, weight decay) in one pass; return one fitted head per seed (self
         is the first), each the setting with the best validation F1 over the lr × wd grid (macro F1
-        under a `balance`, see `train.BALANCES`).
+        under a `balance`, see `train.BALANCES`). `soft_targets`: a teacher's, per seed, over the
+        rows of X (knowledge distillation, `train.train_grid`).
 
         `chosen_` holds that setting, `grid_` every setting's best validation F1 and epoch.
         `on_epoch(n)` is called after every epoch (a progress bar's tick)."""
@@ -80,7 +83,7 @@ class TrainedHead(Head):
         results = train_grid(lambda: self._network(d, n_classes), X, torch.as_tensor(y, device=device), X_val,
                              torch.as_tensor(y_val, device=device), n_classes, seeds, lrs, weight_decays,
                              epochs=int(self.epochs), batch_size=int(self.batch_size), on_epoch=on_epoch,
-                             balance=balance)
+                             balance=balance, soft_targets=soft_targets)
         heads = []
         for k, (seed, per_setting) in enumerate(zip(seeds, results)):
             head = self if k == 0 else self.__class__(**{**self.get_params(), "random_state": seed})

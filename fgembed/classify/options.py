@@ -26,6 +26,9 @@ NEEDS = {
     "draw": ("shots", "picks a draw of the --shots K training rows"),
     "hierarchy": ("levels", "chooses the multi-level head of --levels"),
     "level_weights": ("levels", "weights the losses of the --levels"),
+    "temperature": ("teacher", "tempers a teacher's soft targets"),
+    "kd_alpha": ("teacher", "weighs a teacher's soft targets"),
+    "kd_top_k": ("teacher", "keeps a teacher's most probable classes"),
 }
 
 

@@ -24,6 +24,11 @@ head's best state for `SECOND_STAGE_EPOCHS` epochs of balanced batches at lr × 
 the head classes that re-balancing trades away.
 On CUDA the full-batch step (forward, backward, fused AdamW) is captured once as a CUDA graph and
 replayed: a small head is launch-bound on a GPU otherwise. The CPU keeps the eager step.
+
+`soft_targets` (`soft_targets.SoftTargets`, made by `fgembed distill`) adds knowledge distillation:
+each head's per-row loss becomes α·T²·KL(teacher ‖ student) + (1 − α)·cross-entropy, the head of
+seed s against seed s's targets, gathered by the same batch indices (no host sync: it is captured
+in the CUDA graph like the rest of the step). α = 0 leaves exactly the plain loss.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from .longtail import (
     class_balanced_weights,
     log_prior,
 )
+from .soft_targets import SoftTargets
 from .stacked_heads import StackedHeads, predict_all
 
 MASK_STEPS = 16           # dropout masks are drawn per seed for this many steps at once
@@ -180,13 +186,19 @@ def cpu_threads(device: torch.device, step_macs: int) -> Iterator[None]:
 def train_grid(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor,
                y_val: torch.Tensor, n_classes: int, seeds: list[int], lrs: list[float], weight_decays: list[float],
                *, epochs: int, batch_size: int, on_epoch: Callable[[int], None] | None = None,
-               cuda_graphs: bool = True, balance: str = "none") -> list[list[TrainResult]]:
+               cuda_graphs: bool = True, balance: str = "none",
+               soft_targets: SoftTargets | None = None) -> list[list[TrainResult]]:
     """Train every (seed, lr, weight decay) as one batched model; results[seed][setting] with
     settings in lr-major order. `X`, `X_val` may be float16 (cast per batch / block);
     `on_epoch(1)` after every epoch (a progress bar's tick; `second-stage` adds
-    SECOND_STAGE_EPOCHS epochs)."""
+    SECOND_STAGE_EPOCHS epochs); `soft_targets`: one set per seed over the rows of `X`."""
     if balance not in BALANCES:
         raise FgembedError(f"unknown balance {balance!r}; choose from {', '.join(BALANCES)}")
+    if soft_targets is not None:
+        if balance != "none":
+            raise FgembedError("distillation trains on the teacher's targets; it takes no --balance")
+        soft_targets.check(len(seeds), X.shape[0], n_classes)
+        soft_targets = soft_targets.to(X.device)
     mode = BALANCES[balance]
     average = "weighted" if balance == "none" else "macro"
     device = X.device
@@ -214,6 +226,8 @@ def train_grid(make_model: Callable[[], nn.Module], X: torch.Tensor, y: torch.Te
             logits = logits + offset
         targets = y[idx].repeat(model.K, 1).reshape(-1)
         loss = F.cross_entropy(logits.reshape(G * B, C), targets, reduction="none").view(G, B)
+        if soft_targets is not None:
+            loss = soft_targets.loss(logits, loss, idx)
         if class_weights is None:
             loss = loss.mean(1)
         else:  # CrossEntropyLoss(weight=w)'s mean: Σ w_y·nll / Σ w_y, per head

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -152,6 +152,16 @@ class View:
                                "backbone extracted with `fgembed extract --text`")
         return stored
 
+    def keep_rows(self, split: str, keep: np.ndarray) -> View:
+        """This view with only the rows of `split` that `keep` marks (the others counted as
+        dropped). The split's matrix is compacted in place, never copied: this view's own matrix
+        of that split is overwritten, so use the view returned."""
+        if keep.all():
+            return self
+        X = compact_rows(self._X[split], keep)
+        return replace(self, rows={**self.rows, split: self.rows[split][keep]}, _X={**self._X, split: X},
+                       dropped={**self.dropped, split: self.dropped[split] + int((~keep).sum())})
+
     def excluded_classes(self, level: str | None = None) -> np.ndarray:
         """Class ids at `level` a head trained on this view cannot know (unselected or held out):
         at a coarse level, groups none of whose fine classes is kept."""
@@ -284,22 +294,30 @@ def _draw_shots(train: np.ndarray, fine: np.ndarray, k: int, draw: int) -> np.nd
     return np.sort(order[by_class[rank < k]])
 
 
+COMPACT_ROWS = 1024  # rows per step of an in-place compaction: a [step, d] mask at a time
+
+
 def _drop_nonfinite(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Compact X in place, block by block, keeping finite rows (a no-op when all are)."""
+    """Compact X in place, keeping finite rows (a no-op when all are)."""
+    keep = np.concatenate([np.isfinite(X[i:i + COMPACT_ROWS]).all(1) for i in range(0, len(X), COMPACT_ROWS)]
+                          or [np.ones(0, bool)])
+    bad = int((~keep).sum())
+    return (compact_rows(X, keep), rows[keep], bad) if bad else (X, rows, 0)
+
+
+def compact_rows(X: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """`X[keep]` written into X's own first rows, block by block (no copy of the matrix): a view
+    of X, whose other rows are overwritten."""
     write = 0
-    keep = np.ones(len(rows), bool)
-    step = 1024  # a [step, d] mask at a time
-    for start in range(0, len(X), step):
-        block = np.isfinite(X[start:start + step]).all(1)
-        keep[start:start + len(block)] = block
+    for start in range(0, len(X), COMPACT_ROWS):
+        block = keep[start:start + COMPACT_ROWS]
         if block.all() and write == start:
             write += len(block)
             continue
-        good = X[start:start + step][block]
+        good = X[start:start + COMPACT_ROWS][block]
         X[write:write + len(good)] = good
         write += len(good)
-    bad = int((~keep).sum())
-    return (X[:write], rows[keep], bad) if bad else (X, rows, 0)
+    return X[:write]
 
 
 class _Reader:
