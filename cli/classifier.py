@@ -195,6 +195,8 @@ def ensemble(
     title: str = typer.Option("weighted F1 on the test split", metavar="TEXT", rich_help_panel=REPORT,
                               help="Bar chart title."),
     device: str = DEVICE, runs: Path = RUNS,
+    added: list[Path] = typer.Option([], "--run", metavar="DIR", rich_help_panel=REPORT,
+                                     help="A finished run to add as a row (repeatable), e.g. a distilled student."),
     force: bool = typer.Option(False, "--force", help="Retrain every run."),
     bootstrap: int = BOOTSTRAP,
     quiet: bool = QUIET,
@@ -212,6 +214,7 @@ def ensemble(
     from fgembed.classify.intervals import BootstrapConfig
     from fgembed.classify.options import ensemble_config
     from fgembed.classify.fitting import check_levels
+    from fgembed.classify.rundir import Run
 
     names = [m.strip() for m in members.split(",") if m.strip()]
     if not names:
@@ -229,7 +232,7 @@ def ensemble(
     for member in names:
         opened.backbone_info(split_member(member)[0])  # an unknown member: one line, before any work
     given = run_options(typed(ctx, "store", "storage_option", "members", "strategies", "combinations", "late_mode", "late_weights",
-                              "by_frequency", "cost", "fmt", "name", "title", "device", "runs", "force", "bootstrap",
+                              "by_frequency", "cost", "fmt", "name", "title", "device", "runs", "added", "force", "bootstrap",
                               "quiet"),
                         opened.class_names)
     base = ensemble_config(names, [s for s in fusion_strategies() if s in used], **given)
@@ -239,7 +242,7 @@ def ensemble(
         warnings.simplefilter("always", UserWarning)
         entries = score(opened, runs, combos, base, device=device, force=force,
                         late_mode=late_mode, late_weights=late_weights, progress=not quiet,
-                        bootstrap=BootstrapConfig(bootstrap))
+                        bootstrap=BootstrapConfig(bootstrap), added=[Run.load(path) for path in added])
     for warning in caught:
         err.print(f"[yellow]warning: {escape(str(warning.message))}[/yellow]", highlight=False)
     if cost:

@@ -330,3 +330,56 @@ def test_bad_requests_are_one_line_and_exit_2(store, tmp_path, capsys, args, mes
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message.lower() in err.lower(), err
     assert not any(Path(tmp_path).iterdir())  # refused before any run was trained
+
+
+def test_a_student_is_a_row_of_an_ensemble_table_read_against_its_plain_head(distilled, store, capsys):
+    """`ensemble --run STUDENT`: the student's row carries its own metrics and its paired
+    difference to its backbone's single row, which is its plain head (the same run)."""
+    runs, result = distilled
+    table = json.loads(_cli(capsys, "ensemble", "--store", store.path, "--members", "a,b,c", "--strategies", "late",
+                            "--combinations", "late:a+b", "--run", result.student.path, "--runs", runs, "--device",
+                            "cpu", "--epochs", FAST["epochs"], "--batch-size", FAST["batch_size"], "--seeds", "0,1",
+                            "--format", "json", "--quiet"))
+    rows = {(r["strategy"], "+".join(r["members"])): r for r in table}
+    row, plain = rows["distilled", "c"], rows["single", "c"]
+    assert row["accuracy"] == pytest.approx(result.student.metrics["accuracy"])
+    assert plain["accuracy"] == pytest.approx(result.plain.metrics["accuracy"])
+    assert row["delta_accuracy_vs"] == "c"
+    assert row["delta_accuracy"] == pytest.approx(row["accuracy"] - plain["accuracy"])
+    assert ("late", "a+b") in rows
+
+
+def test_a_run_of_another_store_is_refused_as_a_table_row(distilled, tmp_path, capsys):
+    _, result = distilled
+    other = write_feature_store(tmp_path / "other.zarr", per_class=30)
+    assert main(["ensemble", "--store", str(other.path), "--members", "a", "--run", str(result.student.path),
+                 "--runs", str(tmp_path / "runs"), "--quiet"]) == 2
+    assert "another store" in capsys.readouterr().err
+
+
+MEMBERS = ("timm:test_vit", "timm:test_resnet")
+
+
+def test_a_student_predicts_new_images_alone_and_fused_with_another_run(manifest_csv, tmp_path):
+    """`fgembed predict --run STUDENT` rebuilds the student's one backbone and gives its stored
+    test top-1; `--run STUDENT --run OTHER` fuses them late as their stored logits fuse."""
+    from fgembed.backbones import LoadOptions
+    from fgembed.datasets import load_dataset
+    from fgembed.extraction.extract import ExtractOptions, extract
+    from fgembed.predict import predict
+    from fgembed.store import FeatureStore
+
+    table = load_dataset("manifest", manifest_csv)
+    extract(table, tmp_path / "s.zarr", list(MEMBERS),
+            ExtractOptions(load=LoadOptions(pretrained=False), workers=0, progress=False, device="cpu"))
+    images = FeatureStore.open(tmp_path / "s.zarr")
+    config = RunConfig(ViewConfig(features=(MEMBERS[0],)), HeadConfig(epochs=3, seeds=(0, 1), teacher=MEMBERS))
+    result = distill(images, config, tmp_path / "runs", device="cpu")
+    rows, logits = result.student.logits("test")
+    files = [Path(table.root) / table.paths[r] for r in rows]
+    alone = predict([result.student.path], files, top_k=1, device="cpu", workers=0, progress=False)
+    assert (alone.top_ids[:, 0] != logits.astype(np.float32).mean(0).argmax(1)).sum() <= 2  # float16 near-ties
+    other = result.teachers[1]
+    fused = predict([result.student.path, other.path], files, top_k=1, device="cpu", workers=0, progress=False)
+    stored = np.mean([run.logits("test")[1].astype(np.float32).mean(0) for run in (result.student, other)], 0)
+    assert (fused.top_ids[:, 0] != stored.argmax(1)).sum() <= 2

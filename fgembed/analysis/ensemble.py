@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +71,15 @@ class Entry:
 
 def score(store: FeatureStore, runs_dir: str | Path, combinations: list[Combination], base: RunConfig,
           device: str = "auto", force: bool = False, late_mode: str = "logits", late_weights: str = "equal",
-          progress: bool = False, bootstrap: BootstrapConfig = BootstrapConfig()) -> list[Entry]:
+          progress: bool = False, bootstrap: BootstrapConfig = BootstrapConfig(),
+          added: Sequence[Run] = ()) -> list[Entry]:
     """Train the runs the combinations need (reusing finished ones) and score them all.
 
     `base` gives the head and the view settings of every run (build its view with fusion `sum`
     to carry l2 / projection settings); its features are replaced per combination. `bootstrap`
-    says how the rows' intervals are computed (0 resamples: none)."""
+    says how the rows' intervals are computed (0 resamples: none). `added`: finished runs of the
+    same rows (`--run`: a distilled student, …), a row each, as they are."""
+    added = [_added_row(store, run) for run in added]  # another store's run: one line before any work
     weightings = late_weightings(late_weights)
     if late_mode not in LATE_MODES:
         raise FgembedError(f"late fusion mode must be one of {', '.join(LATE_MODES)}, got {late_mode!r}")
@@ -111,10 +115,27 @@ def score(store: FeatureStore, runs_dir: str | Path, combinations: list[Combinat
                                       device=device, force=force, progress=progress), store, bootstrap)
         entries.append(Entry(combo, run.metrics, [run.path], np.mean(run.metrics["gate_weights"], 0).round(4).tolist()))
         of_run[id(entries[-1])] = run
+    for run in added:
+        entries.append(Entry(Combination(added_strategy(run), run.config.view.features),
+                             run_intervals(run, store, bootstrap).metrics, [run.path]))
+        of_run[id(entries[-1])] = run
     if bootstrap.enabled:
         table_intervals(entries, of_run, store, base.head.levels[-1] if base.head.levels else base.head.level,
                         bootstrap)
     return sorted(entries, key=lambda e: -e.metrics["f1"])
+
+
+def added_strategy(run: Run) -> str:
+    """The strategy a finished run stands under in a table: `distilled` for a student, else its
+    view's fusion (`single` for one member)."""
+    return "distilled" if run.config.head.teacher else run.config.view.fusion
+
+
+def _added_row(store: FeatureStore, run: Run) -> Run:
+    identity = {"manifest_sha256": store.samples_attrs["manifest_sha256"], "content_sha256": store.content_sha256()}
+    if not same_rows(run.store, identity):
+        raise FgembedError(f"--run {run.path} was trained on another store (other rows) than {store.path}")
+    return run
 
 
 def _train_all(store: FeatureStore, runs_dir: str | Path, needed: dict, device: str, force: bool,

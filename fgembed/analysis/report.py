@@ -37,7 +37,8 @@ METRICS = (("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", 
            ("f1", "F1 (w)"), ("f1_macro", "F1 (macro)"), ("top5", "Top-5"))
 # late fusion and its forms are no embedding fusions: named here (name, colour)
 LATE = {"late": ("late fusion", "#d62728"), "late-val": ("late fusion, val weights", "#ff9896"),
-        "gated": ("gated late fusion", "#9467bd")}
+        "gated": ("gated late fusion", "#9467bd"),
+        "distilled": ("distilled student", "#17becf")}  # a student of late fusion's targets (`fgembed distill`)
 
 
 def strategy_name(strategy: str) -> str:
@@ -166,7 +167,7 @@ def format_table(entries: list[Entry], fmt: str, extra: list[tuple[str, str]] = 
     if fmt == "json":
         return json.dumps(records, indent=2)
     delta = [DELTA] if any(r.get(DELTA[0]) is not None for r in records) else []
-    columns = [*METRICS, *level_columns(records, level_names), *delta, *extra]
+    columns = [*METRICS, *delta, *level_columns(records, level_names), *extra]
     header = ["#", "Method", "Members", *(title for _, title in columns)]
     rows = [[str(i), strategy_name(r["strategy"]), " + ".join(r["members"]), *(cell(r, k) for k, _ in columns)]
             for i, r in enumerate(records, 1)]

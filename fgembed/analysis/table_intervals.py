@@ -10,6 +10,8 @@ A fused row (any strategy of two or more members: concat, PCA sum, late, a regis
 read against its members' single rows on the rows all of them have, metric by metric against the
 member whose point value of that metric is best there: `delta_<metric>`, its paired interval
 `delta_<metric>_ci`, its two-sided p-value `delta_<metric>_p` and the member `delta_<metric>_vs`.
+A distilled student (`fgembed distill`, added with `--run`) is read so too, a one-backbone student
+against that backbone's single row: its own plain head.
 
 Predictions come from where the row's numbers came from: a run's stored test predictions (its
 held-out classes' rows left out, as its metrics leave them out), or those the row's scorer kept
@@ -74,7 +76,8 @@ def table_intervals(entries: list[Entry], of_run: dict[int, Run], store: Feature
         entry = entries[i]
         extra = interval_keys(scored(i, p.rows), config.confidence) | {"bootstrap": config.block(len(p.rows))}
         members = [singles.get(m) for m in entry.combination.members]
-        if len(members) > 1 and None not in members:
+        fused = len(members) > 1 or entry.combination.strategy == "distilled"  # a student: read against its plain head
+        if fused and None not in members:
             common = functools.reduce(np.intersect1d, [p.rows, *(found[j].rows for j in members)])
             if len(common):
                 extra |= delta_keys(scored(i, common), {entries[j].combination.members[0]: scored(j, common)
