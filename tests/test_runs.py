@@ -21,6 +21,7 @@ from sklearn import metrics as skm
 import fgembed
 from fgembed.analysis.ensemble import late_entries, score
 from fgembed.analysis.plan import Combination, plan
+from fgembed.analysis.interval_cells import interval_text
 from fgembed.analysis.report import compare, entry_record, format_table, write_report
 from fgembed.classify import fitting, rundir
 from fgembed.classify._logits import create_logits, write_logits
@@ -440,7 +441,8 @@ def test_reports_in_every_format(store, tmp_path):
     # the paper's values are fractions (expected.json's units); the table prints percent
     table = compare(records, {"single:a": {"accuracy": 0.5, "f1": None}, "sum:a+b": {"accuracy": 0.01}})
     a = next(r for r in records if r["key"] == "single:a")
-    assert f"{100 * a['accuracy']:.2f} | " in table and f"{100 * a['accuracy'] - 50:+.2f}" in table
+    ours = f"{100 * a['accuracy']:.2f}{interval_text(a['accuracy_ci'])} | "  # with its bootstrap interval
+    assert ours in table and f"{100 * a['accuracy'] - 50:+.2f}" in table
     assert "| sum:a+b | sum:a+b | – | 1.0 | – |" in table  # a row we did not run
     with pytest.raises(FgembedError, match="unknown format"):
         format_table(entries, "xlsx")
