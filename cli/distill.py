@@ -12,6 +12,7 @@ from fgembed.errors import FgembedError
 from ._common import app, err, out, print_json
 from ._options import (
     BATCH_SIZE,
+    BOOTSTRAP,
     CLASSES,
     DEVICE,
     DRAW,
@@ -70,6 +71,7 @@ def distill(
     level: str | None = LEVEL, shot_bins: str = SHOT_BINS,
     device: str = DEVICE, runs: Path = RUNS,
     force: bool = typer.Option(False, "--force", help="Retrain the teacher's runs, the plain head and the student."),
+    bootstrap: int = BOOTSTRAP,
     as_json: bool = typer.Option(False, "--json", help="Print student, teacher and plain head to stdout."),
     quiet: bool = QUIET,
 ) -> None:
@@ -77,13 +79,16 @@ def distill(
 
     Trains a head on the student's view against the teacher's soft targets (Hinton et al.:
     α·T²·KL + (1 − α)·CE, selected on validation like fit), and prints the student against
-    the teacher and the student's own plain head, with the backbones each needs at prediction
-    time. The student is a run like any other (ensemble --run, predict, late fusion).
+    the teacher and the student's own plain head (95 % bootstrap intervals, and the student's
+    paired difference to its plain head), with the backbones each needs at prediction time.
+    The student is a run like any other (ensemble --run, predict, late fusion).
     """
     from fgembed.classify.distill import distill as run_distill
+    from fgembed.classify.intervals import BootstrapConfig
     from fgembed.classify.options import run_config
 
-    given = typed(ctx, "store", "storage_option", "teacher", "student", "device", "runs", "force", "as_json", "quiet")
+    given = typed(ctx, "store", "storage_option", "teacher", "student", "device", "runs", "force", "bootstrap",
+                  "as_json", "quiet")
     if given.get("kd_alpha") == 0:
         raise FgembedError("--kd-alpha 0 leaves only the labels' cross-entropy: that is the plain head distill "
                            "reports beside the student")
@@ -92,10 +97,12 @@ def distill(
         raise FgembedError("--teacher needs at least one member, e.g. --teacher a,b,c")
     opened = open_store(store, storage_option)
     config = run_config(tuple(student.split("+")), teacher=members, **run_options(given, opened.class_names))
+    intervals = BootstrapConfig(bootstrap)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        result = run_distill(opened, config, runs, device=device, force=force, progress=not quiet)
-        rows = _rows(opened, result)
+        result = run_distill(opened, config, runs, device=device, force=force, progress=not quiet,
+                             bootstrap=intervals)
+        rows = _rows(opened, result, intervals)
     for warning in caught:
         err.print(f"[yellow]warning: {escape(str(warning.message))}[/yellow]", highlight=False)
     if as_json:
@@ -104,20 +111,25 @@ def distill(
     _print(config, result, rows)
 
 
-def _rows(store, result) -> dict[str, dict]:
+def _rows(store, result, intervals) -> dict[str, dict]:
     """Student, teacher (the `late` row of an ensemble of its members) and plain head: their test
-    metrics, run directories and the backbones each runs at prediction time (GMACs per image
-    where `fgembed bench` recorded them)."""
+    metrics (with intervals; the student's with its paired difference to the plain head), run
+    directories and the backbones each runs at prediction time (GMACs per image where
+    `fgembed bench` recorded them)."""
     from fgembed.analysis.ensemble import late_entries
     from fgembed.analysis.plan import Combination
     from fgembed.analysis.report import combine_costs
+    from fgembed.analysis.table_intervals import table_intervals
     from fgembed.extraction.bench import read_cost
 
-    teacher = result.student.config.head.teacher
-    singles = dict(zip(teacher, result.teachers))
-    late = late_entries(store, singles, [Combination("late", teacher)], result.student.config.head.level,
+    teacher, level = result.student.config.head.teacher, result.student.config.head.level
+    late = late_entries(store, dict(zip(teacher, result.teachers)), [Combination("late", teacher)], level,
                         "logits", "equal")[0]
-    rows = {"student": (result.student.metrics, [str(result.student.path)], result.student.config.view.features),
+    if intervals.enabled:
+        table_intervals([late], {}, store, level, intervals)
+    paired = _paired(store, result, intervals) if intervals.enabled else {}
+    rows = {"student": (result.student.metrics | paired, [str(result.student.path)],
+                        result.student.config.view.features),
             "teacher": (late.metrics, [str(p) for p in late.runs], teacher),
             "plain": (result.plain.metrics, [str(result.plain.path)], result.plain.config.view.features)}
     return {name: {"runs": paths, "backbones": list(backbones),
@@ -125,20 +137,47 @@ def _rows(store, result) -> dict[str, dict]:
             for name, (metrics, paths, backbones) in rows.items()}
 
 
+def _paired(store, result, intervals) -> dict:
+    """The student against its plain head on the test rows both score, one paired bootstrap on
+    shared resamples (`delta_<metric>`, `_ci`, `_p`, as an ensemble table's fused rows have)."""
+    import numpy as np
+
+    from fgembed.analysis.table_intervals import run_predictions
+    from fgembed.classify.bootstrap import METRICS, distribution
+    from fgembed.classify.intervals import delta_keys
+    from fgembed.classify.views import level_key
+
+    fine = store.labels()
+    labels = store.labels(level=level_key(result.student.config.head.level)).astype(np.int64)
+    student, plain = run_predictions(result.student, fine), run_predictions(result.plain, fine)
+    common = np.intersect1d(student.rows, plain.rows)
+    resamples = intervals.resamples(len(common))
+    scored = lambda p: distribution(labels[common], p.preds[:, np.searchsorted(p.rows, common)],  # noqa: E731
+                                    resamples, METRICS)
+    return delta_keys(scored(student), {"plain": scored(plain)}, intervals.confidence)
+
+
 def _print(config, result, rows: dict[str, dict]) -> None:
     """Three lines (teacher, student, plain head) and what the student keeps of the teacher's gain."""
+    from fgembed.analysis.interval_cells import delta_cell, interval_text
+
     h, student = config.head, result.student
     state = "reused finished run" if student.reused else f"trained in {student.metrics['train_seconds']:.1f} s"
     out.print(f"{config.label}: {state} → {student.path}", highlight=False, markup=False)
     out.print(f"teacher: late fusion of {' + '.join(h.teacher)}; T {h.temperature:g}, α {h.kd_alpha:g}, "
               f"top-{h.kd_top_k} targets; seeds {','.join(map(str, h.seeds))}", highlight=False, markup=False)
     width = max(len(" + ".join(r["backbones"])) for r in rows.values())
-    out.print(f"{'test':8} {'rows':>5} {'accuracy':>8} {'F1 (w)':>7}  backbones at prediction", highlight=False)
+    accuracy = {name: f"{100 * r['accuracy']:.2f}{interval_text(r.get('accuracy_ci'))}" for name, r in rows.items()}
+    wide = max(map(len, accuracy.values()))
+    out.print(f"{'test':8} {'rows':>5} {'accuracy':>{wide}} {'F1 (w)':>7}  backbones at prediction", highlight=False)
     for name, r in rows.items():
         cost = "" if r["gmacs"] is None else f"  ({r['gmacs']:.1f} GMACs)"
-        line = (f"{name:8} {r['n_test']:5d} {100 * r['accuracy']:8.2f} {100 * r['f1']:7.2f}  {len(r['backbones'])}: "
+        line = (f"{name:8} {r['n_test']:5d} {accuracy[name]:>{wide}} {100 * r['f1']:7.2f}  {len(r['backbones'])}: "
                 f"{' + '.join(r['backbones']):<{width}}{cost}")
         out.print(line.rstrip(), highlight=False, markup=False)
+    if rows["student"].get("delta_accuracy") is not None:
+        out.print(f"student − plain head, paired bootstrap: accuracy {delta_cell(rows['student'], 'delta_accuracy')}"
+                  f"\n  F1 (w) {delta_cell(rows['student'], 'delta_f1')}", highlight=False)
     gain = rows["teacher"]["accuracy"] - rows["plain"]["accuracy"]
     kept = rows["student"]["accuracy"] - rows["plain"]["accuracy"]
     if gain > 0:

@@ -291,6 +291,12 @@ def test_command_reports_student_teacher_plain_and_backbones(distilled, store, c
                          for run in result.teachers], 0)
         accuracy.append((fused.argmax(1) == y[rows[keep]]).mean())
     assert report["teacher"]["accuracy"] == pytest.approx(np.mean(accuracy))
+    assert report["student"]["delta_accuracy"] == pytest.approx(report["student"]["accuracy"]
+                                                                - report["plain"]["accuracy"])
+    lo, hi = report["teacher"]["accuracy_ci"]
+    assert lo <= report["teacher"]["accuracy"] <= hi and report["student"]["delta_accuracy_vs"] == "plain"
+    bare = json.loads(_cli(capsys, *base, "--json", "--bootstrap", "0"))
+    assert "accuracy_ci" not in bare["teacher"] and not any(k.startswith("delta_") for k in bare["student"])
     text = _cli(capsys, *base)
     lines = text.splitlines()
     assert lines[0].startswith("c-distilled: reused finished run")
