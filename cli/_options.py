@@ -1,4 +1,5 @@
-"""Options shared by `fgembed fit` and `fgembed ensemble`, declared once, grouped into help panels.
+"""Options shared by `fgembed fit` and `fgembed ensemble` (and by `predict` and `export-model`:
+the runs they serve), declared once, grouped into help panels.
 
 The defaults shown in `--help` are `HeadConfig` / `ViewConfig`'s (spelled here because importing
 the config classes loads torch, which `--help` must not pay for; tests/test_views.py checks them
@@ -88,6 +89,14 @@ BALANCE = typer.Option("none", metavar="KIND", rich_help_panel=LONG_TAIL,
 SHOT_BINS = typer.Option("20,100", metavar="LOW,HIGH", rich_help_panel=LONG_TAIL,
                          help="few < LOW ≤ medium ≤ HIGH < many training rows (by_frequency).")
 
+# `fgembed predict` and `fgembed export-model`: the runs they serve, and how members are rebuilt
+RUN_DIRS = typer.Option(..., "--run", metavar="DIR", help="A run directory (repeatable: runs are fused late).")
+LATE_MODE = typer.Option("logits", metavar="KIND", help="How seeds and runs are fused: logits or proba.")
+MEMBER_WEIGHTS = typer.Option([], "--weights", metavar="M=PATH",
+                              help="The local checkpoint member M was extracted with (repeatable).")
+CACHE_DIR = typer.Option(None, metavar="DIR", help="Where the source libraries cache downloaded weights.")
+OFFLINE = typer.Option(False, "--offline", help="Never touch the network; cached or local weights only.")
+
 
 def open_store(where: str, storage_option: list[str], mode: str = "r"):
     """The store at `--store` (a path or URL) with its `--storage-option`s."""
@@ -95,6 +104,17 @@ def open_store(where: str, storage_option: list[str], mode: str = "r"):
     from fgembed.store import FeatureStore
 
     return FeatureStore.open(where, mode, parse_storage_options(storage_option))
+
+
+def member_weights(items: list[str]) -> dict[str, Path]:
+    """`--weights M=PATH` items → {member: path}."""
+    pairs = {}
+    for item in items:
+        name, sep, path = item.rpartition("=")
+        if not sep or not name:
+            raise FgembedError(f"--weights takes MEMBER=PATH, got {item!r}")
+        pairs[name] = Path(path)
+    return pairs
 
 
 def ints(text: str, option: str) -> tuple[int, ...]:

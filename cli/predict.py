@@ -7,41 +7,27 @@ from typing import Optional
 
 import typer
 
-from fgembed.errors import FgembedError
-
 from ._common import app, err, out
-from ._options import at_least
-
-
-def _weights(items: list[str]) -> dict[str, Path]:
-    pairs = {}
-    for item in items:
-        name, sep, path = item.rpartition("=")
-        if not sep or not name:
-            raise FgembedError(f"--weights takes MEMBER=PATH, got {item!r}")
-        pairs[name] = Path(path)
-    return pairs
+from ._options import CACHE_DIR, LATE_MODE, MEMBER_WEIGHTS, OFFLINE, RUN_DIRS, at_least, member_weights
 
 
 @app.command()
 def predict(
-    run: list[Path] = typer.Option(..., metavar="DIR", help="A run directory (repeatable: runs are fused late)."),
+    run: list[Path] = RUN_DIRS,
     images: list[Path] = typer.Option(..., metavar="PATH", help="A folder (searched recursively), a CSV with a "
                                       "`path` column, or an image file (repeatable)."),
     to: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="Output file (default: stdout)."),
     top_k: int = typer.Option(5, metavar="K", callback=at_least(1), help="Classes per image, best first."),
     fmt: Optional[str] = typer.Option(None, "--format", metavar="FMT", help="csv or json (default: from --out's "
                                       "suffix, else csv)."),
-    late_mode: str = typer.Option("logits", metavar="KIND", help="How seeds and runs are fused: logits or proba."),
+    late_mode: str = LATE_MODE,
     device: str = typer.Option("auto", metavar="NAME", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(64, metavar="N", callback=at_least(1), help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, metavar="N", callback=at_least(0), help="Image-decoding "
                                           "processes (default: as extract)."),
-    weights: list[str] = typer.Option([], metavar="M=PATH", help="The local checkpoint member M was extracted "
-                                      "with (repeatable)."),
-    cache_dir: Optional[Path] = typer.Option(None, metavar="DIR", help="Where the source libraries cache "
-                                             "downloaded weights."),
-    offline: bool = typer.Option(False, "--offline", help="Never touch the network; cached or local weights only."),
+    weights: list[str] = MEMBER_WEIGHTS,
+    cache_dir: Optional[Path] = CACHE_DIR,
+    offline: bool = OFFLINE,
     work_dir: Optional[Path] = typer.Option(None, metavar="DIR", help="Keep the new images' embeddings here "
                                             "(resumable); default: a temporary folder."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -61,7 +47,7 @@ def predict(
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     predictions = run_predict(run, images, top_k=top_k, late_mode=late_mode, device=device, batch_size=batch_size,
-                              workers=workers, load=LoadOptions(cache_dir=cache_dir), weights=_weights(weights),
+                              workers=workers, load=LoadOptions(cache_dir=cache_dir), weights=member_weights(weights),
                               work_dir=work_dir, progress=not quiet)
     text = format_predictions(predictions, fmt)
     if to is None:

@@ -14,7 +14,8 @@ A head declares what it takes, so that configs and the CLI never probe it:
 `trained` (gradient-trained: epochs, learning rate, weight decay, batch size, re-balancing; seeds
 give different heads), `architecture` (network settings it takes: hidden widths, dropout),
 `learned_projection` (it can learn a sum fusion's per-member projection), `needs_text` (it takes
-the member's class-name text embeddings).
+the member's class-name text embeddings), `exportable` (its `module_` can ship in one file with
+the backbones, `fgembed export-model`: a fixed network, not a search of stored training rows).
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class Head(ClassifierMixin, BaseEstimator):
     architecture: ClassVar[tuple[str, ...]] = ()
     learned_projection: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
+    exportable: ClassVar[bool] = True
     registered_name: ClassVar[str] = ""
 
     # ---- what a head implements --------------------------------------------------------------

@@ -109,7 +109,11 @@ class KNNModule(nn.Module):
 
 @register_head("knn")
 class KNNHead(BaselineHead):
-    """Cosine kNN with temperature-weighted votes (dinov2's kNN evaluation); k chosen on val."""
+    """Cosine kNN with temperature-weighted votes (dinov2's kNN evaluation); k chosen on val. Not
+    exportable: its module is the training rows themselves, searched in blocks of a size that
+    depends on how many there are (an iNat bank is gigabytes), not a network to ship."""
+
+    exportable = False
 
     def __init__(self, ks: tuple[int, ...] = KNN_KS, temperature: float = 0.07, device: str = "auto",
                  random_state: int = 0) -> None:

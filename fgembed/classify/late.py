@@ -7,11 +7,12 @@ many subsets: `prepare` (the scores a member contributes: its logits, or its sof
 probabilities with `mode="proba"`) and `combine` (their weighted sum; for `proba` the log of
 the averaged probabilities, so top-5 and argmax read logits and probabilities alike).
 `late_fusion` is both at once. Scores are float32 torch tensors; float16 inputs are widened
-block by block by the caller's blocks.
+block by block by the caller's blocks. `running_combine` scores many equal-weight subsets of the
+same prepared members, each from the previous one's sum plus or minus one member.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ def check_mode(mode: str) -> None:
 
 def prepare(scores, mode: str) -> torch.Tensor:
     """One member's contribution: float32 logits, or softmax probabilities for `proba`."""
-    z = torch.as_tensor(np.asarray(scores) if not isinstance(scores, torch.Tensor) else scores, dtype=torch.float32)
+    z = scores.float() if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores), dtype=torch.float32)
     return torch.softmax(z, dim=-1) if mode == "proba" else z
 
 
@@ -42,6 +43,49 @@ def combine(prepared: Sequence[torch.Tensor], weights=None, mode: str = "logits"
         term = part * wi
         fused = term if fused is None else fused + term
     return fused.clamp_min(1e-30).log() if mode == "proba" else fused
+
+
+def gray_order(subsets: Sequence[tuple[int, ...]]) -> list[int]:
+    """Indices of `subsets` (member indices) in binary-reflected Gray-code order: all subsets of
+    n members in this order step from one to the next by adding or removing one member."""
+    def rank(subset: tuple[int, ...]) -> int:
+        code = sum(1 << m for m in set(subset))
+        position, shift = code, 1
+        while code >> shift:  # the inverse of i ^ (i >> 1)
+            position ^= code >> shift
+            shift += 1
+        return position
+    return sorted(range(len(subsets)), key=lambda i: rank(subsets[i]))
+
+
+def running_combine(prepared: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+                    subsets: Sequence[tuple[int, ...]], mode: str = "logits",
+                    ranks_only: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index into `subsets`, `combine` of its members with equal weights) for every subset, in
+    `gray_order`: one running float32 sum over the members, each subset reached from the previous
+    one by adding and subtracting the members they differ in, or summed afresh where that is
+    fewer operations (the subsets given need not be all). `ranks_only` yields the sum itself,
+    which orders every row's classes as `combine` does (argmax, top-k) at no extra pass. What is
+    yielded is a buffer reused by the next step: use it before advancing."""
+    check_mode(mode)
+    total, held = None, set()
+    for i in gray_order(subsets):
+        members = set(subsets[i])
+        add, remove = sorted(members - held), sorted(held - members)
+        if total is None or len(add) + len(remove) >= len(members):
+            first, *add = sorted(members)
+            remove = []
+            total = prepared[first].clone() if total is None else total.copy_(prepared[first])
+        for m in add:
+            total.add_(prepared[m])
+        for m in remove:
+            total.sub_(prepared[m])
+        held = members
+        if ranks_only:
+            yield i, total
+        else:
+            fused = total * (1 / len(members))
+            yield i, fused.clamp_min_(1e-30).log_() if mode == "proba" else fused
 
 
 def late_fusion(scores: Sequence, mode: str = "logits", weights: Sequence[float] | None = None) -> np.ndarray:

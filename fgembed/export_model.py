@@ -1,0 +1,358 @@
+"""One file that classifies images with torch alone (or onnxruntime): `fgembed export-model`.
+
+What `fgembed predict` does to an image, as one module traced into a file: each member backbone
+rebuilt as its run recorded it (`predict.load_groups`; any strict fingerprint change is refused,
+`predict.check_rebuilt`), extraction's device-side preprocessing (`devices.DeviceModel`: uint8 →
+/255 → −mean → /std → the weights' dtype), each embedding rounded to the dtype its store kept,
+the run's fitted fusion (`Fusion.torch_module`) rounded to the float16 rows its heads were
+trained on, every seed's head, the seeds and then the runs fused late (`predict.fused_scores`:
+`classify.late`'s rule) with the classes a run cannot know masked (`predict.masked`), a softmax.
+
+Input: one uint8 RGB tensor [N, 3, H, W] per distinct preprocessing of the members (one for
+most ensembles), already resized and cropped by the backbone library's own eval transform;
+output: class probabilities [N, C]. The file carries a JSON document (`METADATA`): the class
+names, what each input is and how to make it, the runs and backbones inside.
+
+Formats (`FORMATS`): `export` (torch.export, a .pt2 file: the default, because TorchScript is
+deprecated since torch 2.5 and `torch.jit.trace` warns that it is going away), `torchscript`
+(`torch.jit.trace`: for LibTorch and runtimes that only load TorchScript) and `onnx` (torch.onnx's
+exporter, run with onnxruntime: `pip install 'fgembed[onnx]'`). Each file is loaded back the way
+a user loads it and checked against the module it was traced from, on a batch of another size,
+before it is moved into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._version import __version__
+from .backbones import LoadOptions, load_backbone, load_preprocessing, split_name
+from .classify.gated import is_gated
+from .classify.late import check_mode
+from .classify.registry import head_class
+from .classify.rundir import Run
+from .devices import DeviceModel, Precision, resolve_device, resolve_precision
+from .errors import FgembedError
+from .predict import check_compatible, check_rebuilt, fused_scores, load_groups, masked, members_of, target_names
+
+FORMATS = ("export", "torchscript", "onnx")
+SUFFIXES = {".pt2": "export", ".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
+METADATA = "fgembed.json"  # the file's extra file (torch formats) or metadata_props key (ONNX)
+TRACE_ROWS, CHECK_ROWS = 2, 3  # the example batch traced, and the other batch size the file is checked on
+TOLERANCE = 1e-3  # max |Δ probability| between the file and the module it was traced from
+
+
+@dataclass
+class Exported:
+    """What `export_model` wrote: the file, its format, its metadata and how far the file's
+    probabilities were from the module's on the check batch."""
+
+    path: Path
+    format: str
+    metadata: dict
+    max_error: float
+
+
+class _Backbone(nn.Module):
+    """One model's forward through extraction's `DeviceModel` (its device-side preprocessing, its
+    variants' embeddings from one pass), each embedding rounded to the dtype its store kept. The
+    model and DeviceModel's mean / std are registered here, so they are the file's weights and
+    buffers (the tracers find a tensor by identity, whoever holds it)."""
+
+    def __init__(self, model: DeviceModel, dtypes: Sequence[torch.dtype]) -> None:
+        super().__init__()
+        self.model, self.device_model, self.dtypes = model.backbone.model, model, list(dtypes)
+        self.model.to(memory_format=torch.contiguous_format)  # whole tensors: torch.export packages them as they are
+        self.register_buffer("mean", model.mean)
+        self.register_buffer("std", model.std)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [e.to(dtype).float() for e, dtype in zip(self.device_model(images), self.dtypes, strict=True)]
+
+
+class _RunScores(nn.Module):
+    """One run, from its members' embeddings: its fusion, rounded to the float16 design rows its
+    heads were trained on, each seed's head, the seeds fused late, unknown classes masked."""
+
+    def __init__(self, run: Run, late_mode: str, device: torch.device) -> None:
+        super().__init__()
+        self.fusion = run.load_fusion().torch_module().to(device)
+        self.levels, self.late_mode = bool(run.config.head.levels), late_mode
+        heads = run.load_heads(str(device))
+        self.heads = nn.ModuleList(heads if self.levels else [h.module_ for h in heads])
+        excluded = run.excluded_classes()  # none: no buffer (torch.export cannot package an empty one)
+        self.register_buffer("excluded", torch.as_tensor(excluded, dtype=torch.long, device=device)
+                             if len(excluded) else None)
+
+    def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        x = self.fusion(parts).half().float()
+        per_seed = [(head(x)[-1] if self.levels else head(x)).float() for head in self.heads]  # finest level
+        scores = fused_scores(per_seed, self.late_mode)
+        return scores if self.excluded is None else masked(scores, self.excluded, self.late_mode)
+
+
+class ShippedModel(nn.Module):
+    """uint8 images (one tensor per input of the metadata) → class probabilities [N, C]."""
+
+    def __init__(self, backbones: Sequence[_Backbone], slots: Sequence[int], order: Sequence[str],
+                 runs: Sequence[_RunScores], run_members: Sequence[Sequence[str]], late_mode: str) -> None:
+        super().__init__()
+        self.backbones, self.runs = nn.ModuleList(backbones), nn.ModuleList(runs)
+        self.slots, self.late_mode = list(slots), late_mode
+        self.picks = [[list(order).index(name) for name in members] for members in run_members]
+
+    def forward(self, *images: torch.Tensor) -> torch.Tensor:
+        embeddings = [e for backbone, slot in zip(self.backbones, self.slots) for e in backbone(images[slot])]
+        scores = [run([embeddings[i] for i in pick]) for run, pick in zip(self.runs, self.picks)]
+        return torch.softmax(fused_scores(scores, self.late_mode), dim=1)
+
+
+def format_of(out: str | Path, fmt: str | None = None) -> str:
+    """The format asked for, else the one `out`'s suffix names (.pt2, .onnx, .pt/.ts); an export
+    file must end in .pt2."""
+    fmt = fmt or SUFFIXES.get(Path(out).suffix.lower(), "export")
+    if fmt not in FORMATS:
+        raise FgembedError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "export" and Path(out).suffix.lower() != ".pt2":
+        raise FgembedError(f"--out {out}: torch.export files end in .pt2 (torch.export.load wants the suffix)")
+    return fmt
+
+
+def export_model(run_dirs: Sequence[str | Path], out: str | Path, *, fmt: str | None = None,
+                 late_mode: str = "logits", device: str = "cpu", load: LoadOptions | None = None,
+                 weights: dict[str, Path] | None = None) -> Exported:
+    """Write the runs (late-fused when several) with their backbones as one model file; see the
+    module docstring. `device` is where it is traced (a CPU file runs anywhere)."""
+    if not run_dirs:
+        raise FgembedError("name at least one --run")
+    out, fmt = Path(out), format_of(out, fmt)
+    check_mode(late_mode)
+    if fmt == "onnx":
+        _onnx_modules()
+    runs = [Run.load(p) for p in run_dirs]
+    check_compatible(runs)
+    for run in runs:
+        _check_exportable(run)
+    where = resolve_device(device)
+    backbones, slots, order, inputs = _backbones(runs, load, weights or {}, where)
+    model = ShippedModel(backbones, slots, order, [_RunScores(run, late_mode, where) for run in runs],
+                         [run.config.view.features for run in runs], late_mode).eval()
+    metadata = _metadata(runs, inputs, order, fmt, late_mode, where)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.parent, prefix=".fgembed-export-") as tmp:
+        target = Path(tmp) / out.name  # the final name: ONNX's external weights file is named after it
+        SAVERS[fmt](model, _examples(inputs, TRACE_ROWS, where, 0), target, json.dumps(metadata))
+        error = _check(model, LOADERS[fmt](target, where)[0], _examples(inputs, CHECK_ROWS, where, 1))
+        for made in Path(tmp).iterdir():
+            os.replace(made, out.parent / made.name)
+    return Exported(out, fmt, metadata, error)
+
+
+def _check_exportable(run: Run) -> None:
+    """One line for what cannot ship: a gated run, a head that is no network, a fusion with no torch form."""
+    if is_gated(run):
+        raise FgembedError(f"{run.path} is a gated run: its gates are not exported yet; export its member runs "
+                           "(--run each), fused late")
+    head = run.config.head.head
+    if not run.config.head.levels and not head_class(head).exportable:
+        raise FgembedError(f"run {run.path.name}: the {head} head cannot be exported (it searches its stored "
+                           "training rows rather than run a network); export a run of a trained head (mlp, linear, "
+                           "logreg)")
+    if run.load_fusion().torch_module() is None:
+        raise FgembedError(f"run {run.path.name}: the {run.config.view.fusion} fusion has no torch form "
+                           "(Fusion.torch_module), so it cannot be exported")
+
+
+def _precision(name: str, device: torch.device, members: Sequence[str]) -> Precision:
+    try:
+        return resolve_precision(name, device)
+    except FgembedError:
+        raise FgembedError(f"{', '.join(members)} were extracted in {name}, which needs CUDA: export with "
+                           "--device cuda") from None
+
+
+def _by_model(names: Sequence[str]) -> dict[str, list[str]]:
+    """Member names grouped by model (base and size): one forward serves all of a model's variants."""
+    models: dict[str, list[str]] = {}
+    for name in names:
+        base, size, _ = split_name(name)
+        models.setdefault(base + (f"~{size}" if size else ""), []).append(name)
+    return models
+
+
+def _backbones(runs: Sequence[Run], load: LoadOptions | None, weights: dict[str, Path], device: torch.device
+               ) -> tuple[list[_Backbone], list[int], list[str], list[dict]]:
+    """Each model the runs need, built once as recorded (refused where its preprocessing has no
+    uint8 resize/crop, or its rebuilt fingerprint differs); the input each reads (models of one
+    preprocessing share one); the members' order of embeddings; each input's description."""
+    members = members_of(runs)
+    modules, slots, order, inputs, keys = [], [], [], [], []
+    for options, precision_name, dtype, names in load_groups(members, load, weights):
+        precision = _precision(precision_name, device, names)
+        for model_name, group in _by_model(names).items():
+            pre = load_preprocessing(model_name, options)
+            if pre.geometric is None or not pre.mean:
+                raise FgembedError(f"{', '.join(group)}: the library's preprocessing does not split into a uint8 "
+                                   "resize/crop and a normalisation (it resizes in float: see `fgembed backbones "
+                                   "--feed`), so no model of it can take uint8 images")
+            backbone = load_backbone(model_name, options, device, precision.weights, preprocessing=pre)
+            variants = backbone.variants([split_name(name)[2] for name in group])
+            for name, member in zip(group, variants, strict=True):
+                rebuilt = {**member.fingerprint, "precision": precision.name, "compile": False, "feed": "uint8"}
+                check_rebuilt(name, members[name], rebuilt)
+            device_model = DeviceModel(variants[0], device, precision, False, embed=variants[0].readout(
+                [member.variant for member in variants]))
+            dtypes = [getattr(torch, members[name].get("dtype", "float16")) for name in group]
+            modules.append(_Backbone(device_model, dtypes))
+            order += group
+            if pre.key() not in keys:
+                keys.append(pre.key())
+                inputs.append(_input(pre, variants[0].fingerprint))
+            slots.append(keys.index(pre.key()))
+            inputs[slots[-1]]["backbones"] += group
+    for i, spec in enumerate(inputs):
+        spec["name"] = "images" if len(inputs) == 1 else f"images{i}"
+    return modules, slots, order, inputs
+
+
+def _input(pre, fingerprint: dict) -> dict:
+    """What an input is and how a caller makes it: the library's own resize/crop, as uint8."""
+    return {"dtype": "uint8", "shape": ["N", *pre.input_shape], "layout": "RGB, channels first, 0-255",
+            "resize_crop": " ".join(repr(pre.geometric).split()), "source": fingerprint["source"],
+            "preprocessing": fingerprint["preprocessing"], "image_policy": fingerprint["image_policy"],
+            "normalised_in_the_model": {"scale": "1/255", "mean": list(pre.mean), "std": list(pre.std)},
+            "backbones": []}
+
+
+def _metadata(runs: Sequence[Run], inputs: list[dict], order: list[str], fmt: str, late_mode: str,
+              device: torch.device) -> dict:
+    names, levels = target_names(runs[0])
+    recorded = members_of(runs)
+    return {
+        "fgembed_version": __version__, "format": fmt, "torch_version": torch.__version__,
+        "traced_on": device.type, "inputs": inputs,
+        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(names)],
+                   "what": "class probabilities (softmax of the runs' late-fused scores); column c is class_names[c]"},
+        "class_names": names,
+        "taxonomy": {level: [level_names[codes[c]] for c in range(len(names))]
+                     for level, (codes, level_names) in levels.items()},
+        "late_mode": late_mode,
+        "runs": [{"run": run.path.name, "features": list(run.config.view.features), "fusion": run.config.view.fusion,
+                  "head": run.config.head.head, "levels": list(run.config.head.levels),
+                  "seeds": list(run.config.head.seeds),
+                  "test": {k: run.metrics[k] for k in ("accuracy", "f1") if k in run.metrics}} for run in runs],
+        "backbones": [{"name": name, "weights": recorded[name]["fingerprint"].get("weights"),
+                       "precision": recorded[name]["fingerprint"].get("precision"),
+                       "stored_dtype": recorded[name].get("dtype", "float16")} for name in order],
+    }
+
+
+def _examples(inputs: list[dict], rows: int, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(0, 256, (rows, *spec["shape"][1:]), generator=generator, dtype=torch.uint8).to(device)
+                 for spec in inputs)
+
+
+def _check(model: nn.Module, loaded: Callable, examples: tuple[torch.Tensor, ...]) -> float:
+    """The file's largest probability difference from the module on a batch of another size
+    than the traced one (a trace that kept the example's batch size fails here, not at a user's)."""
+    want = model(*examples).float().cpu().numpy()
+    got = np.asarray(loaded(*examples), np.float32)
+    error = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+    if not error <= TOLERANCE:
+        raise FgembedError(f"the exported file's probabilities differ from fgembed's by {error:.3g} on a batch of "
+                           f"{len(examples[0])} (traced on {TRACE_ROWS}): nothing was written")
+    return error
+
+
+def _dynamic(examples: tuple[torch.Tensor, ...]) -> tuple:
+    batch = torch.export.Dim("batch", min=1)
+    return tuple({0: batch} for _ in examples)
+
+
+def _save_export(model: nn.Module, examples: tuple, target: Path, metadata: str) -> None:
+    program = torch.export.export(model, examples, dynamic_shapes=(_dynamic(examples),))
+    torch.export.save(program, target, extra_files={METADATA: metadata})
+
+
+def _save_torchscript(model: nn.Module, examples: tuple, target: Path, metadata: str) -> None:
+    with _quiet_torchscript():
+        traced = torch.jit.trace(model, examples, check_trace=False)
+        torch.jit.save(traced, str(target), _extra_files={METADATA: metadata})
+
+
+@contextlib.contextmanager
+def _quiet_torchscript() -> Iterator[None]:
+    """TorchScript's deprecation (the format was asked for by name: see FORMATS) and the tracer's
+    warnings about Python values it keeps constant (image sizes, fixed per file): `_check` runs the
+    file on another batch size, which is what those warnings are about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def _save_onnx(model: nn.Module, examples: tuple, target: Path, metadata: str) -> None:
+    onnx, _ = _onnx_modules()
+    names = [f"images{i}" for i in range(len(examples))] if len(examples) > 1 else ["images"]
+    with warnings.catch_warnings():  # that every input's batch axis is one and the same, "batch"
+        warnings.filterwarnings("ignore", message="# The axis name")
+        program = torch.onnx.export(model, examples, dynamo=True, dynamic_shapes=(_dynamic(examples),),
+                                    input_names=names, output_names=["probabilities"], verbose=False)
+    program.save(str(target))
+    proto = onnx.load(str(target), load_external_data=False)  # weights over 2 GB stay in FILE.data
+    onnx.helper.set_model_props(proto, {METADATA: metadata})
+    onnx.save(proto, str(target))
+
+
+def _load_export(target: Path, device: torch.device) -> tuple[Callable, dict]:
+    files = {METADATA: ""}
+    module = torch.export.load(str(target), extra_files=files).module()
+    return (lambda *x: module(*x).float().cpu().numpy()), json.loads(files[METADATA])
+
+
+def _load_torchscript(target: Path, device: torch.device) -> tuple[Callable, dict]:
+    files = {METADATA: ""}
+    with _quiet_torchscript():
+        module = torch.jit.load(str(target), map_location=device, _extra_files=files)
+    return (lambda *x: module(*x).float().cpu().numpy()), json.loads(files[METADATA])
+
+
+def _load_onnx(target: Path, device: torch.device) -> tuple[Callable, dict]:
+    _, ort = _onnx_modules()
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    run = lambda *x: session.run(None, {n: t.cpu().numpy() for n, t in zip(names, x)})[0]  # noqa: E731
+    return run, json.loads(session.get_modelmeta().custom_metadata_map[METADATA])
+
+
+def _onnx_modules():
+    """(onnx, onnxruntime), or one line saying how to install them (onnxscript: torch.onnx's exporter)."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise FgembedError(f"--format onnx needs onnx, onnxscript and onnxruntime ({exc.name} is missing): "
+                           "pip install 'fgembed[onnx]'") from None
+    return onnx, onnxruntime
+
+
+SAVERS = {"export": _save_export, "torchscript": _save_torchscript, "onnx": _save_onnx}
+LOADERS = {"export": _load_export, "torchscript": _load_torchscript, "onnx": _load_onnx}
+
+
+def load_exported(path: str | Path, fmt: str | None = None, device: str = "cpu") -> tuple[Callable, dict]:
+    """(a function of the input tensors giving probabilities as numpy, the metadata) of an exported
+    file, loaded as a user without fgembed loads it (README, "Shipping a model")."""
+    return LOADERS[format_of(path, fmt)](Path(path), resolve_device(device))
