@@ -303,8 +303,9 @@ def bootstrap_cost(work: Path, device: str, repeats: int) -> None:
           f" GiB; with 1,000 resamples {seconds['late-ci'][0]:.1f} / {median['late-ci']:.1f} s, peak "
           f"{peak['late-ci']:.2f} GiB; ratio {median['late-ci'] / median['late-ci-off']:.2f}× (medians), "
           f"{seconds['late-ci'][0] / seconds['late-ci-off'][0]:.2f}× (mins) (target ≤ 1.5×); best late F1 "
-          f"{best['best_f1']:.4f} {best['best_f1_ci']}, Δ vs its best member {best['best_delta_f1']:+.4f} "
-          f"{best['best_delta_f1_ci']} p={best['best_delta_f1_p']:.3f}", flush=True)
+          f"{best['best_f1']:.4f} [{best['best_f1_ci'][0]:.4f}, {best['best_f1_ci'][1]:.4f}], Δ vs its best member "
+          f"{best['best_delta_f1']:+.4f} [{best['best_delta_f1_ci'][0]:.4f}, {best['best_delta_f1_ci'][1]:.4f}] "
+          f"p={best['best_delta_f1_p']:.3f}", flush=True)
 
 
 def fmt(result: dict) -> str:

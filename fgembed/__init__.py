@@ -29,6 +29,7 @@ _API = {
     "RunConfig": "fgembed.classify.config",
     "Run": "fgembed.classify.rundir",
     "fit_run": "fgembed.classify.fitting",
+    "BootstrapConfig": "fgembed.classify.intervals",  # fit_run's and ensemble's test-set intervals
     "predict_images": "fgembed.predict",  # the function `predict`: the bare name is the module
 }
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
     from .classify.registry import create_head, list_heads
     from .classify.config import HeadConfig, RunConfig
     from .classify.fitting import fit_run
+    from .classify.intervals import BootstrapConfig
     from .classify.rundir import Run
     from .classify.views import ViewConfig, build_view
     from .datasets import load_dataset

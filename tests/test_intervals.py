@@ -288,3 +288,18 @@ def test_bootstrap_option_default_bad_values_and_off(store, tmp_path, capsys):
     assert main(["ensemble", "--members", "a,b", "--strategies", "late", *args, "--bootstrap", "50",
                  "--format", "md", "--name", "on"]) == 0
     assert "Δ F1 (w) vs best member" in capsys.readouterr().out
+
+
+def test_the_chart_draws_the_intervals(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from fgembed.analysis.report import bar_chart
+
+    drawn = {}
+    barh = matplotlib.axes.Axes.barh
+    monkeypatch.setattr(matplotlib.axes.Axes, "barh",
+                        lambda self, y, width, **kw: drawn.setdefault("xerr", kw["xerr"]) and barh(self, y, width, **kw))
+    entries = _table_entries()[:4]
+    bar_chart(entries, tmp_path / "chart.png")
+    low, high = drawn["xerr"]  # bottom row first: the chart lists the best row on top
+    assert low == pytest.approx([0.81] * 4) and high == pytest.approx([0.93] * 4)

@@ -3,8 +3,10 @@
 RESULTS are the JSON tables `fgembed ensemble` writes (RUNS/NAME.json); each is compared with the
 paper's table of the same name in examples/paper/expected.json (`table1.json` with Table I,
 `table2.json` with Table II, …). The paper's rows come first, in its order, then the rows only we
-ran. `--members` names the backbones that stood in for the paper's five, in the paper's order
-(dinov3, dinov2, convnext, openclip, siglip), when they are not the reference five.
+ran; our numbers carry the 95 % bootstrap intervals `fgembed ensemble` computed, and each fusion
+its paired gain over its best single member. `--members` names the backbones that stood in for
+the paper's five, in the paper's order (dinov3, dinov2, convnext, openclip, siglip), when they
+are not the reference five.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def main() -> None:
         if path.stem not in tables:
             parser.error(f"{path} is named after no table of the paper's {args.dataset} results "
                          f"({', '.join(f'{t}.json' for t in tables)})")
-        print(f"\n## {args.dataset} {path.stem}: ours beside the paper (percent; Δ = ours − paper)\n")
+        print(f"\n## {args.dataset} {path.stem}: ours beside the paper (percent; Δ = ours − paper; ours [lo, hi]: "
+              "95 % bootstrap interval over the test images; gain: a fusion minus its best single member, paired)\n")
         print(compare(json.loads(path.read_text()), tables[path.stem], rename))
 
 

@@ -252,8 +252,9 @@ def _terminal_cell(record: dict, key: str) -> str:
 
 
 def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 on the test split") -> Path:
-    """Horizontal bars of F1 (with the seed std as error bars), best on top, coloured by strategy
-    with a legend; long titles and row labels are wrapped to the figure's width."""
+    """Horizontal bars of F1, best on top, coloured by strategy with a legend; error bars are the
+    95 % bootstrap intervals where every row has one, else the seed std; long titles and row
+    labels are wrapped to the figure's width."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -265,13 +266,17 @@ def bar_chart(entries: list[Entry], path: str | Path, title: str = "weighted F1 
     lines = sum(label.count("\n") + 1 for label in labels)
     fig, ax = plt.subplots(figsize=(9, 0.3 * lines + 0.12 * len(records) + 1.6))
     values = [100 * r["f1"] for r in records]
-    ax.barh(range(len(records)), values, xerr=[100 * r["f1_std"] for r in records],
-            color=[strategy_colour(r["strategy"]) for r in records])
+    intervals = all(r.get("f1_ci") for r in records)
+    # below / above each bar's end (at least 0: a percentile interval need not hold its point)
+    errors = [[max(0.0, 100 * (r["f1"] - r["f1_ci"][0])) for r in records],
+              [max(0.0, 100 * (r["f1_ci"][1] - r["f1"])) for r in records]] if intervals else \
+        [100 * r["f1_std"] for r in records]
+    ax.barh(range(len(records)), values, xerr=errors, color=[strategy_colour(r["strategy"]) for r in records])
     ax.set_yticks(range(len(records)), labels, fontsize=8)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
     ax.set_xlim(0.0, min(100.0, max(values) + 5))  # from 0: a bar's length is its value
-    ax.set_xlabel("F1 (weighted, %)")
+    ax.set_xlabel("F1 (weighted, %)" + (", 95 % bootstrap intervals" if intervals else ""))
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
     present = dict.fromkeys(r["strategy"] for r in records[::-1])
     ax.legend(handles=[Patch(color=strategy_colour(s), label=strategy_name(s)) for s in present],
