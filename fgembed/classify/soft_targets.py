@@ -29,8 +29,8 @@ import torch
 
 from ..errors import FgembedError
 
-TEMPERATURE = 4.0   # Hinton et al. try 1 to 20 and find the middle best for small students; 4 is the usual default
-KD_ALPHA = 0.9      # weight of the soft term (most of the loss, as Hinton et al. weight it)
+TEMPERATURE = 4.0   # Hinton et al. found 2.5–4 best for their smaller students (higher ones for larger); 4 is usual
+KD_ALPHA = 0.9      # weight of the soft term: they did best with a much lower weight on the labels' term
 KD_TOP_K = 64       # teacher classes kept per row: exact up to 64 classes, a bounded tail beyond
 
 
