@@ -131,7 +131,7 @@ def _resampled(metric: str, y: np.ndarray, preds: np.ndarray, drawn: np.ndarray,
 
 
 def test_ensemble_rows_and_paired_deltas_equal_a_numpy_recomputation(store, tmp_path):
-    B, seed = 200, 4
+    B, seed = 120, 4
     base = config("a", "b", "c", fusion="sum", seeds=(0, 1))
     entries = score(store, tmp_path, plan(["a", "b", "c"], ["late", "concat"], ["all"]), base, device="cpu",
                     bootstrap=BootstrapConfig(B, seed=seed))
