@@ -31,7 +31,8 @@ def export_model(
 
     It takes uint8 RGB images `[N, 3, H, W]` already resized and cropped by each backbone
     library's own eval transform (one input per distinct preprocessing, named in the file's
-    metadata) and returns class probabilities `[N, C]`; the class names are in its metadata. It
+    metadata; a library that resizes in float gives its float output) and returns class
+    probabilities `[N, C]`; the class names are in its metadata. It
     runs with torch alone (onnx: onnxruntime). Each file is checked against fgembed's own
     forward before it is written. kNN heads and gated runs cannot be exported.
     """
@@ -49,8 +50,8 @@ def export_model(
               highlight=False, markup=False)
     for spec in meta["inputs"]:
         shape = ", ".join(map(str, spec["shape"]))
-        out.print(f"input {spec['name']}: uint8 RGB [{shape}] for {', '.join(spec['backbones'])}, resized and "
-                  f"cropped by {spec['source']}: {spec['resize_crop']}", highlight=False, markup=False)
+        out.print(f"input {spec['name']}: {spec['dtype']} RGB [{shape}] for {', '.join(spec['backbones'])}, made by "
+                  f"{spec['source']}: {spec['transform']}", highlight=False, markup=False)
     out.print(f"output {meta['output']['name']}: float32 [N, {len(meta['class_names'])}]; class names and the rest "
               f"in the file's metadata (fgembed.json); checked against fgembed: max |Δp| {made.max_error:.1g}",
               highlight=False, markup=False)

@@ -9,9 +9,10 @@ trained on, every seed's head, the seeds and then the runs fused late (`predict.
 `classify.late`'s rule) with the classes a run cannot know masked (`predict.masked`), a softmax.
 
 Input: one uint8 RGB tensor [N, 3, H, W] per distinct preprocessing of the members (one for
-most ensembles), already resized and cropped by the backbone library's own eval transform;
-output: class probabilities [N, C]. The file carries a JSON document (`METADATA`): the class
-names, what each input is and how to make it, the runs and backbones inside.
+most ensembles), already resized and cropped by the backbone library's own eval transform (a
+library that resizes in float, DINOv3's image processor, takes its transform's float output, as
+extraction feeds it); output: class probabilities [N, C]. The file carries a JSON document
+(`METADATA`): the class names, what each input is and how to make it, the runs and backbones.
 
 Formats (`FORMATS`): `export` (torch.export, a .pt2 file: the default, because TorchScript is
 deprecated since torch 2.5 and `torch.jit.trace` warns that it is going away), `torchscript`
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .backbones import LoadOptions, load_backbone, load_preprocessing, split_name
+from .backbones import LoadOptions, Preprocessing, load_backbone, load_preprocessing, split_name
 from .classify.gated import is_gated
 from .classify.late import check_mode
 from .classify.registry import head_class
@@ -102,7 +103,7 @@ class _RunScores(nn.Module):
 
 
 class ShippedModel(nn.Module):
-    """uint8 images (one tensor per input of the metadata) → class probabilities [N, C]."""
+    """Images (one tensor per input of the metadata) → class probabilities [N, C]."""
 
     def __init__(self, backbones: Sequence[_Backbone], slots: Sequence[int], order: Sequence[str],
                  runs: Sequence[_RunScores], run_members: Sequence[Sequence[str]], late_mode: str) -> None:
@@ -192,23 +193,20 @@ def _by_model(names: Sequence[str]) -> dict[str, list[str]]:
 
 def _backbones(runs: Sequence[Run], load: LoadOptions | None, weights: dict[str, Path], device: torch.device
                ) -> tuple[list[_Backbone], list[int], list[str], list[dict]]:
-    """Each model the runs need, built once as recorded (refused where its preprocessing has no
-    uint8 resize/crop, or its rebuilt fingerprint differs); the input each reads (models of one
-    preprocessing share one); the members' order of embeddings; each input's description."""
+    """Each model the runs need, built once as recorded (refused where its rebuilt fingerprint
+    differs); the input each reads (models of one preprocessing share one); the members' order of
+    embeddings; each input's description."""
     members = members_of(runs)
     modules, slots, order, inputs, keys = [], [], [], [], []
     for options, precision_name, dtype, names in load_groups(members, load, weights):
         precision = _precision(precision_name, device, names)
         for model_name, group in _by_model(names).items():
             pre = load_preprocessing(model_name, options)
-            if pre.geometric is None or not pre.mean:
-                raise FgembedError(f"{', '.join(group)}: the library's preprocessing does not split into a uint8 "
-                                   "resize/crop and a normalisation (it resizes in float: see `fgembed backbones "
-                                   "--feed`), so no model of it can take uint8 images")
+            feed = "uint8" if _uint8(pre) else "float"  # as extraction feeds it
             backbone = load_backbone(model_name, options, device, precision.weights, preprocessing=pre)
             variants = backbone.variants([split_name(name)[2] for name in group])
             for name, member in zip(group, variants, strict=True):
-                rebuilt = {**member.fingerprint, "precision": precision.name, "compile": False, "feed": "uint8"}
+                rebuilt = {**member.fingerprint, "precision": precision.name, "compile": False, "feed": feed}
                 check_rebuilt(name, members[name], rebuilt)
             device_model = DeviceModel(variants[0], device, precision, False, embed=variants[0].readout(
                 [member.variant for member in variants]))
@@ -225,13 +223,22 @@ def _backbones(runs: Sequence[Run], load: LoadOptions | None, weights: dict[str,
     return modules, slots, order, inputs
 
 
-def _input(pre, fingerprint: dict) -> dict:
-    """What an input is and how a caller makes it: the library's own resize/crop, as uint8."""
-    return {"dtype": "uint8", "shape": ["N", *pre.input_shape], "layout": "RGB, channels first, 0-255",
-            "resize_crop": " ".join(repr(pre.geometric).split()), "source": fingerprint["source"],
+def _uint8(pre: Preprocessing) -> bool:
+    """Whether the library's transform splits into a uint8 resize/crop and a normalisation."""
+    return pre.geometric is not None and bool(pre.mean)
+
+
+def _input(pre: Preprocessing, fingerprint: dict) -> dict:
+    """What an input is and how a caller makes it: the library's own resize/crop as uint8 (the
+    model normalises); where the library resizes in float (DINOv3's image processor), its whole
+    transform's float output, since no uint8 resize reproduces it."""
+    spec = {"shape": ["N", *pre.input_shape], "layout": "RGB, channels first", "source": fingerprint["source"],
             "preprocessing": fingerprint["preprocessing"], "image_policy": fingerprint["image_policy"],
-            "normalised_in_the_model": {"scale": "1/255", "mean": list(pre.mean), "std": list(pre.std)},
             "backbones": []}
+    if _uint8(pre):
+        return {**spec, "dtype": "uint8", "transform": " ".join(repr(pre.geometric).split()),
+                "normalised_in_the_model": {"scale": "1/255", "mean": list(pre.mean), "std": list(pre.std)}}
+    return {**spec, "dtype": "float32", "transform": " ".join(repr(pre.transform).split())}
 
 
 def _metadata(runs: Sequence[Run], inputs: list[dict], order: list[str], fmt: str, late_mode: str,
@@ -258,9 +265,14 @@ def _metadata(runs: Sequence[Run], inputs: list[dict], order: list[str], fmt: st
 
 
 def _examples(inputs: list[dict], rows: int, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+    """Seeded random inputs of each input's dtype (uint8 pixels, or normalised floats)."""
     generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randint(0, 256, (rows, *spec["shape"][1:]), generator=generator, dtype=torch.uint8).to(device)
-                 for spec in inputs)
+    made = []
+    for spec in inputs:
+        shape = (rows, *spec["shape"][1:])
+        made.append(torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) if spec["dtype"] == "uint8"
+                    else torch.randn(shape, generator=generator))
+    return tuple(x.to(device) for x in made)
 
 
 def _check(model: nn.Module, loaded: Callable, examples: tuple[torch.Tensor, ...]) -> float:

@@ -196,8 +196,9 @@ def load_groups(members: dict[str, dict], load: LoadOptions | None,
 
 
 def check_rebuilt(name: str, recorded: dict, fingerprint: dict) -> None:
-    """Refuse a member whose rebuilt fingerprint differs from the run's record in a strict key."""
-    changes = fingerprint_changes(recorded["fingerprint"], fingerprint)
+    """Refuse a member whose rebuilt fingerprint differs from the run's record in a strict key
+    (compared as stored: JSON, where a tuple is a list)."""
+    changes = fingerprint_changes(recorded["fingerprint"], json.loads(json.dumps(fingerprint)))
     if changes:
         raise FgembedError(f"{name} cannot be rebuilt as the run recorded it — {'; '.join(changes)} "
                            f"(pass the original --weights {name}=PATH, or --cache-dir with its weights)")
@@ -254,7 +255,7 @@ def fused_scores(scores: list, late_mode: str) -> torch.Tensor:
     equal weights), float32; one alone as it is. On tensors or arrays: `fgembed export-model`
     traces the same rule into its file."""
     if len(scores) == 1:
-        return torch.as_tensor(scores[0], dtype=torch.float32)
+        return prepare(scores[0], "logits")  # float32 scores, as they are
     return combine([prepare(z, late_mode) for z in scores], None, late_mode)
 
 

@@ -29,7 +29,7 @@ from fgembed.classify.rundir import Run
 from fgembed.classify.views import ViewConfig
 from fgembed.datasets import load_dataset
 from fgembed.errors import FgembedError
-from fgembed.export_model import export_model
+from fgembed.export_model import export_model, load_exported
 from fgembed.extraction.extract import ExtractOptions, extract
 from fgembed.predict import predict
 from fgembed.store import FeatureStore
@@ -126,7 +126,7 @@ def _library_inputs(meta: dict, files: list[Path]) -> dict[str, torch.Tensor]:
         steps = timm.data.create_transform(**spec["preprocessing"], is_training=False).transforms
         assert [type(s).__name__ for s in steps[-2:]] == ["MaybeToTensor", "Normalize"]
         geometric = T.Compose([*steps[:-2], T.PILToTensor()])
-        assert all(f"{type(step).__name__}(" in spec["resize_crop"] for step in geometric.transforms)
+        assert all(f"{type(step).__name__}(" in spec["transform"] for step in geometric.transforms)
         inputs[spec["name"]] = torch.stack([geometric(Image.open(f).convert("RGB")) for f in files])
         assert list(inputs[spec["name"]].shape[1:]) == spec["shape"][1:]
     return inputs
@@ -134,6 +134,7 @@ def _library_inputs(meta: dict, files: list[Path]) -> dict[str, torch.Tensor]:
 
 def _run_alone(tmp: Path, fmt: str, model: Path, inputs: dict[str, torch.Tensor]) -> dict:
     """The file's probabilities from a subprocess where fgembed and the model libraries are blocked."""
+    tmp.mkdir(exist_ok=True)
     script, where, result = tmp / "runner.py", tmp / "inputs", tmp / "result.json"
     script.write_text(RUNNER.format(blocked=BLOCKED + (("torch",) if fmt == "onnx" else ())))
     if fmt == "onnx":
@@ -158,26 +159,62 @@ def _predicted(runs: list[Path], files: list[Path], n_classes: int, late_mode: s
 
 @pytest.mark.parametrize("fmt, which, late_mode", [
     ("export", ["vit"], "logits"),               # one run, its two seeds fused
-    ("torchscript", ["vit", "sum"], "logits"),   # two runs late-fused; the PCA sum reads both inputs
+    ("torchscript", ["vit", "sum"], "logits"),   # two runs late-fused, the PCA sum reading both inputs; by the CLI
     ("onnx", ["vit", "resnet"], "proba"),        # onnxruntime alone, without torch
 ])
-def test_the_file_classifies_as_predict_does(trained, tmp_path, fmt, which, late_mode):
+def test_the_file_classifies_as_predict_does(trained, tmp_path, capsys, fmt, which, late_mode):
     _, files, store, runs = trained
-    suffix = {"export": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}[fmt]
-    made = export_model([runs[w] for w in which], tmp_path / f"model{suffix}", late_mode=late_mode)
-    assert made.format == fmt and made.path.is_file() and made.max_error <= 1e-3
-    meta = made.metadata
-    assert meta["class_names"] == list(store.class_names)
-    assert len(meta["inputs"]) == len({b for w in which for b in json.loads(
-        (runs[w] / "config.json").read_text())["config"]["view"]["features"]})  # bicubic ≠ bilinear
-    alone = _run_alone(tmp_path, fmt, made.path, _library_inputs(meta, files))
+    n_classes = len(store.class_names)
+    path = tmp_path / f"model{ {'export': '.pt2', 'torchscript': '.pt', 'onnx': '.onnx'}[fmt]}"
+    if fmt == "torchscript":
+        args = [a for w in which for a in ("--run", str(runs[w]))]
+        assert main(["export-model", *args, "--out", str(path), "--late-mode", late_mode]) == 0
+        printed = capsys.readouterr().out
+        assert f"{path} (torchscript," in printed and "2 runs, 2 backbones" in printed
+        assert "input images0: uint8 RGB [N, 3, 160, 160] for timm:test_vit, made by timm: Compose(" in printed
+        assert f"output probabilities: float32 [N, {n_classes}]" in printed
+        meta = load_exported(path)[1]
+    else:
+        made = export_model([runs[w] for w in which], path, late_mode=late_mode)
+        assert made.format == fmt and made.max_error <= 1e-3
+        meta = made.metadata
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the file alone: no temporary folder left
+    assert meta["class_names"] == list(store.class_names) and meta["late_mode"] == late_mode
+    assert len(meta["inputs"]) == 2 - (which == ["vit"])  # bicubic (ViT) ≠ bilinear (ResNet) resizes
+    alone = _run_alone(tmp_path / "alone", fmt, path, _library_inputs(meta, files))
     assert alone["class_names"] == list(store.class_names)
     got = np.asarray(alone["probs"])
-    want = _predicted([runs[w] for w in which], files, len(store.class_names), late_mode)
-    assert got.shape == want.shape == (len(files), len(store.class_names))
+    want = _predicted([runs[w] for w in which], files, n_classes, late_mode)
+    assert got.shape == want.shape == (len(files), n_classes)
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert (got.argmax(1) != want.argmax(1)).sum() <= 1  # a float near-tie may flip (CONVENTIONS)
+
+
+def test_transformers_members_one_fed_uint8_one_float(hf_models, manifest_csv, tmp_path):
+    """DINOv2's processor splits into a uint8 resize/crop; DINOv3's resizes in float, so its input
+    is the processor's whole output, as extraction feeds it. Inputs come from the processors."""
+    from transformers import AutoImageProcessor
+
+    table = load_dataset("manifest", manifest_csv)
+    names = [f"hf:{hf_models['dinov2']}", f"hf:{hf_models['dinov3']}"]
+    extract(table, tmp_path / "s.zarr", names, ExtractOptions(workers=0, progress=False, device="cpu"))
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    runs = [fit_run(store, RunConfig(view=ViewConfig(features=(n,)), head=HeadConfig(epochs=3)), tmp_path / "runs",
+                    device="cpu").path for n in names]
+    made = export_model(runs, tmp_path / "model.pt2")
+    inputs = made.metadata["inputs"]
+    assert [(i["dtype"], i["backbones"]) for i in inputs] == [("uint8", names[:1]), ("float32", names[1:])]
+    assert inputs[0]["transform"].startswith("BitImageProcessor(") and "do_rescale=False" in inputs[0]["transform"]
+    files = [Path(table.root) / table.paths[r] for r in Run.load(runs[0]).rows("test")]
+    images = [Image.open(f).convert("RGB") for f in files]
+    split = {"do_rescale": False, "do_normalize": False}
+    fed = {spec["name"]: AutoImageProcessor.from_pretrained(folder)(images, return_tensors="pt",
+                                                                    **(split if spec["dtype"] == "uint8" else {}))
+           ["pixel_values"] for spec, folder in zip(inputs, (hf_models["dinov2"], hf_models["dinov3"]))}
+    assert [fed[i["name"]].dtype for i in inputs] == [torch.uint8, torch.float32]
+    got = np.asarray(_run_alone(tmp_path, "export", made.path, fed)["probs"])
+    np.testing.assert_allclose(got, _predicted(runs, files, len(store.class_names), "logits"), atol=1e-4)
 
 
 def test_refusals_are_one_line_and_exit_2(trained, tmp_path, capsys):
@@ -196,14 +233,5 @@ def test_refusals_are_one_line_and_exit_2(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())  # nothing written, not even a temporary folder
-
-
-def test_cli_writes_the_file_and_describes_its_inputs(trained, tmp_path, capsys):
-    _, _, store, runs = trained
-    assert main(["export-model", "--run", str(runs["sum"]), "--out", str(tmp_path / "m.pt")]) == 0
-    printed = capsys.readouterr().out
-    assert "torchscript" in printed and "input images0: uint8 RGB [N, 3, 160, 160] for timm:test_vit" in printed
-    assert f"float32 [N, {len(store.class_names)}]" in printed
-    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
     with pytest.raises(FgembedError, match="name at least one --run"):
         export_model([], tmp_path / "x.pt2")

@@ -223,6 +223,11 @@ class ProcessorTransform:
     def __call__(self, image) -> torch.Tensor:
         return self.processor(images=image, return_tensors="pt", **self.settings)["pixel_values"][0]
 
+    def __repr__(self) -> str:
+        """The call, as a caller without fgembed makes it (a model file's metadata names its input so)."""
+        settings = "".join(f", {k}={v!r}" for k, v in self.settings.items())
+        return f"{type(self.processor).__name__}(images, return_tensors='pt'{settings})['pixel_values']"
+
 
 def _split(processor) -> tuple | None:
     """The processor's own resize/crop without its rescale and normalise (a uint8 tensor), and its
