@@ -1,9 +1,13 @@
 """Late fusion streamed over row blocks: every requested subset of members scored in one pass.
 
-Each member's float16 logits of a block are read once per seed (per level), prepared once
-(`late.prepare`: widened to float32, softmaxed for `proba`) and combined into every subset that
-holds it (`late.combine`); each subset's per-class counts accumulate (`metrics.MetricCounts`),
-so peak memory depends on the block and the number of classes, not on the rows or the subsets.
+Each member's float16 logits are read once per seed (per level), in blocks whose edges fall on
+the logits' chunks (zarr reads a whole chunk for any slice of it). A block is scored in pieces of
+a few dozen rows whose float32 scores stay in cache: each member's piece prepared once
+(`late.prepare`: widened, softmaxed for `proba`), every subset's sum one addition away from an
+earlier one's (`late.running_combine`) or, with fitted per-subset weights (`--late-weights val`),
+summed directly by `late.combine`; each subset's per-class counts accumulate
+(`metrics.MetricCounts`), so peak memory depends on the block and the number of classes, not on
+the rows or the subsets.
 Multi-level members are fused level by level in the same pass, so each row's fused predictions
 at all levels are at hand at once for consistency and mistake severity. `fit_subset_weights`
 fits each subset's member weights on a bounded, seeded sample of validation rows.
@@ -11,6 +15,7 @@ fits each subset's member weights on a bounded, seeded sample of validation rows
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,14 +23,16 @@ import numpy as np
 import torch
 
 from ..classify.hierarchy_metrics import Taxonomy, consistent_rows, lca_depth
-from ..classify.late import combine, fit_late_weights, prepare
+from ..classify.late import combine, fit_late_weights, prepare, running_combine
 from ..classify.longtail import SHOT_BINS, frequency_bins
 from ..classify.metrics import MetricCounts
+from ..cpu import torch_threads
 
 if TYPE_CHECKING:
     from ..classify.rundir import Run
 
-BLOCK_ELEMENTS = 2 ** 25      # float32 logits held per block, over all members (128 MB)
+BLOCK_ELEMENTS = 2 ** 27      # float16 logits read per block, over all members (256 MB)
+PIECE_ELEMENTS = 2 ** 22      # float32 scores of a piece, its members' and running sums' (16 MB: in cache)
 WEIGHT_ELEMENTS = 2 ** 26     # float32 logits of the validation sample, over a subset's members
 WEIGHT_ROWS = 20_000          # at most this many validation rows fit the late weights
 
@@ -118,8 +125,17 @@ class LateScores:
         return out
 
 
-def _block_rows(n_members: int, n_classes: int) -> int:
-    return int(np.clip(BLOCK_ELEMENTS // max(1, n_members * n_classes), 64, 4096))
+def _block_rows(n_members: int, n_classes: int, chunk_rows: int | None = None) -> int:
+    """Rows per block read: BLOCK_ELEMENTS over the members, rounded to a multiple of the
+    logits' chunk rows, or to the chunk halved until it fits, so no chunk is read in part."""
+    rows = max(64, BLOCK_ELEMENTS // max(1, n_members * n_classes))
+    if not chunk_rows:
+        return rows
+    if rows >= chunk_rows:
+        return rows // chunk_rows * chunk_rows
+    while chunk_rows > rows and chunk_rows % 2 == 0:
+        chunk_rows //= 2
+    return max(chunk_rows, 64)
 
 
 def stream_late(sources: list[LogitSource], subsets: list[tuple[int, ...]], labels: np.ndarray, mode: str = "logits",
@@ -148,47 +164,88 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
     if skip is not None:
         union = union[~skip[union]]
     widths = [int(level[0].array.shape[2]) for level in sources]
-    block = _block_rows(len({m for s in subsets for m in s}), sum(widths))
+    members = sorted({m for s in subsets for m in s})
+    chunks = getattr(sources[-1][members[0]].array, "chunks", None)
+    block = _block_rows(len(members), sum(widths), chunks[1] if chunks else None)
+    depth = max(len(set(s)) for s in subsets)  # running_combine holds a sum per depth past the first
+    piece = max(8, PIECE_ELEMENTS // ((len(members) + depth - 1) * sum(widths)))
     n_seeds = [min(sources[-1][m].n_seeds for m in subset) for subset in subsets]
     scores = [[LateScores(widths) for _ in range(n)] for n in n_seeds]
     n_rows = [0] * len(subsets)
-    for k in range(max(n_seeds)):
-        active = [i for i, n in enumerate(n_seeds) if n > k]
-        needed = sorted({m for i in active for m in subsets[i]})
-        for start in range(0, len(union), block):
-            rows = union[start:start + block]
-            # each member's block read once per level for every subset
-            aligned = [{m: _aligned(level[m], k, rows, w, mode) for m in needed} for level, w in zip(sources, widths)]
-            ys = [torch.as_tensor(y[rows]) for y in labels]
-            for i in active:
-                mask = np.logical_and.reduce([aligned[-1][m][0] for m in subsets[i]])
-                if not mask.any():
-                    continue
-                select = slice(None) if mask.all() else torch.as_tensor(mask)
-                fused = [combine([level[m][1][select] for m in subsets[i]],
-                                 None if weights is None else weights[lv][i][k], mode)
-                         for lv, level in enumerate(aligned)]
-                scores[i][k].update(fused, [y[select] for y in ys], taxonomy)
-                if k == 0:
-                    n_rows[i] += int(mask.sum())
+    with torch_threads(1):  # a piece's kernels are too small to share: OpenMP barriers cost more
+        for k in range(max(n_seeds)):
+            active = [i for i, n in enumerate(n_seeds) if n > k]
+            needed = sorted({m for i in active for m in subsets[i]})
+            for rows in _blocks(union, [sources[-1][m] for m in needed], block):
+                read = [{m: _Block.read(level[m], k, rows) for m in needed} for level in sources]
+                ys = [torch.from_numpy(y[rows]) for y in labels]
+                for start, stop, i, fused in _pieces(read, len(rows), subsets, active, mode, weights, k, piece):
+                    mask = np.logical_and.reduce([read[-1][m].present[start:stop] for m in subsets[i]])
+                    if not mask.any():
+                        continue
+                    select = slice(None) if mask.all() else torch.from_numpy(mask)
+                    scores[i][k].update([z[select] for z in fused], [y[start:stop][select] for y in ys], taxonomy)
+                    if k == 0:
+                        n_rows[i] += int(mask.sum())
+                del read  # before the next block is read: two blocks are never held
     return [([s.metrics(taxonomy, None if train_counts is None else train_counts[i], bins) for s in per_subset], n,
              np.stack([s.predictions for s in per_subset]))
             for i, (per_subset, n) in enumerate(zip(scores, n_rows))]
 
 
-def _aligned(source: LogitSource, seed: int, rows: np.ndarray, n_classes: int,
-             mode: str) -> tuple[np.ndarray, torch.Tensor]:
-    """The member's prepared scores (`late.prepare`) at `rows` (zeros where it has none)."""
-    lo, hi = np.searchsorted(source.rows, [rows[0], rows[-1] + 1])
-    own = source.rows[lo:hi]
-    out = torch.zeros(len(rows), n_classes)
-    if len(own) == 0:
-        return np.zeros(len(rows), bool), out
-    idx = np.minimum(np.searchsorted(own, rows), len(own) - 1)
-    present = own[idx] == rows
-    z = prepare(source.array[seed, lo:hi], mode)
-    out[torch.as_tensor(present)] = z[torch.as_tensor(idx[present])]
-    return present, out
+def _pieces(read: list[dict[int, _Block]], n_rows: int, subsets: list[tuple[int, ...]], active: list[int],
+            mode: str, weights: list[list[list[np.ndarray]]] | None, seed: int,
+            piece: int) -> Iterator[tuple[int, int, int, list[torch.Tensor]]]:
+    """(start, stop, subset, its fused scores per level) for every active subset on every piece of
+    a block. Equal weights: each level's running sums (`running_combine`), which order every row's
+    classes as the means do (the counts read argmax and top-5 only), valid until the next step."""
+    for start in range(0, n_rows, piece):
+        stop = min(start + piece, n_rows)
+        prepared = [{m: b.prepared(start, stop, mode) for m, b in level.items()} for level in read]
+        if weights is None:
+            for step in zip(*(running_combine(p, [subsets[i] for i in active], mode, ranks_only=True) for p in prepared)):
+                yield start, stop, active[step[0][0]], [z for _, z in step]
+        else:
+            for i in active:
+                yield start, stop, i, [combine([p[m] for m in subsets[i]], weights[lv][i][seed], mode)
+                                       for lv, p in enumerate(prepared)]
+
+
+def _blocks(union: np.ndarray, members: list[LogitSource], block: int) -> list[np.ndarray]:
+    """`union` cut where every `block`-th row of the member with the most rows falls: members
+    holding its rows read whole chunks, whichever rows `skip` or the others leave out."""
+    edges = max(members, key=lambda s: len(s.rows)).rows[block::block]
+    return [rows for rows in np.split(union, np.searchsorted(union, edges)) if len(rows)]
+
+
+@dataclass
+class _Block:
+    """One member's float16 scores at a block's rows, read once: `present` per row, `raw` the
+    rows it has, in order, and `before[j]` how many of them come before row j."""
+
+    present: np.ndarray
+    raw: np.ndarray
+    before: np.ndarray
+
+    @classmethod
+    def read(cls, source: LogitSource, seed: int, rows: np.ndarray) -> _Block:
+        lo, hi = np.searchsorted(source.rows, [rows[0], rows[-1] + 1])
+        own = source.rows[lo:hi]
+        at = np.minimum(np.searchsorted(own, rows), max(len(own) - 1, 0))
+        present = own[at] == rows if len(own) else np.zeros(len(rows), bool)
+        raw = np.asarray(source.array[seed, lo:hi]) if len(own) else np.empty((0, source.array.shape[2]))
+        if present.sum() < len(own):  # rows left out of the union (skipped, or another level's)
+            raw = raw[at[present]]
+        return cls(present, raw, np.concatenate([[0], np.cumsum(present)]))
+
+    def prepared(self, start: int, stop: int, mode: str) -> torch.Tensor:
+        """`late.prepare` of rows start:stop of the block, zeros where the member has none."""
+        z = prepare(torch.from_numpy(self.raw[self.before[start]:self.before[stop]]), mode)
+        if len(z) == stop - start:
+            return z
+        out = torch.zeros(stop - start, self.raw.shape[1])
+        out[torch.from_numpy(self.present[start:stop])] = z
+        return out
 
 
 def fit_subset_weights(sources: list[LogitSource], subsets: list[tuple[int, ...]], labels: np.ndarray,

@@ -7,8 +7,8 @@ many subsets: `prepare` (the scores a member contributes: its logits, or its sof
 probabilities with `mode="proba"`) and `combine` (their weighted sum; for `proba` the log of
 the averaged probabilities, so top-5 and argmax read logits and probabilities alike).
 `late_fusion` is both at once. Scores are float32 torch tensors; float16 inputs are widened
-block by block by the caller's blocks. `running_combine` scores many equal-weight subsets of the
-same prepared members, each from the previous one's sum plus or minus one member.
+block by block by the caller's blocks. `running_combine` sums many equal-weight subsets of the
+same prepared members, each from an earlier one's sum plus one member.
 """
 from __future__ import annotations
 
@@ -45,42 +45,39 @@ def combine(prepared: Sequence[torch.Tensor], weights=None, mode: str = "logits"
     return fused.clamp_min(1e-30).log() if mode == "proba" else fused
 
 
-def gray_order(subsets: Sequence[tuple[int, ...]]) -> list[int]:
-    """Indices of `subsets` (member indices) in binary-reflected Gray-code order: all subsets of
-    n members in this order step from one to the next by adding or removing one member."""
-    def rank(subset: tuple[int, ...]) -> int:
-        code = sum(1 << m for m in set(subset))
-        position, shift = code, 1
-        while code >> shift:  # the inverse of i ^ (i >> 1)
-            position ^= code >> shift
-            shift += 1
-        return position
-    return sorted(range(len(subsets)), key=lambda i: rank(subsets[i]))
-
-
 def running_combine(prepared: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
                     subsets: Sequence[tuple[int, ...]], mode: str = "logits",
                     ranks_only: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index into `subsets`, `combine` of its members with equal weights) for every subset, in
-    `gray_order`: one running float32 sum over the members, each subset reached from the previous
-    one by adding and subtracting the members they differ in, or summed afresh where that is
-    fewer operations (the subsets given need not be all). `ranks_only` yields the sum itself,
-    which orders every row's classes as `combine` does (argmax, top-k) at no extra pass. What is
-    yielded is a buffer reused by the next step: use it before advancing."""
+    """(index into `subsets`, `combine` of its members with equal weights) for every subset, each
+    sum one addition away from an earlier one: the subsets (any order, any selection) are walked
+    as a trie of their sorted members, a node's sum its parent's plus one member (the 26 subsets
+    of two or more of five members: 26 additions; summed afresh, 49). Nothing is subtracted, as a
+    Gray-code walk would: removing a term near 1 (a softmax) or a masked logit leaves float32
+    error in the small scores that rank the top 5; each sum here is exactly the fresh float32 sum
+    in member order. `ranks_only` yields that sum, which orders each row's classes as `combine`
+    does (argmax, top-k) without a pass to scale it. A yielded tensor is a buffer that later
+    steps overwrite, or a member's own scores: read it, do not keep or modify it."""
     check_mode(mode)
-    total, held = None, set()
-    for i in gray_order(subsets):
-        members = set(subsets[i])
-        add, remove = sorted(members - held), sorted(held - members)
-        if total is None or len(add) + len(remove) >= len(members):
-            first, *add = sorted(members)
-            remove = []
-            total = prepared[first].clone() if total is None else total.copy_(prepared[first])
-        for m in add:
-            total.add_(prepared[m])
-        for m in remove:
-            total.sub_(prepared[m])
-        held = members
+    order = sorted(range(len(subsets)), key=lambda i: sorted(set(subsets[i])))
+    path: list[int] = []           # members of the trie node whose sums `stack` holds, per depth
+    stack: list[torch.Tensor] = []
+    buffers: list[torch.Tensor] = []  # one per depth beyond the first, reused
+    for i in order:
+        members = sorted(set(subsets[i]))
+        shared = 0  # the trie node shared with the previous subset: its sums are kept
+        while shared < min(len(path), len(members)) and path[shared] == members[shared]:
+            shared += 1
+        del path[shared:], stack[shared:]
+        for m in members[shared:]:
+            if not stack:
+                total = prepared[m]    # a single member's sum is its own scores: no copy
+            else:
+                if len(buffers) < len(stack):
+                    buffers.append(torch.empty_like(prepared[m]))
+                total = torch.add(stack[-1], prepared[m], out=buffers[len(stack) - 1])
+            path.append(m)
+            stack.append(total)
+        total = stack[-1]
         if ranks_only:
             yield i, total
         else:
