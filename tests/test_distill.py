@@ -383,9 +383,11 @@ def test_a_student_predicts_new_images_alone_and_fused_with_another_run(manifest
     result = distill(images, config, tmp_path / "runs", device="cpu")
     rows, logits = result.student.logits("test")
     files = [Path(table.root) / table.paths[r] for r in rows]
-    alone = predict([result.student.path], files, top_k=1, device="cpu", workers=0, progress=False)
+    work = tmp_path / "work"  # the second prediction reuses the student backbone's embeddings of the images
+    alone = predict([result.student.path], files, top_k=1, device="cpu", workers=0, progress=False, work_dir=work)
     assert (alone.top_ids[:, 0] != logits.astype(np.float32).mean(0).argmax(1)).sum() <= 2  # float16 near-ties
     other = result.teachers[1]
-    fused = predict([result.student.path, other.path], files, top_k=1, device="cpu", workers=0, progress=False)
+    fused = predict([result.student.path, other.path], files, top_k=1, device="cpu", workers=0, progress=False,
+                    work_dir=work)
     stored = np.mean([run.logits("test")[1].astype(np.float32).mean(0) for run in (result.student, other)], 0)
     assert (fused.top_ids[:, 0] != stored.argmax(1)).sum() <= 2

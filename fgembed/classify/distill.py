@@ -40,7 +40,7 @@ from .rundir import Run, finished
 from .soft_targets import SoftTargets, TargetBuilder
 from .views import READ_ROWS, View, build_view
 
-TARGET_ELEMENTS = 1 << 22  # scores per fused block (rows × classes × (members + 1)): 16 MiB of float32 each
+TARGET_ELEMENTS = 1 << 24  # scores per fused piece, over its members and their sum: 64 MiB of float32
 LATE_MODE = "logits"       # the teacher's rule: ensemble's default late fusion
 
 
