@@ -282,18 +282,19 @@ def _write_logits(tmp: Path, store: FeatureStore, members: Sequence[Run], source
             block = rows[start:start + LOGIT_ROWS]
             x = torch.as_tensor(_gate_rows(store, backbones, block)).to(device)
             for k, gate in enumerate(gates):
+                z = [s.at(split, k, block) for s in sources]  # float16, each member's chunks read once
+                w = gate(x)
                 out = np.empty((len(block), sources[0].n_classes), np.float16)
                 for i in range(0, len(block), FORWARD_ROWS):  # float32 scratch: members × FORWARD_ROWS × classes
                     piece = slice(i, i + FORWARD_ROWS)
-                    w = gate(x[piece])
-                    fused = gated_combine([prepare(torch.as_tensor(s.at(split, k, block[piece])).to(device), mode)
-                                           for s in sources], w, mode)
+                    fused = gated_combine([prepare(torch.as_tensor(zi[piece]).to(device), mode) for zi in z],
+                                          w[piece], mode)
                     if len(excluded):
                         fused.index_fill_(1, excluded, MASKED)
                     out[piece] = fused.half().cpu().numpy()
-                    if split == "test":
-                        weight_sums[k] += w[torch.as_tensor(seen[start:start + LOGIT_ROWS][piece], device=device)
-                                            ].sum(0).double().cpu().numpy()
+                if split == "test":
+                    weight_sums[k] += w[torch.as_tensor(seen[start:start + LOGIT_ROWS], device=device)
+                                        ].sum(0).double().cpu().numpy()
                 array[k:k + 1, start:start + len(block)] = out[None]
                 if split == "test":
                     scorers[k].update(start, [out])
