@@ -133,6 +133,23 @@ def test_resampled_values_equal_sklearn_on_resampled_copies_of_a_row_subset():
         assert ours.point[metric] == pytest.approx(sk_seed_mean(metric, y[mask], *preds[:, mask]), abs=1e-12)
 
 
+def test_rows_computed_together_equal_each_computed_alone():
+    """`distributions` shares the counts and the support of the rows it is given (their classes are
+    those of all of them): each equals its own `distribution`, on a row subset too."""
+    n, B = 300, 70
+    y, a = labels(n, 40, accuracy=0.6, seed=15, n_seeds=2)
+    _, b = labels(n, 60, accuracy=0.3, seed=16)   # other classes, one seed
+    mask = np.arange(n) % 4 != 1
+    resamples = Resamples(n, B, seed=2)
+    together = bootstrap.distributions(y[mask], [a[:, mask], b[mask]], resamples, rows=mask)
+    for pred, dist in zip((a, b), together):
+        alone = distribution(y[mask], pred[..., mask], resamples, rows=mask)
+        assert dist.point == pytest.approx(alone.point, abs=1e-12)
+        for metric in bootstrap.METRICS:
+            np.testing.assert_allclose(dist.resampled[metric], alone.resampled[metric], rtol=1e-6)
+    assert not np.allclose(together[0].resampled["f1"], together[1].resampled["f1"])
+
+
 def test_mask_positions_and_their_order_give_the_same_distribution():
     n, B = 200, 60
     y, pred = labels(n, 20, accuracy=0.5, seed=8)

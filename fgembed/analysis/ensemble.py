@@ -246,7 +246,8 @@ def late_entries(store: FeatureStore, singles: dict[str, Run], combos: list[Comb
         if weights is not None:
             metrics["late_weight_rows"] = sample_rows[i]
             mean_weights = np.mean(weights[-1][i], axis=0).round(4).tolist()
-        rows = functools.reduce(np.intersect1d, [test[-1][names.index(m)].rows for m in combo.members])
+        rows = functools.reduce(lambda x, y: np.intersect1d(x, y, assume_unique=True),
+                                [test[-1][names.index(m)].rows for m in combo.members])
         rows = rows if novel is None else rows[~novel[rows]]   # the rows the stream scored, in its order
         entries.append(Entry(combo, metrics, [singles[m].path for m in combo.members], mean_weights,
                              RowPredictions(rows, preds)))

@@ -13,6 +13,8 @@ member whose point value of that metric is best there: `delta_<metric>`, its pai
 A distilled student (`fgembed distill`, added with `--run`) is read so too, a one-backbone student
 against that backbone's single row: its own plain head.
 
+Rows scored on the same test rows are computed together (`bootstrap.distributions`: the counts
+of a block of resamples, their support per class and what follows from it, once for all of them).
 Predictions come from where the row's numbers came from: a run's stored test predictions (its
 held-out classes' rows left out, as its metrics leave them out), or those the row's scorer kept
 (`Entry.predictions`: late fusion keeps every subset's per seed). A row with neither gets no
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..classify.bootstrap import METRICS, Distribution, distribution
+from ..classify.bootstrap import METRICS, Distribution, distributions
 from ..classify.intervals import BootstrapConfig, RowPredictions, delta_keys, interval_keys, stored_predictions
 from ..classify.views import level_key
 
@@ -58,28 +60,39 @@ def table_intervals(entries: list[Entry], of_run: dict[int, Run], store: Feature
     found = {i: p for i, p in found.items() if len(p.rows)}
     if not found:
         return
-    union = functools.reduce(np.union1d, [p.rows for p in found.values()])
+    union = np.unique(np.concatenate([p.rows for p in found.values()]))
     resamples = config.resamples(len(union))
-    cache: dict[tuple[int, bytes], Distribution] = {}
-
-    def scored(i: int, rows: np.ndarray) -> Distribution:
-        """Row i's distribution on `rows` (sorted store rows it has), computed once."""
-        key = (i, rows.tobytes())
-        if key not in cache:
-            p = found[i]
-            own = p.preds[:, np.searchsorted(p.rows, rows)]
-            cache[key] = distribution(labels[rows], own, resamples, METRICS, rows=np.searchsorted(union, rows))
-        return cache[key]
-
     singles = {entries[i].combination.members[0]: i for i in found if entries[i].combination.strategy == "single"}
+    # what each row is compared on: its own rows; a fused row's rows shared with all its members
+    wanted: dict[bytes, tuple[np.ndarray, set[int]]] = {}
+
+    def want(i: int, rows: np.ndarray) -> bytes:
+        key = rows.tobytes()
+        wanted.setdefault(key, (rows, set()))[1].add(i)
+        return key
+
+    own = {i: want(i, p.rows) for i, p in found.items()}
+    pairs: dict[int, tuple[bytes, list[int]]] = {}
+    for i, p in found.items():
+        members = [singles.get(m) for m in entries[i].combination.members]
+        if len(members) > 1 and None not in members:
+            common = functools.reduce(lambda x, y: np.intersect1d(x, y, assume_unique=True),
+                                      [p.rows, *(found[j].rows for j in members)])  # sorted, distinct rows
+            if len(common):
+                pairs[i] = (want(i, common), members)
+                for j in members:
+                    want(j, common)
+    scored: dict[tuple[int, bytes], Distribution] = {}
+    for key, (rows, who) in wanted.items():   # the rows on the same test rows share their counts
+        who = sorted(who)
+        preds = [found[i].preds[:, np.searchsorted(found[i].rows, rows)] for i in who]
+        dists = distributions(labels[rows], preds, resamples, METRICS, rows=np.searchsorted(union, rows))
+        scored.update({(i, key): d for i, d in zip(who, dists)})
     for i, p in found.items():
         entry = entries[i]
-        extra = interval_keys(scored(i, p.rows), config.confidence) | {"bootstrap": config.block(len(p.rows))}
-        members = [singles.get(m) for m in entry.combination.members]
-        fused = len(members) > 1 or entry.combination.strategy == "distilled"  # a student: read against its plain head
-        if fused and None not in members:
-            common = functools.reduce(np.intersect1d, [p.rows, *(found[j].rows for j in members)])
-            if len(common):
-                extra |= delta_keys(scored(i, common), {entries[j].combination.members[0]: scored(j, common)
-                                                        for j in members}, config.confidence)
+        extra = interval_keys(scored[i, own[i]], config.confidence) | {"bootstrap": config.block(len(p.rows))}
+        if i in pairs:
+            key, members = pairs[i]
+            extra |= delta_keys(scored[i, key], {entries[j].combination.members[0]: scored[j, key] for j in members},
+                                config.confidence)
         entry.metrics = entry.metrics | extra

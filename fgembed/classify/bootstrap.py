@@ -21,7 +21,9 @@ every row of a table reuses the same draws without drawing them again.
 are weighted bincounts of the row counts — for a block of resamples at once, as one sparse
 one-hot [classes, rows] matrix times the dense [rows, resamples] counts (scipy.sparse), which is
 O(rows × resamples) and never a C × C confusion matrix. Only classes present in the truth or a
-prediction get a row: the others count for nothing in any metric.
+prediction get a row: the others count for nothing in any metric. Rows of a table scored on the
+same test rows (`distributions`) share a block's counts, their support per class and all that
+follows from it: each further row costs its own true positives and wrong predictions only.
 
 **Metrics** from those counts, as scikit-learn defines them: `accuracy`; `f1` is
 `f1_score(average="weighted")` and `f1_macro` `f1_score(average="macro")` over the classes
@@ -81,6 +83,7 @@ CHUNK_DRAWS = 2 ** 21       # row draws per generated chunk of resamples (16 MB 
 CACHE_BYTES = 2 ** 28       # counts kept in memory up to this size (256 MiB), else drawn again per pass
 BLOCK_ELEMENTS = 2 ** 23    # float32 per-class sums (or row weights) per block of resamples: 32 MB
 CLASS_GROUP = 128           # classes summed in float32 before the float64 sum across groups
+TINY = 1e-30                # added to support + predicted (integers ≥ 0): 0 / TINY = 0, n + TINY = n in float32
 
 
 class Resamples:
@@ -178,42 +181,55 @@ def distribution(y_true: np.ndarray, y_pred: np.ndarray, resamples: Resamples,
     class ids ≥ 0, below `n_classes` when it is given. The four metrics are computed together
     (they share the per-class counts); `metrics` picks those returned.
     """
+    return distributions(y_true, [y_pred], resamples, metrics, rows=rows, n_classes=n_classes)[0]
+
+
+def distributions(y_true: np.ndarray, y_preds: Sequence[np.ndarray], resamples: Resamples,
+                  metrics: Sequence[str] = METRICS, *, rows: np.ndarray | None = None,
+                  n_classes: int | None = None) -> list[Distribution]:
+    """`distribution` of each of several rows' predictions on the same test rows, at once: the
+    rows' counts, their support per class and what follows from it are computed once per block
+    of resamples for all of them (a table's rows on the same test rows share them)."""
     metrics = _check_metrics(metrics)
     positions = _positions(rows, resamples.n_rows)
     y = np.asarray(y_true)
-    preds = np.asarray(y_pred)
-    if preds.ndim == 1:
-        preds = preds[None]
-    if y.ndim != 1 or preds.ndim != 2 or len(preds) == 0:
-        raise ValueError(f"y_true must be [rows] and y_pred [rows] or [seeds, rows], got {y.shape} and "
-                         f"{np.shape(y_pred)}")
-    if len(y) != len(positions) or preds.shape[1] != len(positions):
-        raise ValueError(f"y_true ({len(y)}) and y_pred ({preds.shape[1]}) must have one label per scored "
-                         f"row ({len(positions)})")
+    preds = [np.asarray(p) for p in y_preds]
+    preds = [p[None] if p.ndim == 1 else p for p in preds]
+    if y.ndim != 1 or not preds or any(p.ndim != 2 or len(p) == 0 for p in preds):
+        raise ValueError(f"y_true must be [rows] and each y_pred [rows] or [seeds, rows], got {y.shape} and "
+                         f"{[np.shape(p) for p in y_preds]}")
+    if len(y) != len(positions) or any(p.shape[1] != len(positions) for p in preds):
+        raise ValueError(f"y_true ({len(y)}) and y_pred ({[p.shape[1] for p in preds]}) must have one label per "
+                         f"scored row ({len(positions)})")
     if len(positions) == 0:
         raise ValueError("no test rows to score")
     order = np.argsort(positions, kind="stable")
-    positions, y, preds = positions[order], y[order], preds[:, order]
-    classes, labels = np.unique(np.concatenate([y, preds.ravel()]), return_inverse=True)
+    positions, y, preds = positions[order], y[order], [p[:, order] for p in preds]
+    classes, labels = np.unique(np.concatenate([y, *(p.ravel() for p in preds)]), return_inverse=True)
     if (not np.issubdtype(classes.dtype, np.integer) or classes[0] < 0
             or (n_classes is not None and classes[-1] >= n_classes)):
         expected = "≥ 0" if n_classes is None else f"in [0, {n_classes})"
         raise ValueError(f"labels must be integer class ids {expected}, got values from {classes[0]} to {classes[-1]}")
-    sums = _ClassSums(labels[:len(y)], labels[len(y):].reshape(preds.shape), len(classes))
-    point = {name: float(v[0]) for name, v in sums.metrics(np.ones((len(y), 1)), metrics).items()}
-    resampled = {name: np.empty(resamples.n_resamples) for name in metrics}
+    truth = _Truth(labels[:len(y)], len(classes))
+    bounds = np.cumsum([len(y), *(p.size for p in preds)])
+    sets = [_ClassSums(truth, labels[a:b].reshape(p.shape)) for a, b, p in zip(bounds[:-1], bounds[1:], preds)]
+    ones = truth.stats(np.ones((len(y), 1)))
+    points = [{name: float(v[0]) for name, v in c.metrics(np.ones((len(y), 1)), ones, metrics).items()} for c in sets]
+    resampled = [{name: np.empty(resamples.n_resamples) for name in metrics} for _ in sets]
     dtype = np.float32 if resamples.n_rows < 2 ** 24 else np.float64
+    block = max(1, BLOCK_ELEMENTS // max(truth.n_classes + max(c.n_sums for c in sets), len(y)))
     start = 0
     for counts in resamples.chunks():
         counts = counts if rows is None else counts[positions]
-        block = max(1, BLOCK_ELEMENTS // max(sums.n_sums, len(y)))
         for b in range(0, counts.shape[1], block):
-            values = sums.metrics(counts[:, b:b + block].astype(dtype), metrics)
-            stop = start + min(block, counts.shape[1] - b)
-            for name in metrics:
-                resampled[name][start:stop] = values[name]
+            weights = counts[:, b:b + block].astype(dtype)
+            stats = truth.stats(weights)
+            stop = start + weights.shape[1]
+            for c, out in zip(sets, resampled):
+                for name, v in c.metrics(weights, stats, metrics).items():
+                    out[name][start:stop] = v
             start = stop
-    return Distribution(point, resampled, positions, resamples.key)
+    return [Distribution(point, r, positions, resamples.key) for point, r in zip(points, resampled)]
 
 
 def interval(y_true: np.ndarray, y_pred: np.ndarray, resamples: Resamples, metrics: Sequence[str] = METRICS, *,
@@ -237,59 +253,82 @@ def paired(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, resamples
     return a.paired(b, confidence)
 
 
-class _ClassSums:
-    """Per-class support, and per seed true positives and wrong predictions (the predicted count
-    is their sum; so each row enters once per seed), of weighted rows: one sparse one-hot matrix
-    [(1 + 2 seeds) × classes, rows] applied to row weights [rows, resamples]. Classes are padded
-    to whole groups of `CLASS_GROUP` (zero rows, which count for nothing) so that sums over
-    classes can be taken group by group."""
+def _onehot(at: np.ndarray, where: np.ndarray, n_sums: int, n: int) -> dict[type, scipy.sparse.csr_array]:
+    return {dtype: scipy.sparse.csr_array((np.ones(len(at), dtype), (at, where)), shape=(n_sums, n))
+            for dtype in (np.float32, np.float64)}
 
-    def __init__(self, y: np.ndarray, preds: np.ndarray, n_classes: int) -> None:
-        n_seeds, n = preds.shape
-        self.n_seeds = n_seeds
+
+class _Truth:
+    """Per-class support of weighted rows, and what every metric needs of it: one sparse one-hot
+    [classes, rows] applied to row weights [rows, resamples]. Classes are padded to whole groups
+    of `CLASS_GROUP` (zero rows, which count for nothing) so that sums over classes can be taken
+    group by group."""
+
+    def __init__(self, y: np.ndarray, n_classes: int) -> None:
+        self.y = y
         self.n_classes = -(-n_classes // CLASS_GROUP) * CLASS_GROUP
-        self.n_sums = (1 + 2 * n_seeds) * self.n_classes
-        where = [np.arange(n)]
-        at = [y]
+        self.onehot = _onehot(y, np.arange(len(y)), self.n_classes, len(y))
+
+    def stats(self, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(support [classes, k], rows n [k], 1 / support, classes in the truth [k]) per column."""
+        support = self.onehot[weights.dtype.type] @ weights
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return support, _sum_classes(support), 1 / np.maximum(support, 1), np.count_nonzero(support, axis=0)
+
+
+class _ClassSums:
+    """Per seed, true positives and wrong predictions per class of weighted rows (support + wrong
+    + tp is support + predicted, so each row enters once per seed): one sparse one-hot
+    [2 seeds × classes, rows] applied to the row weights."""
+
+    def __init__(self, truth: _Truth, preds: np.ndarray) -> None:
+        n_seeds, n = preds.shape
+        y = truth.y
+        self.n_seeds, self.n_classes = n_seeds, truth.n_classes
+        self.n_sums = 2 * n_seeds * self.n_classes
+        where, at = [], []
         for s, pred in enumerate(preds):
             right, wrong = np.flatnonzero(pred == y), np.flatnonzero(pred != y)
             where += [right, wrong]
-            at += [(1 + 2 * s) * self.n_classes + y[right], (2 + 2 * s) * self.n_classes + pred[wrong]]
-        where, at = np.concatenate(where), np.concatenate(at)
-        self.onehot = {dtype: scipy.sparse.csr_array((np.ones(len(at), dtype), (at, where)), shape=(self.n_sums, n))
-                       for dtype in (np.float32, np.float64)}
+            at += [2 * s * self.n_classes + y[right], (2 * s + 1) * self.n_classes + pred[wrong]]
+        self.onehot = _onehot(np.concatenate(at), np.concatenate(where), self.n_sums, n)
 
-    def metrics(self, weights: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Each metric, averaged over seeds, for each column of row weights [rows, k] → [k].
+    def metrics(self, weights: np.ndarray, truth: tuple[np.ndarray, ...], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Each metric, averaged over seeds, for each column of row weights [rows, k] → [k];
+        `truth`: `_Truth.stats` of the same weights.
 
         float32 weights (bootstrap counts, whose sums are integers below 2**24, hence exact) keep
         a block in cache and halve the memory traffic; ratios are float32 (relative error ~6e-8)
         and their sums over classes float32 within a group of classes, float64 across groups —
         within ~1e-7 of float64 throughout, far below the resampling's own Monte-Carlo error.
         """
-        sums = (self.onehot[weights.dtype.type] @ weights).reshape(1 + 2 * self.n_seeds, self.n_classes, -1)
-        support = sums[0]
+        sums = (self.onehot[weights.dtype.type] @ weights).reshape(2 * self.n_seeds, self.n_classes, -1)
+        support, n, recall_scale, n_true_classes = truth
         total = {name: np.zeros(weights.shape[1]) for name in METRICS}
         with np.errstate(divide="ignore", invalid="ignore"):   # a resample that drew none of the rows: NaN
-            n = _sum_classes(support)
-            recall_scale = 1 / np.maximum(support, 1)
-            n_true_classes = np.count_nonzero(support, axis=0)
             for s in range(self.n_seeds):   # in place: the seed's sums are not needed afterwards
-                tp, wrong = sums[1 + 2 * s], sums[2 + 2 * s]
+                tp, wrong = sums[2 * s], sums[2 * s + 1]
                 total["accuracy"] += _sum_classes(tp) / n
                 both = np.add(np.add(support, wrong, out=wrong), tp, out=wrong)   # support + predicted
                 n_present = np.count_nonzero(both, axis=0)
-                # F1 = 2PR / (P + R) = 2 tp / (support + predicted), 0 where tp = 0 (0/0 included)
-                half_f1 = np.divide(tp, np.maximum(both, 1, out=both), out=both)
+                # F1 = 2PR / (P + R) = 2 tp / (support + predicted), 0 where tp = 0 (0/0 included: a
+                # tiny addend, exact on the integer counts, spares a pass of max(·, 1))
+                half_f1 = np.divide(tp, np.add(both, TINY, out=both), out=both)
                 total["f1_macro"] += 2 * _sum_classes(half_f1) / n_present
-                total["f1"] += 2 * _sum_classes(np.multiply(half_f1, support, out=half_f1)) / n
-                total["balanced_accuracy"] += _sum_classes(np.multiply(tp, recall_scale, out=tp)) / n_true_classes
+                total["f1"] += 2 * _dot_classes(half_f1, support) / n
+                total["balanced_accuracy"] += _dot_classes(tp, recall_scale) / n_true_classes
         return {name: total[name] / self.n_seeds for name in names}
 
 
 def _sum_classes(values: np.ndarray) -> np.ndarray:
     """[classes, k] → [k] in float64: float32 sums over groups of classes, then float64 across."""
     return values.reshape(-1, CLASS_GROUP, values.shape[1]).sum(1).sum(0, dtype=np.float64)
+
+
+def _dot_classes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`_sum_classes(a * b)` in one pass, without the product's array (einsum per group of classes)."""
+    shape = (-1, CLASS_GROUP, a.shape[1])
+    return np.einsum("gck,gck->gk", a.reshape(shape), b.reshape(shape)).sum(0, dtype=np.float64)
 
 
 def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -319,7 +358,7 @@ def _positions(rows: np.ndarray | None, n_rows: int) -> np.ndarray:
         raise ValueError("rows must be a boolean mask or a 1-d array of row positions")
     if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
         raise ValueError(f"row positions must lie in [0, {n_rows})")
-    if np.unique(rows).size != rows.size:
+    if rows.size > 1 and not (np.diff(np.sort(rows)) > 0).all():
         raise ValueError("row positions must be distinct")
     return rows.astype(np.int64)
 
