@@ -134,12 +134,29 @@ def export_model(run_dirs: Sequence[str | Path], out: str | Path, *, fmt: str | 
                  weights: dict[str, Path] | None = None) -> Exported:
     """Write the runs (late-fused when several) with their backbones as one model file; see the
     module docstring. `device` is where it is traced (a CPU file runs anywhere)."""
-    if not run_dirs:
-        raise FgembedError("name at least one --run")
     out, fmt = Path(out), format_of(out, fmt)
-    check_mode(late_mode)
     if fmt == "onnx":
         _onnx_modules()
+    model, metadata = build_model(run_dirs, late_mode=late_mode, device=device, load=load, weights=weights)
+    metadata["format"] = fmt
+    where = resolve_device(device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.parent, prefix=".fgembed-export-") as tmp:
+        target = Path(tmp) / out.name  # the final name: ONNX's external weights file is named after it
+        SAVERS[fmt](model, examples(metadata, TRACE_ROWS, where, 0), target, json.dumps(metadata))
+        error = _check(model, LOADERS[fmt](target, where)[0], examples(metadata, CHECK_ROWS, where, 1))
+        for made in Path(tmp).iterdir():
+            os.replace(made, out.parent / made.name)
+    return Exported(out, fmt, metadata, error)
+
+
+def build_model(run_dirs: Sequence[str | Path], *, late_mode: str = "logits", device: str = "cpu",
+                load: LoadOptions | None = None, weights: dict[str, Path] | None = None
+                ) -> tuple[ShippedModel, dict]:
+    """The module a file is traced from (eval mode, on `device`) and its metadata, less `format`."""
+    if not run_dirs:
+        raise FgembedError("name at least one --run")
+    check_mode(late_mode)
     runs = [Run.load(p) for p in run_dirs]
     check_compatible(runs)
     for run in runs:
@@ -148,15 +165,7 @@ def export_model(run_dirs: Sequence[str | Path], out: str | Path, *, fmt: str | 
     backbones, slots, order, inputs = _backbones(runs, load, weights or {}, where)
     model = ShippedModel(backbones, slots, order, [_RunScores(run, late_mode, where) for run in runs],
                          [run.config.view.features for run in runs], late_mode).eval()
-    metadata = _metadata(runs, inputs, order, fmt, late_mode, where)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.parent, prefix=".fgembed-export-") as tmp:
-        target = Path(tmp) / out.name  # the final name: ONNX's external weights file is named after it
-        SAVERS[fmt](model, _examples(inputs, TRACE_ROWS, where, 0), target, json.dumps(metadata))
-        error = _check(model, LOADERS[fmt](target, where)[0], _examples(inputs, CHECK_ROWS, where, 1))
-        for made in Path(tmp).iterdir():
-            os.replace(made, out.parent / made.name)
-    return Exported(out, fmt, metadata, error)
+    return model, _metadata(runs, inputs, order, late_mode, where)
 
 
 def _check_exportable(run: Run) -> None:
@@ -241,12 +250,12 @@ def _input(pre: Preprocessing, fingerprint: dict) -> dict:
     return {**spec, "dtype": "float32", "transform": " ".join(repr(pre.transform).split())}
 
 
-def _metadata(runs: Sequence[Run], inputs: list[dict], order: list[str], fmt: str, late_mode: str,
+def _metadata(runs: Sequence[Run], inputs: list[dict], order: list[str], late_mode: str,
               device: torch.device) -> dict:
     names, levels = target_names(runs[0])
     recorded = members_of(runs)
     return {
-        "fgembed_version": __version__, "format": fmt, "torch_version": torch.__version__,
+        "fgembed_version": __version__, "torch_version": torch.__version__,
         "traced_on": device.type, "inputs": inputs,
         "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(names)],
                    "what": "class probabilities (softmax of the runs' late-fused scores); column c is class_names[c]"},
@@ -264,11 +273,11 @@ def _metadata(runs: Sequence[Run], inputs: list[dict], order: list[str], fmt: st
     }
 
 
-def _examples(inputs: list[dict], rows: int, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
-    """Seeded random inputs of each input's dtype (uint8 pixels, or normalised floats)."""
+def examples(metadata: dict, rows: int, device: torch.device | str = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded random inputs of a model's metadata, each of its dtype (uint8 pixels, or normalised floats)."""
     generator = torch.Generator().manual_seed(seed)
     made = []
-    for spec in inputs:
+    for spec in metadata["inputs"]:
         shape = (rows, *spec["shape"][1:])
         made.append(torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8) if spec["dtype"] == "uint8"
                     else torch.randn(shape, generator=generator))

@@ -235,3 +235,15 @@ def test_refusals_are_one_line_and_exit_2(trained, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing written, not even a temporary folder
     with pytest.raises(FgembedError, match="name at least one --run"):
         export_model([], tmp_path / "x.pt2")
+
+
+def test_command_line_defaults_are_the_library_s():
+    import inspect
+
+    from fgembed.cli._options import LATE_MODE
+    from fgembed.cli.export_model import export_model as command
+
+    library = inspect.signature(export_model).parameters
+    cli = inspect.signature(command).parameters
+    assert LATE_MODE.default == library["late_mode"].default == inspect.signature(predict).parameters["late_mode"].default
+    assert cli["device"].default.default == library["device"].default
