@@ -113,6 +113,9 @@ def training_targets(store: FeatureStore, view: View, teachers: list[Run], confi
     fill_targets(builder, store, teachers, rows, device, progress)
     keep = usable.copy()
     keep[usable] = builder.finite  # a non-finite teacher score (an unflagged bad row of an old store): no target
+    if not keep.any():
+        raise FgembedError(f"no training row of {config.label} has a teacher target: each image failed in a "
+                           "teacher member (see fgembed info)")
     record = {"teacher_runs": [str(run.path) for run in teachers], "late_mode": LATE_MODE, "top_k": builder.k,
               "spread": builder.spread}
     targets = builder.finish(h.kd_alpha, builder.finite, record)
