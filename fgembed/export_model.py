@@ -339,14 +339,22 @@ def _save_onnx(model: nn.Module, examples: tuple, target: Path, metadata: str) -
 def _load_export(target: Path, device: torch.device) -> tuple[Callable, dict]:
     files = {METADATA: ""}
     module = torch.export.load(str(target), extra_files=files).module()
-    return (lambda *x: module(*x).float().cpu().numpy()), json.loads(files[METADATA])
+    return _as_numpy(module), json.loads(files[METADATA])
 
 
 def _load_torchscript(target: Path, device: torch.device) -> tuple[Callable, dict]:
     files = {METADATA: ""}
     with _quiet_torchscript():
         module = torch.jit.load(str(target), map_location=device, _extra_files=files)
-    return (lambda *x: module(*x).float().cpu().numpy()), json.loads(files[METADATA])
+    return _as_numpy(module), json.loads(files[METADATA])
+
+
+def _as_numpy(module: Callable) -> Callable:
+    """The loaded module as a function giving numpy probabilities (no autograd graph kept)."""
+    def run(*x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return module(*x).float().cpu().numpy()
+    return run
 
 
 def _load_onnx(target: Path, device: torch.device) -> tuple[Callable, dict]:

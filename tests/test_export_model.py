@@ -217,6 +217,26 @@ def test_transformers_members_one_fed_uint8_one_float(hf_models, manifest_csv, t
     np.testing.assert_allclose(got, _predicted(runs, files, len(store.class_names), "logits"), atol=1e-4)
 
 
+def test_a_multi_level_run_ships_its_finest_level(cub_root, tmp_path):
+    """A taxonomy-aware run's file gives the fine level's probabilities (as `predict` does), and
+    its metadata maps each class to its ancestors."""
+    table = load_dataset("cub", cub_root)
+    extract(table, tmp_path / "cub.zarr", list(MEMBERS[:1]),
+            ExtractOptions(load=LoadOptions(pretrained=False), workers=0, progress=False, device="cpu"))
+    store = FeatureStore.open(tmp_path / "cub.zarr")
+    head = HeadConfig(epochs=3, seeds=(0, 1), levels=("family", "label"))
+    run = fit_run(store, RunConfig(ViewConfig(features=MEMBERS[:1]), head), tmp_path / "runs", device="cpu").path
+    made = export_model([run], tmp_path / "model.pt")
+    files = [Path(table.root) / table.paths[r] for r in Run.load(run).rows("test")]
+    fn, meta = load_exported(made.path)
+    assert meta["runs"][0]["levels"] == ["family", "label"]
+    names = store.samples_attrs["levels"]["family"]
+    assert all(meta["taxonomy"]["family"][c] == names[f] for c, f in zip(store.labels(), store.labels(level="family")))
+    inputs = _library_inputs(meta, files)
+    got = fn(*[inputs[spec["name"]] for spec in meta["inputs"]])
+    np.testing.assert_allclose(got, _predicted([run], files, len(store.class_names), "logits"), atol=1e-4)
+
+
 def test_refusals_are_one_line_and_exit_2(trained, tmp_path, capsys):
     _, _, _, runs = trained
     cases = [
