@@ -150,6 +150,18 @@ def test_rows_computed_together_equal_each_computed_alone():
     assert not np.allclose(together[0].resampled["f1"], together[1].resampled["f1"])
 
 
+def test_integer_and_float_sums_of_the_counts_agree(monkeypatch):
+    """Counts summed per class in uint16 (tables below 2**16 rows) or as floats: the same values."""
+    n, B = 500, 40
+    y, preds = labels(n, 30, accuracy=0.5, seed=17, n_seeds=2)
+    mask = np.arange(n) % 3 != 0
+    uint16 = distribution(y[mask], preds[:, mask], Resamples(n, B, seed=3), rows=mask)
+    monkeypatch.setattr(bootstrap, "UINT16_ROWS", 0)
+    floats = distribution(y[mask], preds[:, mask], Resamples(n, B, seed=3), rows=mask)
+    for metric in bootstrap.METRICS:
+        np.testing.assert_array_equal(uint16.resampled[metric], floats.resampled[metric])
+
+
 def test_mask_positions_and_their_order_give_the_same_distribution():
     n, B = 200, 60
     y, pred = labels(n, 20, accuracy=0.5, seed=8)

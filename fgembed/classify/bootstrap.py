@@ -83,6 +83,7 @@ CHUNK_DRAWS = 2 ** 21       # row draws per generated chunk of resamples (16 MB 
 CACHE_BYTES = 2 ** 28       # counts kept in memory up to this size (256 MiB), else drawn again per pass
 BLOCK_ELEMENTS = 2 ** 23    # float32 per-class sums (or row weights) per block of resamples: 32 MB
 CLASS_GROUP = 128           # classes summed in float32 before the float64 sum across groups
+UINT16_ROWS = 2 ** 16       # tables of fewer rows sum their counts per class in uint16 (no sum can exceed the rows)
 TINY = 1e-30                # added to support + predicted (integers ≥ 0): 0 / TINY = 0, n + TINY = n in float32
 
 
@@ -216,13 +217,14 @@ def distributions(y_true: np.ndarray, y_preds: Sequence[np.ndarray], resamples: 
     ones = truth.stats(np.ones((len(y), 1)))
     points = [{name: float(v[0]) for name, v in c.metrics(np.ones((len(y), 1)), ones, metrics).items()} for c in sets]
     resampled = [{name: np.empty(resamples.n_resamples) for name in metrics} for _ in sets]
-    dtype = np.float32 if resamples.n_rows < 2 ** 24 else np.float64
+    # the counts as they are where every per-class sum fits uint16 (`_apply`), else as floats
+    dtype = None if resamples.n_rows < UINT16_ROWS else np.float32 if resamples.n_rows < 2 ** 24 else np.float64
     block = max(1, BLOCK_ELEMENTS // max(truth.n_classes + max(c.n_sums for c in sets), len(y)))
     start = 0
     for counts in resamples.chunks():
         counts = counts if rows is None else counts[positions]
         for b in range(0, counts.shape[1], block):
-            weights = counts[:, b:b + block].astype(dtype)
+            weights = counts[:, b:b + block] if dtype is None else counts[:, b:b + block].astype(dtype)
             stats = truth.stats(weights)
             stop = start + weights.shape[1]
             for c, out in zip(sets, resampled):
@@ -255,7 +257,17 @@ def paired(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, resamples
 
 def _onehot(at: np.ndarray, where: np.ndarray, n_sums: int, n: int) -> dict[type, scipy.sparse.csr_array]:
     return {dtype: scipy.sparse.csr_array((np.ones(len(at), dtype), (at, where)), shape=(n_sums, n))
-            for dtype in (np.float32, np.float64)}
+            for dtype in (np.uint16, np.float32, np.float64)}
+
+
+def _apply(onehot: dict[type, scipy.sparse.csr_array], weights: np.ndarray) -> np.ndarray:
+    """`onehot @ weights` as floats. Bootstrap counts (unsigned integers; `distributions` passes
+    them so only while a table has fewer than UINT16_ROWS rows: every per-class sum fits) go through
+    exact uint16 sums — a quarter of float32's memory traffic, and no float copy of the counts —
+    then float32; float weights (the point values' ones, larger tables' counts) stay as they are."""
+    if weights.dtype.kind == "u":
+        return (onehot[np.uint16] @ weights).astype(np.float32)
+    return onehot[weights.dtype.type] @ weights
 
 
 class _Truth:
@@ -271,7 +283,7 @@ class _Truth:
 
     def stats(self, weights: np.ndarray) -> tuple[np.ndarray, ...]:
         """(support [classes, k], rows n [k], 1 / support, classes in the truth [k]) per column."""
-        support = self.onehot[weights.dtype.type] @ weights
+        support = _apply(self.onehot, weights)
         with np.errstate(divide="ignore", invalid="ignore"):
             return support, _sum_classes(support), 1 / np.maximum(support, 1), np.count_nonzero(support, axis=0)
 
@@ -297,12 +309,12 @@ class _ClassSums:
         """Each metric, averaged over seeds, for each column of row weights [rows, k] → [k];
         `truth`: `_Truth.stats` of the same weights.
 
-        float32 weights (bootstrap counts, whose sums are integers below 2**24, hence exact) keep
-        a block in cache and halve the memory traffic; ratios are float32 (relative error ~6e-8)
+        Per-class sums of bootstrap counts are integers (uint16 or float32 below 2**24: exact),
+        held as float32, which keeps a block in cache; ratios are float32 (relative error ~6e-8)
         and their sums over classes float32 within a group of classes, float64 across groups —
         within ~1e-7 of float64 throughout, far below the resampling's own Monte-Carlo error.
         """
-        sums = (self.onehot[weights.dtype.type] @ weights).reshape(2 * self.n_seeds, self.n_classes, -1)
+        sums = _apply(self.onehot, weights).reshape(2 * self.n_seeds, self.n_classes, -1)
         support, n, recall_scale, n_true_classes = truth
         total = {name: np.zeros(weights.shape[1]) for name in METRICS}
         with np.errstate(divide="ignore", invalid="ignore"):   # a resample that drew none of the rows: NaN
