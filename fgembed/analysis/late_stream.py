@@ -172,6 +172,8 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
     n_seeds = [min(sources[-1][m].n_seeds for m in subset) for subset in subsets]
     scores = [[LateScores(widths) for _ in range(n)] for n in n_seeds]
     n_rows = [0] * len(subsets)
+    # every piece's float32 scratch allocated once: fresh buffers would start cold and fragment the heap
+    scratch = [({m: torch.empty(piece, w) for m in members}, []) for w in widths]
     with torch_threads(1):  # a piece's kernels are too small to share: OpenMP barriers cost more
         for k in range(max(n_seeds)):
             active = [i for i, n in enumerate(n_seeds) if n > k]
@@ -179,7 +181,8 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
             for rows in _blocks(union, [sources[-1][m] for m in needed], block):
                 read = [{m: _Block.read(level[m], k, rows) for m in needed} for level in sources]
                 ys = [torch.from_numpy(y[rows]) for y in labels]
-                for start, stop, i, fused in _pieces(read, len(rows), subsets, active, mode, weights, k, piece):
+                for start, stop, i, fused in _pieces(read, len(rows), subsets, active, mode, weights, k, piece,
+                                                     scratch):
                     mask = np.logical_and.reduce([read[-1][m].present[start:stop] for m in subsets[i]])
                     if not mask.any():
                         continue
@@ -194,16 +197,21 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
 
 
 def _pieces(read: list[dict[int, _Block]], n_rows: int, subsets: list[tuple[int, ...]], active: list[int],
-            mode: str, weights: list[list[list[np.ndarray]]] | None, seed: int,
-            piece: int) -> Iterator[tuple[int, int, int, list[torch.Tensor]]]:
+            mode: str, weights: list[list[list[np.ndarray]]] | None, seed: int, piece: int,
+            scratch: list[tuple[dict[int, torch.Tensor], list[torch.Tensor]]],
+            ) -> Iterator[tuple[int, int, int, list[torch.Tensor]]]:
     """(start, stop, subset, its fused scores per level) for every active subset on every piece of
-    a block. Equal weights: each level's running sums (`running_combine`), which order every row's
-    classes as the means do (the counts read argmax and top-5 only), valid until the next step."""
+    a block, in scratch[level] (the members' buffers, the running sums'). Equal weights: each
+    level's running sums (`running_combine`), which order each row's classes as the means do (the
+    counts read argmax and top-5 only), valid until the next step."""
     for start in range(0, n_rows, piece):
         stop = min(start + piece, n_rows)
-        prepared = [{m: b.prepared(start, stop, mode) for m, b in level.items()} for level in read]
+        prepared = [{m: b.prepared(start, stop, mode, own[m][:stop - start]) for m, b in level.items()}
+                    for level, (own, _) in zip(read, scratch)]
         if weights is None:
-            for step in zip(*(running_combine(p, [subsets[i] for i in active], mode, ranks_only=True) for p in prepared)):
+            walks = [running_combine(p, [subsets[i] for i in active], mode, True, sums)
+                     for p, (_, sums) in zip(prepared, scratch)]
+            for step in zip(*walks):
                 yield start, stop, active[step[0][0]], [z for _, z in step]
         else:
             for i in active:
@@ -238,13 +246,12 @@ class _Block:
             raw = raw[at[present]]
         return cls(present, raw, np.concatenate([[0], np.cumsum(present)]))
 
-    def prepared(self, start: int, stop: int, mode: str) -> torch.Tensor:
-        """`late.prepare` of rows start:stop of the block, zeros where the member has none."""
-        z = prepare(torch.from_numpy(self.raw[self.before[start]:self.before[stop]]), mode)
-        if len(z) == stop - start:
-            return z
-        out = torch.zeros(stop - start, self.raw.shape[1])
-        out[torch.from_numpy(self.present[start:stop])] = z
+    def prepared(self, start: int, stop: int, mode: str, out: torch.Tensor) -> torch.Tensor:
+        """`late.prepare` of rows start:stop of the block into `out`, zeros where the member has none."""
+        raw = torch.from_numpy(self.raw[self.before[start]:self.before[stop]])
+        if len(raw) == stop - start:
+            return prepare(raw, mode, out)
+        out.zero_()[torch.from_numpy(self.present[start:stop])] = prepare(raw, mode)
         return out
 
 

@@ -28,8 +28,13 @@ def check_mode(mode: str) -> None:
         raise FgembedError(f"late fusion mode must be logits or proba, got {mode!r}")
 
 
-def prepare(scores, mode: str) -> torch.Tensor:
-    """One member's contribution: float32 logits, or softmax probabilities for `proba`."""
+def prepare(scores, mode: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One member's contribution: float32 logits, or softmax probabilities for `proba`; written
+    into `out` (float32, the scores' shape) when given: a streamed scorer reuses its buffers, as
+    fresh ones per block of rows start cold in cache and fragment the heap."""
+    if out is not None:
+        z = scores if isinstance(scores, torch.Tensor) else torch.from_numpy(np.asarray(scores))
+        return torch.softmax(z, -1, dtype=torch.float32, out=out) if mode == "proba" else out.copy_(z)
     z = scores.float() if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores), dtype=torch.float32)
     return torch.softmax(z, dim=-1) if mode == "proba" else z
 
@@ -46,8 +51,8 @@ def combine(prepared: Sequence[torch.Tensor], weights=None, mode: str = "logits"
 
 
 def running_combine(prepared: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
-                    subsets: Sequence[tuple[int, ...]], mode: str = "logits",
-                    ranks_only: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+                    subsets: Sequence[tuple[int, ...]], mode: str = "logits", ranks_only: bool = False,
+                    scratch: list[torch.Tensor] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(index into `subsets`, `combine` of its members with equal weights) for every subset, each
     sum one addition away from an earlier one: the subsets (any order, any selection) are walked
     as a trie of their sorted members, a node's sum its parent's plus one member (the 26 subsets
@@ -56,12 +61,13 @@ def running_combine(prepared: Mapping[int, torch.Tensor] | Sequence[torch.Tensor
     error in the small scores that rank the top 5; each sum here is exactly the fresh float32 sum
     in member order. `ranks_only` yields that sum, which orders each row's classes as `combine`
     does (argmax, top-k) without a pass to scale it. A yielded tensor is a buffer that later
-    steps overwrite, or a member's own scores: read it, do not keep or modify it."""
+    steps overwrite, or a member's own scores: read it, do not keep or modify it. `scratch`, a
+    list kept by the caller, lends the sums' buffers from one call to the next."""
     check_mode(mode)
     order = sorted(range(len(subsets)), key=lambda i: sorted(set(subsets[i])))
     path: list[int] = []           # members of the trie node whose sums `stack` holds, per depth
     stack: list[torch.Tensor] = []
-    buffers: list[torch.Tensor] = []  # one per depth beyond the first, reused
+    buffers = [] if scratch is None else scratch  # one per depth beyond the first
     for i in order:
         members = sorted(set(subsets[i]))
         shared = 0  # the trie node shared with the previous subset: its sums are kept
@@ -72,9 +78,7 @@ def running_combine(prepared: Mapping[int, torch.Tensor] | Sequence[torch.Tensor
             if not stack:
                 total = prepared[m]    # a single member's sum is its own scores: no copy
             else:
-                if len(buffers) < len(stack):
-                    buffers.append(torch.empty_like(prepared[m]))
-                total = torch.add(stack[-1], prepared[m], out=buffers[len(stack) - 1])
+                total = torch.add(stack[-1], prepared[m], out=_buffer(buffers, len(stack) - 1, prepared[m]))
             path.append(m)
             stack.append(total)
         total = stack[-1]
@@ -83,6 +87,15 @@ def running_combine(prepared: Mapping[int, torch.Tensor] | Sequence[torch.Tensor
         else:
             fused = total * (1 / len(members))
             yield i, fused.clamp_min_(1e-30).log_() if mode == "proba" else fused
+
+
+def _buffer(buffers: list[torch.Tensor], depth: int, like: torch.Tensor) -> torch.Tensor:
+    """buffers[depth], grown to hold `like` where it is missing or too small, as `like`'s rows."""
+    if depth == len(buffers):
+        buffers.append(torch.empty_like(like))
+    elif buffers[depth].shape[1:] != like.shape[1:] or len(buffers[depth]) < len(like):
+        buffers[depth] = torch.empty_like(like)
+    return buffers[depth][:len(like)]
 
 
 def late_fusion(scores: Sequence, mode: str = "logits", weights: Sequence[float] | None = None) -> np.ndarray:
