@@ -13,13 +13,13 @@ median, the ratio of medians to `point`, and the peak memory of one more, untime
                  confusion matrix (800 MB and 5–7 s at 10,000 classes) — per seed
   interval       `bootstrap.interval` of one table row (one seed, then three: the seed-averaged metric)
   paired         `bootstrap.paired` of two rows on the same resamples (one seed, then three)
-  table          what a late-fusion table of five members needs: the 26 subsets of two or more, three
-                 seeds each, every subset's interval and its paired difference to its best single
-                 member on the subset's rows (member distributions computed once per row set and
-                 reused). One member lacks 0.5 % of the rows, so the 15 subsets holding it are
-                 scored on fewer rows, as late fusion does: 35 distributions of three seeds in all
-                 (26 subsets; 4 members on all rows, 5 on that member's). The resamples are drawn
-                 once, inside.
+  table          what a late-fusion table of five members needs, through the code `fgembed ensemble`
+                 runs (`table_intervals.row_intervals`): the five singles and the 26 subsets of two
+                 or more, three seeds each, every row's interval and every subset's paired
+                 difference to its best single member on the subset's rows. One member lacks 0.5 %
+                 of the rows, so the 15 subsets holding it are scored on fewer rows, as late fusion
+                 does: 36 distributions of three seeds in all, in two groups of rows computed
+                 together (`bootstrap.distributions`). The resamples are drawn once, inside.
 
 The target the scoring pass must meet: intervals for all 26 subsets add ≤ 0.5 × to a 40-second
 scoring pass, i.e. `table` ≤ 20 s.
@@ -43,8 +43,12 @@ import scipy
 import sklearn
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
+from fgembed.analysis.ensemble import Entry
+from fgembed.analysis.plan import Combination
+from fgembed.analysis.table_intervals import row_intervals
 from fgembed.classify import bootstrap
 from fgembed.classify.bootstrap import Resamples
+from fgembed.classify.intervals import BootstrapConfig, RowPredictions
 
 MEMBERS = 5
 SEEDS = 3
@@ -68,24 +72,20 @@ def sklearn_point(y: np.ndarray, preds: np.ndarray) -> dict[str, float]:
     return dict(zip(bootstrap.METRICS, np.mean(values, axis=0)))
 
 
-def table(y: np.ndarray, members: list[np.ndarray], fused: dict, has_row: np.ndarray, n_resamples: int) -> dict:
-    """Every subset's interval and paired difference to its best member (by point weighted F1)."""
-    resamples = Resamples(len(y), n_resamples, seed=0)
-    member_dists: dict = {}
-    out = {}
+def table(y: np.ndarray, members: list[np.ndarray], fused: dict, has_row: np.ndarray, n_resamples: int) -> list:
+    """What `fgembed ensemble` computes (`table_intervals.row_intervals`): every row's interval and
+    every subset's paired difference to its best member, rows on the same test rows together."""
+    entries, found = [], {}
+    for m, preds in enumerate(members):
+        rows = np.flatnonzero(has_row[m])
+        entries.append(Entry(Combination("single", (f"m{m}",)), {}, []))
+        found[len(entries) - 1] = RowPredictions(rows, preds[:, rows])
     for subset, preds in fused.items():
-        rows = np.all(has_row[list(subset)], axis=0)
-        mask = None if rows.all() else rows
-        dist = bootstrap.distribution(y[rows], preds[:, rows], resamples, rows=mask)
-        candidates = []
-        for m in subset:
-            key = (m, mask is None)   # every subset holding the member that lacks rows shares its row set
-            if key not in member_dists:
-                member_dists[key] = bootstrap.distribution(y[rows], members[m][:, rows], resamples, rows=mask)
-            candidates.append(member_dists[key])
-        best = max(candidates, key=lambda d: d.point["f1"])
-        out[subset] = {**dist.interval(), **dist.paired(best)}
-    return out
+        rows = np.flatnonzero(np.all(has_row[list(subset)], axis=0))
+        entries.append(Entry(Combination("late", tuple(f"m{m}" for m in subset)), {}, []))
+        found[len(entries) - 1] = RowPredictions(rows, preds[:, rows])
+    row_intervals(entries, found, y, BootstrapConfig(n_resamples))
+    return entries
 
 
 def timed(fn) -> float:

@@ -57,6 +57,13 @@ def table_intervals(entries: list[Entry], of_run: dict[int, Run], store: Feature
             found[i] = entry.predictions
         elif id(entry) in of_run:
             found[i] = run_predictions(of_run[id(entry)], fine)
+    row_intervals(entries, found, labels, config)
+
+
+def row_intervals(entries: list[Entry], found: dict[int, RowPredictions], labels: np.ndarray,
+                  config: BootstrapConfig) -> None:
+    """`table_intervals` once the rows' predictions are at hand: `found[i]`, entry i's (rows
+    without one get nothing); `labels` by store row."""
     found = {i: p for i, p in found.items() if len(p.rows)}
     if not found:
         return
