@@ -15,7 +15,8 @@ fits each subset's member weights on a bounded, seeded sample of validation rows
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -178,8 +179,10 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
         for k in range(max(n_seeds)):
             active = [i for i, n in enumerate(n_seeds) if n > k]
             needed = sorted({m for i in active for m in subsets[i]})
-            for rows in _blocks(union, [sources[-1][m] for m in needed], block):
-                read = [{m: _Block.read(level[m], k, rows) for m in needed} for level in sources]
+            def read_block(rows: np.ndarray) -> tuple[np.ndarray, list[dict[int, _Block]]]:
+                return rows, [{m: _Block.read(level[m], k, rows) for m in needed} for level in sources]
+
+            for rows, read in _ahead(read_block, _blocks(union, [sources[-1][m] for m in needed], block)):
                 ys = [torch.from_numpy(y[rows]) for y in labels]
                 for start, stop, i, fused in _pieces(read, len(rows), subsets, active, mode, weights, k, piece,
                                                      scratch):
@@ -190,7 +193,7 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
                     scores[i][k].update([z[select] for z in fused], [y[start:stop][select] for y in ys], taxonomy)
                     if k == 0:
                         n_rows[i] += int(mask.sum())
-                del read  # before the next block is read: two blocks are never held
+                del read  # while the next block is read: two blocks are held, never three
     return [([s.metrics(taxonomy, None if train_counts is None else train_counts[i], bins) for s in per_subset], n,
              np.stack([s.predictions for s in per_subset]))
             for i, (per_subset, n) in enumerate(zip(scores, n_rows))]
@@ -217,6 +220,20 @@ def _pieces(read: list[dict[int, _Block]], n_rows: int, subsets: list[tuple[int,
             for i in active:
                 yield start, stop, i, [combine([p[m] for m in subsets[i]], weights[lv][i][seed], mode)
                                        for lv, p in enumerate(prepared)]
+
+
+def _ahead(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """function(item) for each item, the next one computed in a thread while the caller uses this
+    one's (reading a block's logits overlaps scoring the previous block)."""
+    with ThreadPoolExecutor(1) as pool:
+        current = None
+        for item in items:
+            following = pool.submit(function, item)
+            if current is not None:
+                yield current.result()
+            current = following
+        if current is not None:
+            yield current.result()
 
 
 def _blocks(union: np.ndarray, members: list[LogitSource], block: int) -> list[np.ndarray]:
