@@ -138,8 +138,9 @@ def main() -> None:
         store = cub_store(Path(store_path))
         started = time.perf_counter()
         teachers = [fit_run(store, teacher_config(config(args.epochs), m), runs, device=args.device) for m in MEMBERS]
+        accuracy = teacher_accuracy(store, teachers)
         print(f"teacher: {len(MEMBERS)} single runs of {args.epochs} epochs (what distill trains for them) in "
-              f"{time.perf_counter() - started:.0f} s; late fusion test accuracy {100 * teacher_accuracy(store, teachers):.2f}")
+              f"{time.perf_counter() - started:.0f} s; late fusion test accuracy {100 * accuracy:.2f}")
         results = {case: [in_child(case, store_path, runs, args.epochs, args.device) for _ in range(args.repeat)]
                    for case in ("plain", "distill")}
     seconds = {case: sorted(r["seconds"] for r in rs) for case, rs in results.items()}
