@@ -44,7 +44,7 @@ def export_model(
     made = write_model(run, to, fmt=fmt, late_mode=late_mode, device=device, load=LoadOptions(cache_dir=cache_dir),
                        weights=member_weights(weights))
     meta = made.metadata
-    size = sum(p.stat().st_size for p in made.path.parent.glob(made.path.name + "*")) / 1e6
+    size = sum(p.stat().st_size for p in made.files) / 1e6
     out.print(f"{made.path} ({made.format}, {size:.1f} MB): {plural(len(meta['runs']), 'run')}, "
               f"{plural(len(meta['backbones']), 'backbone')}, {plural(len(meta['class_names']), 'class')}",
               highlight=False, markup=False)

@@ -55,13 +55,15 @@ TOLERANCE = 1e-3  # max |Δ probability| between the file and the module it was 
 
 @dataclass
 class Exported:
-    """What `export_model` wrote: the file, its format, its metadata and how far the file's
-    probabilities were from the module's on the check batch."""
+    """What `export_model` wrote: the file (and `files`: with ONNX's external weights, if any), its
+    format, its metadata and how far the file's probabilities were from the module's on the check
+    batch."""
 
     path: Path
     format: str
     metadata: dict
     max_error: float
+    files: list[Path]
 
 
 class _Backbone(nn.Module):
@@ -145,9 +147,10 @@ def export_model(run_dirs: Sequence[str | Path], out: str | Path, *, fmt: str | 
         target = Path(tmp) / out.name  # the final name: ONNX's external weights file is named after it
         SAVERS[fmt](model, examples(metadata, TRACE_ROWS, where, 0), target, json.dumps(metadata))
         error = _check(model, LOADERS[fmt](target, where)[0], examples(metadata, CHECK_ROWS, where, 1))
-        for made in Path(tmp).iterdir():
-            os.replace(made, out.parent / made.name)
-    return Exported(out, fmt, metadata, error)
+        files = [out.parent / made.name for made in sorted(Path(tmp).iterdir())]
+        for made in files:
+            os.replace(Path(tmp) / made.name, made)
+    return Exported(out, fmt, metadata, error, files)
 
 
 def build_model(run_dirs: Sequence[str | Path], *, late_mode: str = "logits", device: str = "cpu",

@@ -176,7 +176,7 @@ def test_the_file_classifies_as_predict_does(trained, tmp_path, capsys, fmt, whi
         meta = load_exported(path)[1]
     else:
         made = export_model([runs[w] for w in which], path, late_mode=late_mode)
-        assert made.format == fmt and made.max_error <= 1e-3
+        assert made.format == fmt and made.max_error <= 1e-3 and made.files == [path]
         meta = made.metadata
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the file alone: no temporary folder left
     assert meta["class_names"] == list(store.class_names) and meta["late_mode"] == late_mode
