@@ -255,19 +255,18 @@ def paired(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, resamples
     return a.paired(b, confidence)
 
 
-def _onehot(at: np.ndarray, where: np.ndarray, n_sums: int, n: int) -> dict[type, scipy.sparse.csr_array]:
-    return {dtype: scipy.sparse.csr_array((np.ones(len(at), dtype), (at, where)), shape=(n_sums, n))
-            for dtype in (np.uint16, np.float32, np.float64)}
+def _onehot(at: np.ndarray, where: np.ndarray, n_sums: int, n: int) -> scipy.sparse.csr_array:
+    return scipy.sparse.csr_array((np.ones(len(at), np.uint16), (at, where)), shape=(n_sums, n))
 
 
-def _apply(onehot: dict[type, scipy.sparse.csr_array], weights: np.ndarray) -> np.ndarray:
+def _apply(onehot: scipy.sparse.csr_array, weights: np.ndarray) -> np.ndarray:
     """`onehot @ weights` as floats. Bootstrap counts (unsigned integers; `distributions` passes
     them so only while a table has fewer than UINT16_ROWS rows: every per-class sum fits) go through
     exact uint16 sums — a quarter of float32's memory traffic, and no float copy of the counts —
-    then float32; float weights (the point values' ones, larger tables' counts) stay as they are."""
+    then float32; float weights (the point values' ones, larger tables' counts) in their dtype."""
     if weights.dtype.kind == "u":
-        return (onehot[np.uint16] @ weights).astype(np.float32)
-    return onehot[weights.dtype.type] @ weights
+        return (onehot @ weights).astype(np.float32)
+    return onehot.astype(weights.dtype) @ weights
 
 
 class _Truth:
