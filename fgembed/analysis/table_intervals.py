@@ -82,7 +82,8 @@ def row_intervals(entries: list[Entry], found: dict[int, RowPredictions], labels
     pairs: dict[int, tuple[bytes, list[int]]] = {}
     for i, p in found.items():
         members = [singles.get(m) for m in entries[i].combination.members]
-        if len(members) > 1 and None not in members:
+        fused = len(members) > 1 or entries[i].combination.strategy == "distilled"  # a student: vs its plain head
+        if fused and None not in members:
             common = functools.reduce(lambda x, y: np.intersect1d(x, y, assume_unique=True),
                                       [p.rows, *(found[j].rows for j in members)])  # sorted, distinct rows
             if len(common):
