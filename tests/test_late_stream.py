@@ -59,6 +59,19 @@ def test_ranks_only_sums_order_classes_as_combine_does(mode):
         assert torch.equal(total.argmax(1), direct.argmax(1))
 
 
+@pytest.mark.parametrize("mode", ["logits", "proba"])
+def test_combine_and_prepare_into_buffers_equal_their_fresh_results(mode):
+    rng = np.random.default_rng(8)
+    raw = [z.half() for z in _members(rng, 50, 20, 3)]
+    members = [prepare(z, mode, torch.empty(50, 20)) for z in raw]
+    for got, z in zip(members, raw):
+        torch.testing.assert_close(got, prepare(z, mode), rtol=1e-6, atol=1e-7)
+    weights = rng.dirichlet(np.ones(3))
+    out = torch.empty(50, 20)
+    assert combine(members, weights, mode, out=out) is out
+    torch.testing.assert_close(out, combine(members, weights, mode), rtol=1e-5, atol=1e-6)
+
+
 def test_top_k_hits_equal_scikit_learn_and_count_a_tie_at_the_kth_place():
     rng = np.random.default_rng(3)
     scores = rng.normal(size=(500, 30)).astype(np.float32)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..classify.hierarchy_metrics import Taxonomy, consistent_rows, lca_depth
-from ..classify.late import combine, fit_late_weights, prepare, running_combine
+from ..classify.late import combine, fit_late_weights, prepare, reuse_buffer, running_combine
 from ..classify.longtail import SHOT_BINS, frequency_bins
 from ..classify.metrics import MetricCounts
 from ..cpu import torch_threads
@@ -179,9 +179,7 @@ def stream_late_levels(sources: list[list[LogitSource]], subsets: list[tuple[int
         for k in range(max(n_seeds)):
             active = [i for i, n in enumerate(n_seeds) if n > k]
             needed = sorted({m for i in active for m in subsets[i]})
-            def read_block(rows: np.ndarray) -> tuple[np.ndarray, list[dict[int, _Block]]]:
-                return rows, [{m: _Block.read(level[m], k, rows) for m in needed} for level in sources]
-
+            read_block = functools.partial(_read_block, sources, needed, k)
             for rows, read in _ahead(read_block, _blocks(union, [sources[-1][m] for m in needed], block)):
                 ys = [torch.from_numpy(y[rows]) for y in labels]
                 for start, stop, i, fused in _pieces(read, len(rows), subsets, active, mode, weights, k, piece,
@@ -218,8 +216,15 @@ def _pieces(read: list[dict[int, _Block]], n_rows: int, subsets: list[tuple[int,
                 yield start, stop, active[step[0][0]], [z for _, z in step]
         else:
             for i in active:
-                yield start, stop, i, [combine([p[m] for m in subsets[i]], weights[lv][i][seed], mode)
-                                       for lv, p in enumerate(prepared)]
+                yield start, stop, i, [combine([p[m] for m in subsets[i]], weights[lv][i][seed], mode,
+                                               out=reuse_buffer(sums, 0, p[subsets[i][0]]))
+                                       for lv, (p, (_, sums)) in enumerate(zip(prepared, scratch))]
+
+
+def _read_block(sources: list[list[LogitSource]], members: list[int], seed: int,
+                rows: np.ndarray) -> tuple[np.ndarray, list[dict[int, _Block]]]:
+    """The block's rows and each level's members read at them."""
+    return rows, [{m: _Block.read(level[m], seed, rows) for m in members} for level in sources]
 
 
 def _ahead(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:

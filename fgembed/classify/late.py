@@ -39,10 +39,17 @@ def prepare(scores, mode: str, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.softmax(z, dim=-1) if mode == "proba" else z
 
 
-def combine(prepared: Sequence[torch.Tensor], weights=None, mode: str = "logits") -> torch.Tensor:
+def combine(prepared: Sequence[torch.Tensor], weights=None, mode: str = "logits",
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """The weighted sum of prepared members (equal weights when None; a weight tensor keeps its
-    gradient, as `fit_late_weights` needs); for `proba`, its log."""
+    gradient, as `fit_late_weights` needs); for `proba`, its log. With `out` (a buffer that is
+    none of the members; weights as numbers) it is summed there in place."""
     w = [1 / len(prepared)] * len(prepared) if weights is None else list(weights)
+    if out is not None:
+        torch.mul(prepared[0], float(w[0]), out=out)
+        for wi, part in zip(w[1:], prepared[1:], strict=True):
+            out.add_(part, alpha=float(wi))
+        return out.clamp_min_(1e-30).log_() if mode == "proba" else out
     fused = None
     for wi, part in zip(w, prepared, strict=True):
         term = part * wi
@@ -78,7 +85,7 @@ def running_combine(prepared: Mapping[int, torch.Tensor] | Sequence[torch.Tensor
             if not stack:
                 total = prepared[m]    # a single member's sum is its own scores: no copy
             else:
-                total = torch.add(stack[-1], prepared[m], out=_buffer(buffers, len(stack) - 1, prepared[m]))
+                total = torch.add(stack[-1], prepared[m], out=reuse_buffer(buffers, len(stack) - 1, prepared[m]))
             path.append(m)
             stack.append(total)
         total = stack[-1]
@@ -89,8 +96,9 @@ def running_combine(prepared: Mapping[int, torch.Tensor] | Sequence[torch.Tensor
             yield i, fused.clamp_min_(1e-30).log_() if mode == "proba" else fused
 
 
-def _buffer(buffers: list[torch.Tensor], depth: int, like: torch.Tensor) -> torch.Tensor:
-    """buffers[depth], grown to hold `like` where it is missing or too small, as `like`'s rows."""
+def reuse_buffer(buffers: list[torch.Tensor], depth: int, like: torch.Tensor) -> torch.Tensor:
+    """buffers[depth] as a buffer of `like`'s shape (its first rows), made or grown where it is
+    missing or too small: streamed callers keep their scratch from one block of rows to the next."""
     if depth == len(buffers):
         buffers.append(torch.empty_like(like))
     elif buffers[depth].shape[1:] != like.shape[1:] or len(buffers[depth]) < len(like):
