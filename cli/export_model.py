@@ -34,7 +34,8 @@ def export_model(
     metadata; a library that resizes in float gives its float output) and returns class
     probabilities `[N, C]`; the class names are in its metadata. It
     runs with torch alone (onnx: onnxruntime). Each file is checked against fgembed's own
-    forward before it is written. kNN heads and gated runs cannot be exported.
+    forward before it is written. A gated run ships with its member runs and gates; a kNN head
+    cannot be exported.
     """
     from fgembed.backbones import LoadOptions
     from fgembed.export_model import export_model as write_model

@@ -7,6 +7,7 @@ rebuilt as its run recorded it (`predict.load_groups`; any strict fingerprint ch
 the run's fitted fusion (`Fusion.torch_module`) rounded to the float16 rows its heads were
 trained on, every seed's head, the seeds and then the runs fused late (`predict.fused_scores`:
 `classify.late`'s rule) with the classes a run cannot know masked (`predict.masked`), a softmax.
+A gated run ships its member runs and its gates, which weigh them per image (`classify.gate`).
 
 Input: one uint8 RGB tensor [N, 3, H, W] per distinct preprocessing of the members (one for
 most ensembles), already resized and cropped by the backbone library's own eval transform (a
@@ -14,21 +15,16 @@ library that resizes in float, DINOv3's image processor, takes its transform's f
 extraction feeds it); output: class probabilities [N, C]. The file carries a JSON document
 (`METADATA`): the class names, what each input is and how to make it, the runs and backbones.
 
-Formats (`FORMATS`): `export` (torch.export, a .pt2 file: the default, because TorchScript is
-deprecated since torch 2.5 and `torch.jit.trace` warns that it is going away), `torchscript`
-(`torch.jit.trace`: for LibTorch and runtimes that only load TorchScript) and `onnx` (torch.onnx's
-exporter, run with onnxruntime: `pip install 'fgembed[onnx]'`). Each file is loaded back the way
-a user loads it and checked against the module it was traced from, on a batch of another size,
-before it is moved into place.
+Formats: `export_formats` (torch.export's .pt2 by default, TorchScript, ONNX). Each file is
+loaded back the way a user loads it and checked against the module it was traced from, on a
+batch of another size, before it is moved into place.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,17 +34,17 @@ from torch import nn
 
 from ._version import __version__
 from .backbones import LoadOptions, Preprocessing, load_backbone, load_preprocessing, split_name
-from .classify.gated import is_gated
-from .classify.late import check_mode
+from .classify._logits import MASKED
+from .classify.gate import gated_combine
+from .classify.gated import is_gated, load_gates, member_runs
+from .classify.late import check_mode, prepare
 from .classify.registry import head_class
 from .classify.rundir import Run
 from .devices import DeviceModel, Precision, resolve_device, resolve_precision
 from .errors import FgembedError
+from .export_formats import LOADERS, SAVERS, format_of, onnx_modules
 from .predict import check_compatible, check_rebuilt, fused_scores, load_groups, masked, members_of, target_names
 
-FORMATS = ("export", "torchscript", "onnx")
-SUFFIXES = {".pt2": "export", ".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
-METADATA = "fgembed.json"  # the file's extra file (torch formats) or metadata_props key (ONNX)
 TRACE_ROWS, CHECK_ROWS = 2, 3  # the example batch traced, and the other batch size the file is checked on
 TOLERANCE = 1e-3  # max |Δ probability| between the file and the module it was traced from
 
@@ -83,24 +79,65 @@ class _Backbone(nn.Module):
         return [e.to(dtype).float() for e, dtype in zip(self.device_model(images), self.dtypes, strict=True)]
 
 
+class _Seeds(nn.Module):
+    """A run's scores of each seed from its members' embeddings (by name): its fusion, rounded to
+    the float16 design rows its heads were trained on, then each seed's head (the finest level of
+    a multi-level one)."""
+
+    def __init__(self, run: Run, device: torch.device) -> None:
+        super().__init__()
+        self.features, self.levels = list(run.config.view.features), bool(run.config.head.levels)
+        self.fusion = run.load_fusion().torch_module().to(device)
+        heads = run.load_heads(str(device))
+        self.heads = nn.ModuleList(heads if self.levels else [h.module_ for h in heads])
+
+    def forward(self, embeddings: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        x = self.fusion([embeddings[name] for name in self.features]).half().float()
+        return [(head(x)[-1] if self.levels else head(x)).float() for head in self.heads]
+
+
+class _GatedSeeds(nn.Module):
+    """A gated run's scores of each seed: gate k's per-image weighting of its member runs' seed-k
+    scores (`classify.gated`), the members' unknown classes masked as their stored logits are. The
+    gate reads the run's own view (its backbones, L2-normalised, side by side)."""
+
+    def __init__(self, run: Run, device: torch.device) -> None:
+        super().__init__()
+        members = member_runs(run)
+        self.members = nn.ModuleList(_Seeds(member, device) for member in members)
+        self.gates = nn.ModuleList(load_gates(run, str(device)))
+        self.view, self.view_features = run.load_fusion().torch_module().to(device), list(run.config.view.features)
+        self.mode = run.meta["gated"]["mode"]
+        for i, member in enumerate(members):
+            self.register_buffer(f"excluded{i}", _excluded(member, device))
+
+    def forward(self, embeddings: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        x = self.view([embeddings[name] for name in self.view_features])
+        prepared = []
+        for i, member in enumerate(self.members):
+            excluded = getattr(self, f"excluded{i}")
+            per_seed = [s if excluded is None else s.index_fill(1, excluded, MASKED) for s in member(embeddings)]
+            prepared.append([prepare(s, self.mode) for s in per_seed])
+        return [gated_combine([p[k] for p in prepared], gate(x), self.mode) for k, gate in enumerate(self.gates)]
+
+
+def _excluded(run: Run, device: torch.device) -> torch.Tensor | None:
+    """The run's unknown classes as a tensor; none, None (torch.export cannot package an empty buffer)."""
+    excluded = run.excluded_classes()
+    return torch.as_tensor(excluded, dtype=torch.long, device=device) if len(excluded) else None
+
+
 class _RunScores(nn.Module):
-    """One run, from its members' embeddings: its fusion, rounded to the float16 design rows its
-    heads were trained on, each seed's head, the seeds fused late, unknown classes masked."""
+    """One run's scores: its seeds fused late, the classes it cannot know masked (`predict`'s rule)."""
 
     def __init__(self, run: Run, late_mode: str, device: torch.device) -> None:
         super().__init__()
-        self.fusion = run.load_fusion().torch_module().to(device)
-        self.levels, self.late_mode = bool(run.config.head.levels), late_mode
-        heads = run.load_heads(str(device))
-        self.heads = nn.ModuleList(heads if self.levels else [h.module_ for h in heads])
-        excluded = run.excluded_classes()  # none: no buffer (torch.export cannot package an empty one)
-        self.register_buffer("excluded", torch.as_tensor(excluded, dtype=torch.long, device=device)
-                             if len(excluded) else None)
+        self.seeds = _GatedSeeds(run, device) if is_gated(run) else _Seeds(run, device)
+        self.late_mode = late_mode
+        self.register_buffer("excluded", _excluded(run, device))
 
-    def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        x = self.fusion(parts).half().float()
-        per_seed = [(head(x)[-1] if self.levels else head(x)).float() for head in self.heads]  # finest level
-        scores = fused_scores(per_seed, self.late_mode)
+    def forward(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        scores = fused_scores(self.seeds(embeddings), self.late_mode)
         return scores if self.excluded is None else masked(scores, self.excluded, self.late_mode)
 
 
@@ -108,27 +145,15 @@ class ShippedModel(nn.Module):
     """Images (one tensor per input of the metadata) → class probabilities [N, C]."""
 
     def __init__(self, backbones: Sequence[_Backbone], slots: Sequence[int], order: Sequence[str],
-                 runs: Sequence[_RunScores], run_members: Sequence[Sequence[str]], late_mode: str) -> None:
+                 runs: Sequence[_RunScores], late_mode: str) -> None:
         super().__init__()
         self.backbones, self.runs = nn.ModuleList(backbones), nn.ModuleList(runs)
-        self.slots, self.late_mode = list(slots), late_mode
-        self.picks = [[list(order).index(name) for name in members] for members in run_members]
+        self.slots, self.order, self.late_mode = list(slots), list(order), late_mode
 
     def forward(self, *images: torch.Tensor) -> torch.Tensor:
         embeddings = [e for backbone, slot in zip(self.backbones, self.slots) for e in backbone(images[slot])]
-        scores = [run([embeddings[i] for i in pick]) for run, pick in zip(self.runs, self.picks)]
-        return torch.softmax(fused_scores(scores, self.late_mode), dim=1)
-
-
-def format_of(out: str | Path, fmt: str | None = None) -> str:
-    """The format asked for, else the one `out`'s suffix names (.pt2, .onnx, .pt/.ts); an export
-    file must end in .pt2."""
-    fmt = fmt or SUFFIXES.get(Path(out).suffix.lower(), "export")
-    if fmt not in FORMATS:
-        raise FgembedError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "export" and Path(out).suffix.lower() != ".pt2":
-        raise FgembedError(f"--out {out}: torch.export files end in .pt2 (torch.export.load wants the suffix)")
-    return fmt
+        by_name = dict(zip(self.order, embeddings, strict=True))
+        return torch.softmax(fused_scores([run(by_name) for run in self.runs], self.late_mode), dim=1)
 
 
 def export_model(run_dirs: Sequence[str | Path], out: str | Path, *, fmt: str | None = None,
@@ -138,7 +163,7 @@ def export_model(run_dirs: Sequence[str | Path], out: str | Path, *, fmt: str | 
     module docstring. `device` is where it is traced (a CPU file runs anywhere)."""
     out, fmt = Path(out), format_of(out, fmt)
     if fmt == "onnx":
-        _onnx_modules()
+        onnx_modules()
     model, metadata = build_model(run_dirs, late_mode=late_mode, device=device, load=load, weights=weights)
     metadata["format"] = fmt
     where = resolve_device(device)
@@ -167,15 +192,17 @@ def build_model(run_dirs: Sequence[str | Path], *, late_mode: str = "logits", de
     where = resolve_device(device)
     backbones, slots, order, inputs = _backbones(runs, load, weights or {}, where)
     model = ShippedModel(backbones, slots, order, [_RunScores(run, late_mode, where) for run in runs],
-                         [run.config.view.features for run in runs], late_mode).eval()
+                         late_mode).eval()
     return model, _metadata(runs, inputs, order, late_mode, where)
 
 
 def _check_exportable(run: Run) -> None:
-    """One line for what cannot ship: a gated run, a head that is no network, a fusion with no torch form."""
+    """One line for what cannot ship: a head that is no network, a fusion with no torch form (a
+    gated run: in any of its member runs)."""
     if is_gated(run):
-        raise FgembedError(f"{run.path} is a gated run: its gates are not exported yet; export its member runs "
-                           "(--run each), fused late")
+        for member in member_runs(run):
+            _check_exportable(member)
+        return
     head = run.config.head.head
     if not run.config.head.levels and not head_class(head).exportable:
         raise FgembedError(f"run {run.path.name}: the {head} head cannot be exported (it searches its stored "
@@ -269,6 +296,7 @@ def _metadata(runs: Sequence[Run], inputs: list[dict], order: list[str], late_mo
         "runs": [{"run": run.path.name, "features": list(run.config.view.features), "fusion": run.config.view.fusion,
                   "head": run.config.head.head, "levels": list(run.config.head.levels),
                   "seeds": list(run.config.head.seeds),
+                  **({"gated": [m["run"] for m in run.meta["gated"]["members"]]} if is_gated(run) else {}),
                   "test": {k: run.metrics[k] for k in ("accuracy", "f1") if k in run.metrics}} for run in runs],
         "backbones": [{"name": name, "weights": recorded[name]["fingerprint"].get("weights"),
                        "precision": recorded[name]["fingerprint"].get("precision"),
@@ -297,91 +325,6 @@ def _check(model: nn.Module, loaded: Callable, examples: tuple[torch.Tensor, ...
         raise FgembedError(f"the exported file's probabilities differ from fgembed's by {error:.3g} on a batch of "
                            f"{len(examples[0])} (traced on {TRACE_ROWS}): nothing was written")
     return error
-
-
-def _dynamic(examples: tuple[torch.Tensor, ...]) -> tuple:
-    batch = torch.export.Dim("batch", min=1)
-    return tuple({0: batch} for _ in examples)
-
-
-def _save_export(model: nn.Module, examples: tuple, target: Path, metadata: str) -> None:
-    program = torch.export.export(model, examples, dynamic_shapes=(_dynamic(examples),))
-    torch.export.save(program, target, extra_files={METADATA: metadata})
-
-
-def _save_torchscript(model: nn.Module, examples: tuple, target: Path, metadata: str) -> None:
-    with _quiet_torchscript():
-        traced = torch.jit.trace(model, examples, check_trace=False)
-        torch.jit.save(traced, str(target), _extra_files={METADATA: metadata})
-
-
-@contextlib.contextmanager
-def _quiet_torchscript() -> Iterator[None]:
-    """TorchScript's deprecation (the format was asked for by name: see FORMATS) and the tracer's
-    warnings about Python values it keeps constant (image sizes, fixed per file): `_check` runs the
-    file on another batch size, which is what those warnings are about."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        yield
-
-
-def _save_onnx(model: nn.Module, examples: tuple, target: Path, metadata: str) -> None:
-    onnx, _ = _onnx_modules()
-    names = [f"images{i}" for i in range(len(examples))] if len(examples) > 1 else ["images"]
-    with warnings.catch_warnings():  # that every input's batch axis is one and the same, "batch"
-        warnings.filterwarnings("ignore", message="# The axis name")
-        program = torch.onnx.export(model, examples, dynamo=True, dynamic_shapes=(_dynamic(examples),),
-                                    input_names=names, output_names=["probabilities"], verbose=False)
-    program.save(str(target))
-    proto = onnx.load(str(target), load_external_data=False)  # weights over 2 GB stay in FILE.data
-    onnx.helper.set_model_props(proto, {METADATA: metadata})
-    onnx.save(proto, str(target))
-
-
-def _load_export(target: Path, device: torch.device) -> tuple[Callable, dict]:
-    files = {METADATA: ""}
-    module = torch.export.load(str(target), extra_files=files).module()
-    return _as_numpy(module), json.loads(files[METADATA])
-
-
-def _load_torchscript(target: Path, device: torch.device) -> tuple[Callable, dict]:
-    files = {METADATA: ""}
-    with _quiet_torchscript():
-        module = torch.jit.load(str(target), map_location=device, _extra_files=files)
-    return _as_numpy(module), json.loads(files[METADATA])
-
-
-def _as_numpy(module: Callable) -> Callable:
-    """The loaded module as a function giving numpy probabilities (no autograd graph kept)."""
-    def run(*x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            return module(*x).float().cpu().numpy()
-    return run
-
-
-def _load_onnx(target: Path, device: torch.device) -> tuple[Callable, dict]:
-    _, ort = _onnx_modules()
-    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    run = lambda *x: session.run(None, {n: t.cpu().numpy() for n, t in zip(names, x)})[0]  # noqa: E731
-    return run, json.loads(session.get_modelmeta().custom_metadata_map[METADATA])
-
-
-def _onnx_modules():
-    """(onnx, onnxruntime), or one line saying how to install them (onnxscript: torch.onnx's exporter)."""
-    try:
-        import onnx
-        import onnxruntime
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise FgembedError(f"--format onnx needs onnx, onnxscript and onnxruntime ({exc.name} is missing): "
-                           "pip install 'fgembed[onnx]'") from None
-    return onnx, onnxruntime
-
-
-SAVERS = {"export": _save_export, "torchscript": _save_torchscript, "onnx": _save_onnx}
-LOADERS = {"export": _load_export, "torchscript": _load_torchscript, "onnx": _load_onnx}
 
 
 def load_exported(path: str | Path, fmt: str | None = None, device: str = "cpu") -> tuple[Callable, dict]:

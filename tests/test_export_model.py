@@ -25,6 +25,8 @@ from fgembed.backbones import LoadOptions
 from fgembed.classify.config import HeadConfig, RunConfig
 from fgembed.classify.fitting import fit_run
 from fgembed.classify.fusion import FUSIONS, Concat, register_fusion
+from fgembed.classify.gate import GateConfig
+from fgembed.classify.gated import fit_gated
 from fgembed.classify.rundir import Run
 from fgembed.classify.views import ViewConfig
 from fgembed.datasets import load_dataset
@@ -94,7 +96,7 @@ def _no_torch_form() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, manifest_csv):
     """A store of the manifest images; runs of each member (two seeds on the ViT), a PCA sum of
-    both, a kNN head and a fusion without a torch form."""
+    both, their gated fusion, a kNN head and a fusion without a torch form."""
     tmp = tmp_path_factory.mktemp("export")
     table = load_dataset("manifest", manifest_csv)
     extract(table, tmp / "s.zarr", list(MEMBERS),
@@ -106,6 +108,8 @@ def trained(tmp_path_factory, manifest_csv):
         return fit_run(store, config, tmp / "runs", device="cpu").path
 
     runs = {"vit": fit(MEMBERS[:1], (0, 1)), "resnet": fit(MEMBERS[1:]), "sum": fit(MEMBERS, fusion="sum")}
+    runs["gated"] = fit_gated(store, [Run.load(runs["vit"]), Run.load(runs["resnet"])], tmp / "runs",
+                              config=GateConfig(epochs=5), device="cpu").path
     runs["knn"] = fit_run(store, RunConfig(view=ViewConfig(features=MEMBERS[:1]), head=HeadConfig(head="knn")),
                           tmp / "runs", device="cpu").path
     with _no_torch_form():
@@ -160,7 +164,7 @@ def _predicted(runs: list[Path], files: list[Path], n_classes: int, late_mode: s
 @pytest.mark.parametrize("fmt, which, late_mode", [
     ("export", ["vit"], "logits"),               # one run, its two seeds fused
     ("torchscript", ["vit", "sum"], "logits"),   # two runs late-fused, the PCA sum reading both inputs; by the CLI
-    ("onnx", ["vit", "resnet"], "proba"),        # onnxruntime alone, without torch
+    ("onnx", ["gated", "resnet"], "proba"),      # a gated run (of vit and resnet) and another; onnxruntime alone
 ])
 def test_the_file_classifies_as_predict_does(trained, tmp_path, capsys, fmt, which, late_mode):
     _, files, store, runs = trained
