@@ -2,9 +2,9 @@
 imported, and classifies the store's test images as `fgembed predict` does.
 
 Each exported file is run in a subprocess that blocks those packages (and torchvision; for ONNX,
-torch too) before anything loads, fed uint8 images made by timm's own eval transform rebuilt
-from nothing but the file's metadata, and its probabilities are compared with `fgembed predict`
-on the same image files.
+torch too) before anything loads, fed what the libraries' own transforms make of the images
+(timm's rebuilt from nothing but the file's metadata; the transformers image processors), and
+its probabilities are compared with `fgembed predict` on the same image files.
 """
 from __future__ import annotations
 
