@@ -13,8 +13,7 @@ two or more members are scored by:
        2**25 float32 over the members, each subset summed afresh by `late.combine`, torch's
        argmax and topk as `MetricCounts` had them, torch's default threads
 
-Each run is a fresh child process (peak RSS from getrusage, and its growth over the child's
-start); a warm-up pair on a small shape first, then `--repeats` pairs, old and new alternately
+Each run is a fresh child process (peak RSS: VmHWM, and its growth over the child's start); a warm-up pair on a small shape first, then `--repeats` pairs, old and new alternately
 (load hits both alike). Printed: min / median seconds, old / new, peak, and how far the two
 agree (max |Δ| over the 26 subsets of accuracy, weighted F1 and top-5).
 Usage: python benchmarks/late.py [--quick] [--repeats N] [--mode logits|proba] [--keep DIR]
@@ -119,8 +118,21 @@ def previous_stream_late(sources: list[LogitSource], subsets: list[tuple[int, ..
 
 
 # ---- one run in a child process --------------------------------------------------------------
+def peak_mb() -> float:
+    """This process's peak RSS: VmHWM (reset by exec; getrusage's ru_maxrss keeps the forking
+    parent's), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(which: str, folder: Path, mode: str) -> dict:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if which == "build":
+        build(folder, *json.loads((folder / "shape.json").read_text()))
+        return {}
+    base = peak_mb()
     labels = np.load(folder / "labels.npy")
     sources = []
     for m in range(MEMBERS):
@@ -132,7 +144,7 @@ def child(which: str, folder: Path, mode: str) -> dict:
     else:
         metrics = previous_stream_late(sources, SUBSETS, labels, mode)
     return {"seconds": time.perf_counter() - started, "base_mb": base,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_mb": peak_mb(),
             "metrics": [{k: m[k] for k in ("accuracy", "f1", "top5")} for m in metrics]}
 
 
@@ -159,9 +171,10 @@ def main() -> None:
     rows, classes = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         warm, work = Path(tmp) / "warm", Path(tmp) / "work"
-        for folder, shape in ((warm, WARM), (work, (rows, classes))):
+        for folder, shape in ((warm, WARM), (work, (rows, classes))):  # built in a child: this process stays small
             folder.mkdir()
-            build(folder, *shape)
+            (folder / "shape.json").write_text(json.dumps(shape))
+            in_child("build", folder, args.mode)
         print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
               f"numpy {np.__version__}, zarr {zarr.__version__}; {MEMBERS} members' float16 test logits, "
               f"{rows:,} rows × {classes:,} classes, {len(SUBSETS)} subsets, mode {args.mode}", flush=True)
