@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import MEMBERS, Shape, build_store  # noqa: E402  (the store generator the scale benchmark uses)
 
+from fgembed.classify.gate import GateConfig  # noqa: E402
 from fgembed.devices import resolve_device  # noqa: E402
 
 PAPER_NAMES = dict(zip(MEMBERS, ("DINOv3", "DINOv2", "ConvNeXt V2", "OpenCLIP", "SigLIP")))
@@ -109,17 +110,19 @@ def main() -> None:
             "ensemble", *common, "--members", ",".join(MEMBERS), "--strategies", "gated",
             "--combinations", "gated:full", "--name", "gated", "--quiet")
         steps["distilled DINOv3 student"], distilled = fgembed(
-            "distill", *common, "--teacher", ",".join(MEMBERS), "--student", DINOV3)
+            "distill", *common, "--teacher", ",".join(MEMBERS), "--student", DINOV3, "--json", "--quiet")
+        student = json.loads(distilled)["student"]["runs"][0]
         _, table = fgembed("ensemble", *common, "--members", ",".join(MEMBERS), "--strategies",
                            "late,concat,sum,gated", "--combinations", f"{combos},gated:full",
-                           "--name", "study")
-        print(table + distilled)
+                           "--run", student, "--name", "study", "--quiet")
+        print(table)
         heads = {}
         for metrics in sorted(Path(runs).glob("*/metrics.json")):
             record = json.loads(metrics.read_text())
             if "train_seconds" in record:
                 heads[metrics.parent.name] = record["train_seconds"]
-        print(f"training time per run ({epochs} epoch{'s' * (epochs > 1)}, seeds {seeds}): "
+        print(f"training time per run ({epochs} epoch{'s' * (epochs > 1)}, seeds {seeds}; a gate trains for its "
+              f"own GateConfig.epochs = {GateConfig.epochs}): "
               + ", ".join(f"{name} {s:.1f} s" for name, s in heads.items()))
         for step, seconds in steps.items():
             print(f"  {step:45s} {seconds:8.1f} s")
