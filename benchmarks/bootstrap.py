@@ -24,7 +24,7 @@ median, the ratio of medians to `point`, and the peak memory of one more, untime
 The target the scoring pass must meet: intervals for all 26 subsets add ≤ 0.5 × to a 40-second
 scoring pass, i.e. `table` ≤ 20 s.
 
-Usage: python benchmarks/bootstrap.py [--quick] [--repeats N] [--rows N] [--classes C] [--resamples B]
+Usage: python benchmarks/bootstrap.py [--quick] [--repeats N] [--rows N] [--classes C] [--resamples B] [--seeds S]
 """
 from __future__ import annotations
 
@@ -51,13 +51,14 @@ from fgembed.classify.bootstrap import Resamples
 from fgembed.classify.intervals import BootstrapConfig, RowPredictions
 
 MEMBERS = 5
-SEEDS = 3
+SEEDS = 3   # per row (--seeds)
 
 
-def predictions(rng: np.random.Generator, y: np.ndarray, accuracy: float, n_classes: int) -> np.ndarray:
+def predictions(rng: np.random.Generator, y: np.ndarray, accuracy: float, n_classes: int,
+                seeds: int = SEEDS) -> np.ndarray:
     """[seeds, rows]: right with probability `accuracy` (a little different per seed), else a random class."""
-    right = rng.random((SEEDS, len(y))) < accuracy + rng.normal(0, 0.005, (SEEDS, 1))
-    return np.where(right, y, rng.integers(0, n_classes, (SEEDS, len(y))))
+    right = rng.random((seeds, len(y))) < accuracy + rng.normal(0, 0.005, (seeds, 1))
+    return np.where(right, y, rng.integers(0, n_classes, (seeds, len(y))))
 
 
 def sklearn_point(y: np.ndarray, preds: np.ndarray) -> dict[str, float]:
@@ -109,29 +110,30 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=40_000)
     parser.add_argument("--classes", type=int, default=10_000)
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds per row (scale.py's singles have one)")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.classes, args.resamples, args.repeats = 4000, 1000, 200, 2
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, args.classes, args.rows)
-    members = [predictions(rng, y, acc, args.classes) for acc in (0.62, 0.66, 0.70, 0.72, 0.75)]
+    members = [predictions(rng, y, acc, args.classes, args.seeds) for acc in (0.62, 0.66, 0.70, 0.72, 0.75)]
     has_row = np.ones((MEMBERS, args.rows), bool)
     has_row[0, rng.choice(args.rows, args.rows // 200, replace=False)] = False
     subsets = [s for k in range(2, MEMBERS + 1) for s in itertools.combinations(range(MEMBERS), k)]
-    fused = {s: predictions(rng, y, 0.72 + 0.02 * len(s), args.classes) for s in subsets}
+    fused = {s: predictions(rng, y, 0.72 + 0.02 * len(s), args.classes, args.seeds) for s in subsets}
     a, b = fused[subsets[-1]], members[-1]
     plan = Resamples(args.rows, args.resamples, seed=0)
 
     cases = {
         "draw": lambda: list(Resamples(args.rows, args.resamples, seed=0).chunks()),
         "point, 1 seed": lambda: sklearn_point(y, a[:1]),
-        "point, 3 seeds": lambda: sklearn_point(y, a),
+        f"point, {args.seeds} seeds": lambda: sklearn_point(y, a),
         "interval, 1 seed": lambda: bootstrap.interval(y, a[0], plan),
-        "interval, 3 seeds": lambda: bootstrap.interval(y, a, plan),
+        f"interval, {args.seeds} seeds": lambda: bootstrap.interval(y, a, plan),
         "paired, 1 seed": lambda: bootstrap.paired(y, a[0], b[0], plan),
-        "paired, 3 seeds": lambda: bootstrap.paired(y, a, b, plan),
-        f"table: {len(subsets)} subsets × {SEEDS} seeds": lambda: table(y, members, fused, has_row, args.resamples),
+        f"paired, {args.seeds} seeds": lambda: bootstrap.paired(y, a, b, plan),
+        f"table: {len(subsets)} subsets × {args.seeds} seeds": lambda: table(y, members, fused, has_row, args.resamples),
     }
     print(f"{platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, scipy {scipy.__version__}, "
           f"scikit-learn {sklearn.__version__}; {args.rows:,} rows, {args.classes:,} classes, "
@@ -150,11 +152,11 @@ def main() -> None:
     print("\n| candidate | seconds, min / median | × point (medians, same seeds) | peak MiB (tracemalloc) |")
     print("|---|---|---|---|")
     for name, secs in seconds.items():
-        base = "point, 3 seeds" if "3 seeds" in name or "table" in name else "point, 1 seed"
+        base = f"point, {args.seeds} seeds" if f"{args.seeds} seeds" in name or "table" in name else "point, 1 seed"
         ratio = "" if name.startswith(("point", "draw", "table")) else \
             f"{statistics.median(secs) / statistics.median(seconds[base]):.1f}×"
         print(f"| {name} | {min(secs):.3f} / {statistics.median(secs):.3f} | {ratio} | {peaks[name]:.0f} |")
-    table_s = statistics.median(seconds[f"table: {len(subsets)} subsets × {SEEDS} seeds"])
+    table_s = statistics.median(seconds[f"table: {len(subsets)} subsets × {args.seeds} seeds"])
     print(f"\ntable: {table_s:.1f} s = {table_s / 40:.2f} × a 40-second scoring pass (target ≤ 0.5 ×)")
 
 
