@@ -2,8 +2,8 @@
 
 Offline by construction: three tiny random-init backbones of different families (ViT,
 ConvNeXt, ResNet) from timm, so no weights are downloaded. The same code paths as a real run:
-extraction into a store, single MLP heads (the reference recipe), concat / sum / late fusion
-of every subset, the ranked table and its bar chart.
+extraction into a store, single MLP heads (the reference recipe), concat / sum / late / gated
+late fusion of every subset, the ranked table and its bar chart.
 """
 from __future__ import annotations
 

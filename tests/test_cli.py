@@ -116,11 +116,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     from fgembed.demo import DEMO_BACKBONES, run_demo
 
     result = run_demo(tmp_path, progress=False, epochs=10)
-    assert len(result.entries) == 3 + 4 * 3  # singles, and late/concat/sum of 3 pairs and the triple
-    assert {e.combination.strategy for e in result.entries} == {"single", "late", "concat", "sum"}
+    assert len(result.entries) == 3 + 4 * 4  # singles, and late/gated/concat/sum of 3 pairs and the triple
+    assert {e.combination.strategy for e in result.entries} == {"single", "late", "gated", "concat", "sum"}
     assert set(result.extraction.backbones) == set(DEMO_BACKBONES)
     assert [p.suffix for p in result.report] == [".md", ".csv", ".tex", ".json", ".png"]
-    assert len(list(result.runs.iterdir())) == 3 + 4 * 2  # late fusion reuses the single runs
+    assert len(list(result.runs.iterdir())) == 3 + 4 * 3  # late fusion reuses the single runs; a gate is a run
 
 
 @pytest.mark.parametrize("name", fgembed.__all__)
