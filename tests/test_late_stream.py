@@ -1,7 +1,7 @@
 """Late fusion of many subsets in one pass: the running sums (`late.running_combine`, a trie of
-the subsets' members) against `late.combine` per subset, and the streamed scorer (`late_stream`) against
-`late.late_fusion` + scikit-learn on each subset's common rows — zarr-backed logits with small
-chunks, rows missing in some members, skipped rows, seeds that differ, two levels."""
+the subsets' members) against `late.combine` per subset, and the streamed scorer (`late_stream`)
+against `late.late_fusion` + scikit-learn on each subset's common rows — zarr-backed logits with
+small chunks, rows missing in some members, skipped rows, seeds that differ, two levels."""
 from __future__ import annotations
 
 import itertools
@@ -34,7 +34,7 @@ def test_running_sums_equal_combine_per_subset(mode, which):
     rng = np.random.default_rng(1)
     members = [prepare(z, mode) for z in _members(rng, 300, 40, 5)]
     subsets = ALL_FIVE if which == "all" else [(3,), (0, 4), (1, 2, 3), (0,), (0, 1, 2, 3, 4), (2, 4)]
-    subsets = [subsets[i] for i in rng.permutation(len(subsets))]  # any order in, Gray-code order out
+    subsets = [subsets[i] for i in rng.permutation(len(subsets))]  # any order in, each subset once out
     seen = []
     for i, fused in running_combine(members, subsets, mode):
         direct = combine([members[m] for m in subsets[i]], None, mode)
