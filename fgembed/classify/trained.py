@@ -60,9 +60,12 @@ class TestScores:
         for i in range(0, len(blocks[0]), FORWARD_ROWS):  # in pieces: a float32 copy of a whole block is 164 MB
             z = torch.from_numpy(blocks[0][i:i + FORWARD_ROWS]).float()
             first, stop = start + i, start + i + len(z)
-            self.pred[first:stop] = z.numpy().argmax(1)  # numpy's: the first of tied maxima, ~4× torch's on CPU
             keep = self.seen[first:stop]
-            self.counts.update(z if keep.all() else z[torch.from_numpy(keep)], self.y[first:stop][keep])
+            if keep.all():  # the counts' argmax is every row's prediction: no second pass
+                self.pred[first:stop] = self.counts.update(z, self.y[first:stop]).numpy()
+                continue
+            self.pred[first:stop] = z.numpy().argmax(1)  # numpy's, as the counts': the first of tied maxima
+            self.counts.update(z[torch.from_numpy(keep)], self.y[first:stop][keep])
 
     def metrics(self) -> dict:
         return self.counts.metrics() | {"by_frequency": frequency_metrics(
