@@ -99,12 +99,10 @@ class LateScores:
         return np.concatenate(self._preds) if self._preds else np.empty(0, np.int32)
 
     def update(self, fused: list[torch.Tensor], ys: list[torch.Tensor], taxonomy: Taxonomy | None) -> None:
-        for counts, z, y in zip(self.counts, fused, ys):
-            pred = counts.update(z, y)
-        self._preds.append(pred.numpy().astype(np.int32))   # the finest level's, from the count's own argmax
+        preds = [counts.update(z, y).numpy() for counts, z, y in zip(self.counts, fused, ys)]  # the counts' argmax
+        self._preds.append(preds[-1].astype(np.int32))   # the finest level's
         if taxonomy is None:
             return
-        preds = [z.argmax(1).numpy() for z in fused]
         truth = ys[-1].numpy()
         wrong = preds[-1] != truth
         self.consistent += int(consistent_rows(preds, taxonomy).sum())
